@@ -1,0 +1,31 @@
+# make run: set up .venv and run the mtcars MLP study on the embedded SQLite/MLflow defaults.
+# make test: set up .venv and run the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned so pip never swaps it: override for another build,
+# e.g. `make TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" run`.
+TORCH ?= torch==2.13.0
+
+.PHONY: install run test lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/tuner launch studies/cars_mlp.toml
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check tuner tests benchmarks
+	$(VENV)/bin/mypy tuner
+
+clean:
+	rm -rf $(VENV) studies/*.db studies/*.db-* mlflow.db mlartifacts .pytest_cache

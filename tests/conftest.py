@@ -1,0 +1,115 @@
+"""Shared fixtures: real SQLite/MLflow stores in tmp_path, a CLI runner in a subprocess, and the
+service gate (skip with a reason locally, fail in CI where TUNER_REQUIRE_SERVICES=1)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CARS = ROOT / "data" / "cars.csv"
+STUDIES = ROOT / "studies"
+REQUIRE_SERVICES = os.environ.get("TUNER_REQUIRE_SERVICES") == "1"
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def need(ok: bool, reason: str) -> None:
+    """Skip (locally) or fail (CI) when an outside service the test needs is missing."""
+    if ok:
+        return
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def tuner_env(**extra: str) -> dict[str, str]:
+    """Environment for a `python -m tuner` subprocess that imports this checkout's package."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env.update(extra)
+    return env
+
+
+def run_tuner(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tuner", *args],
+        cwd=cwd,
+        env=env or tuner_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def write_study(folder: Path, name: str = "study", *, data: Path | str = CARS, body: str = "", space: str | None = None, **top: Any) -> Path:
+    """A small, fast study file in ``folder`` (2-3 epochs), overridable key by key."""
+    defaults: dict[str, Any] = {"name": name, "target": "mpg", "n_trials": 3, "seed": 0}
+    defaults.update(top)
+    lines = [f'data = "{Path(data).as_posix()}"']
+    for k, v in defaults.items():
+        if v is None:
+            continue
+        lines.append(f"{k} = {_toml(v)}")
+    space = space or (
+        'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
+        'epochs = { type = "int", low = 2, high = 3 }\n'
+        'batch_size = { type = "categorical", choices = [8, 16] }\n'
+        'hidden_size = { type = "int", low = 2, high = 8 }\n'
+        'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
+    )
+    text = "\n".join(lines) + "\n" + body + "\n[space]\n" + space
+    path = folder / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return str(v)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A working directory with the shipped studies and data, as a user's checkout has them."""
+    shutil.copytree(STUDIES, tmp_path / "studies", ignore=shutil.ignore_patterns("*.db*"))
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    return tmp_path
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.fixture
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'optuna.db'}"

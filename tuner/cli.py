@@ -1,0 +1,234 @@
+"""Thin command line: parse, call one library function, print. Every TunerError becomes one
+line on stderr and exit code 2; Ctrl-C/SIGTERM exit 130; no traceback unless --debug.
+
+Heavy packages (torch, optuna, mlflow) are imported inside the commands: ``tuner --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import warnings
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _add_study_args(p: argparse.ArgumentParser, *, tracking: bool = True) -> None:
+    p.add_argument("study", help="study file, e.g. studies/cars_mlp.toml")
+    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file next to the study file)")
+    if tracking:
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tuner", description="Hyperparameter tuning for PyTorch models on tabular data.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("launch", help="create or resume a study and run it to n_trials finished trials")
+    _add_study_args(p)
+    p.add_argument("--n-trials", type=int, help="total finished trials to reach (overrides the study file)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
+    p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+
+    p = sub.add_parser("best", help="best trial, its MLflow run and the champion model")
+    _add_study_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("predict", help="predict with a registered model")
+    p.add_argument("model", help="NAME@ALIAS, NAME/VERSION or models:/... (e.g. cars-mpg@champion)")
+    p.add_argument("--input", required=True, help="CSV with the raw feature columns (others are ignored)")
+    p.add_argument("--output", help="CSV to write (default: stdout)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard for a study's storage")
+    _add_study_args(p, tracking=False)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = sub.add_parser("ui", help="MLflow UI over the tracking store")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    return parser
+
+
+def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
+    # Optuna turns KeyboardInterrupt (not SIGTERM) into a FAIL trial: make SIGTERM end the same way.
+    raise KeyboardInterrupt
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    from tuner.errors import TunerError
+
+    if not args.debug:
+        warnings.filterwarnings("ignore", module="mlflow")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {msg}\n"  # type: ignore[assignment]
+    try:
+        return COMMANDS[args.command](args)
+    except TunerError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `tuner predict ... | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: the running trial is marked FAIL; relaunch to continue the study", file=sys.stderr)
+        return 130
+
+
+def _spec(args: argparse.Namespace) -> Any:
+    from tuner.config import load_spec
+
+    return load_spec(args.study)
+
+
+def _tracking_uri(args: argparse.Namespace, spec: Any = None) -> str:
+    from pathlib import Path
+
+    if getattr(args, "tracking_uri", None):
+        return str(args.tracking_uri)
+    if spec is not None:
+        return str(spec.tracking)
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from tuner.study import launch
+
+    spec = _spec(args)
+    s = launch(
+        spec,
+        n_trials=args.n_trials,
+        storage=args.storage,
+        tracking_uri=_tracking_uri(args, spec),
+        allow_space_change=args.allow_space_change,
+        device=args.device,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+    )
+    print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
+    if s.best_number is None:
+        print("no complete trial: nothing to register")
+        return 0
+    print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
+    metrics = [k for k in ("rmse", "mae", "r2", "accuracy", "log_loss", "f1_macro") if k in s.best_metrics]
+    print(f"{'validation':<16}" + "".join(f"{m:>10}" for m in metrics))
+    print(f"{'tuned model':<16}" + "".join(f"{s.best_metrics[m]:>10.4f}" for m in metrics))
+    for name, values in s.baselines.items():
+        print(f"{name:<16}" + "".join(f"{values[m]:>10.4f}" if m in values else f"{'':>10}" for m in metrics))
+    if s.promotion is not None:
+        p = s.promotion
+        state = "registered" if p.new_version else "already registered"
+        print(f"model {state}: {p.model_uri} -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
+    return 0
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    from tuner.study import best_info
+
+    spec = _spec(args)
+    info = best_info(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"study {info['study']} ({info['n_finished']} finished trials) in {info['storage']}")
+    print(f"best trial {info['best_trial']}: {info['metric']} = {info['value']:.6g}")
+    print("params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info["params"].items()))
+    print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in info["metrics"].items()))
+    print(f"mlflow run: {info['mlflow_run_id']}")
+    if "champion" in info:
+        c = info["champion"]
+        print(f"champion: {c['model_uri']} (version {c['version']}, trial {c['trial']}, {info['metric']} {c['value']})")
+    else:
+        print("champion: none registered")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tuner.data import load_table
+    from tuner.errors import ModelError
+    from tuner.tracking import load_model
+
+    frame = load_table(args.input)
+    model, _ = load_model(args.model, _tracking_uri(args))
+    features = model.metadata.get_input_schema().input_names()
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise ModelError(f"{args.input} lacks the model's feature column(s) {missing}; it needs {features}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            preds = model.predict(frame[features])
+    except Exception as e:
+        raise ModelError(f"prediction failed on {args.input}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    import pandas as pd
+
+    target = (model.metadata.metadata or {}).get("target") or "prediction"
+    out = pd.DataFrame({f"{target}": preds} if getattr(preds, "ndim", 1) == 1 else preds)
+    if args.output:
+        out.to_csv(args.output, index=False)
+        print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
+    else:
+        out.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def _warn_if_public(host: str) -> None:
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {host}: anyone who can reach this address can read the studies", file=sys.stderr)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from tuner.study import open_storage
+
+    spec = _spec(args)
+    url = args.storage or spec.storage_url
+    storage = open_storage(url)
+    _warn_if_public(args.host)
+    print(f"optuna-dashboard for {spec.name} at http://{args.host}:{args.port}/dashboard/ (Ctrl-C stops)", flush=True)
+    import optuna_dashboard
+
+    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    uri = _tracking_uri(args)
+    _warn_if_public(args.host)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()]
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.execv(sys.executable, cmd)
+    return 0  # pragma: no cover
+
+
+COMMANDS = {
+    "launch": cmd_launch,
+    "best": cmd_best,
+    "predict": cmd_predict,
+    "dashboard": cmd_dashboard,
+    "ui": cmd_ui,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

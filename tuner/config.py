@@ -1,0 +1,307 @@
+"""Study definitions: a TOML file validated once, at the boundary, into a typed StudySpec.
+
+Study files are data, not code: loading one never executes anything from it. pydantic does the
+type checking and collects every problem of one file, so the user fixes them all in one go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuner.errors import ConfigError
+
+__all__ = [
+    "ACTIVATIONS",
+    "OPTIMIZERS",
+    "REQUIRED_PARAMS",
+    "EXTRA_PARAMS",
+    "METRICS",
+    "SAMPLERS",
+    "PRUNERS",
+    "StudySpec",
+    "load_spec",
+    "redact_url",
+]
+
+ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "leaky_relu", "elu", "silu")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+REQUIRED_PARAMS = ("lr", "epochs", "batch_size", "hidden_size", "activation")
+# Dimensions a study file may add beyond the five every study samples.
+EXTRA_PARAMS = ("n_layers", "dropout", "weight_decay", "optimizer")
+# metric -> direction that makes it better
+METRICS: dict[str, Literal["minimize", "maximize"]] = {
+    "rmse": "minimize",
+    "mae": "minimize",
+    "r2": "maximize",
+    "accuracy": "maximize",
+    "log_loss": "minimize",
+    "f1_macro": "maximize",
+}
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+CLASSIFICATION_METRICS = ("accuracy", "log_loss", "f1_macro")
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc")
+PRUNERS = ("median", "percentile", "hyperband", "successive_halving", "none")
+
+# Python type each parameter's values must have.
+_INT_PARAMS = {"epochs", "batch_size", "hidden_size", "n_layers"}
+_FLOAT_PARAMS = {"lr", "dropout", "weight_decay"}
+_CHOICE_PARAMS = {"activation": ACTIVATIONS, "optimizer": OPTIMIZERS}
+# Smallest allowed value per numeric parameter, and whether it is exclusive.
+_MINIMUM: dict[str, tuple[float, bool]] = {
+    "lr": (0.0, True),
+    "epochs": (1, False),
+    "batch_size": (1, False),
+    "hidden_size": (0, False),
+    "n_layers": (1, False),
+    "dropout": (0.0, False),
+    "weight_decay": (0.0, False),
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FloatParam(_Strict):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+
+class IntParam(_Strict):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = 1
+
+
+class CategoricalParam(_Strict):
+    type: Literal["categorical"]
+    choices: list[Union[int, float, str, bool]] = Field(min_length=1)
+
+
+class FixedParam(_Strict):
+    type: Literal["fixed"]
+    value: Union[int, float, str, bool]
+
+
+Param = Annotated[Union[FloatParam, IntParam, CategoricalParam, FixedParam], Field(discriminator="type")]
+
+
+class Validation(_Strict):
+    fraction: float = Field(0.2, gt=0.0, lt=1.0)  # share of rows held out for validation
+    seed: int | None = None  # None: the study's seed
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random", "gp", "cmaes", "qmc"] = "tpe"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the sampler
+
+
+class PrunerSpec(_Strict):
+    name: Literal["median", "percentile", "hyperband", "successive_halving", "none"] = "median"
+    # Median pruning with a warm-up: do not judge a trial on its first noisy epochs.
+    options: dict[str, Any] = Field(default_factory=lambda: {"n_startup_trials": 5, "n_warmup_steps": 5})
+
+
+class Heartbeat(_Strict):
+    interval: int = Field(10, ge=1)  # seconds between a running trial's heartbeats
+    grace_period: int = Field(60, ge=2)  # seconds without a heartbeat before a trial is stale
+    max_retry: int = Field(1, ge=0)  # how often a stale trial is re-run with the same params
+
+
+class StudySpec(_Strict):
+    """A validated study definition; paths are absolute."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: Path
+    target: str
+    features: list[str] | None = None  # None: every numeric column but the target
+    task: Literal["regression", "classification"] = "regression"
+    n_trials: int = Field(50, gt=0)  # finished (complete + pruned) trials the study should reach
+    timeout: float | None = Field(None, gt=0)  # seconds for one launch
+    seed: int = 0
+    metric: str = "rmse"
+    direction: Literal["minimize", "maximize"] | None = None  # None: the metric's own
+    registered_model: str | None = None  # None: the study name
+    storage: str | None = None  # None: a SQLite file next to the study file
+    tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
+    device: str = "auto"
+    validation: Validation = Validation()
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    heartbeat: Heartbeat = Heartbeat()
+    space: dict[str, Param]
+    source: Path | None = None  # the study file this spec came from
+
+    @field_validator("space")
+    @classmethod
+    def _check_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        problems = []
+        known = REQUIRED_PARAMS + EXTRA_PARAMS
+        for name in space:
+            if name not in known:
+                problems.append(f"unknown parameter {name!r}; choose from {list(known)}")
+        for name in REQUIRED_PARAMS:
+            if name not in space:
+                problems.append(f"missing parameter {name!r} (every study samples {list(REQUIRED_PARAMS)})")
+        for name, p in space.items():
+            if name in known:
+                problems.extend(f"space.{name}: {msg}" for msg in _param_problems(name, p))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return space
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> StudySpec:
+        allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
+        if self.metric not in allowed:
+            raise ValueError(f"metric {self.metric!r} does not fit task {self.task!r}; choose one of {list(allowed)}")
+        return self
+
+    @property
+    def study_direction(self) -> Literal["minimize", "maximize"]:
+        return self.direction or METRICS[self.metric]
+
+    @property
+    def model_name(self) -> str:
+        return self.registered_model or self.name
+
+    @property
+    def validation_seed(self) -> int:
+        return self.seed if self.validation.seed is None else self.validation.seed
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        folder = self.source.parent if self.source else Path.cwd()
+        return f"sqlite:///{folder / (self.source.stem if self.source else self.name)}.db"
+
+    @property
+    def tracking(self) -> str:
+        return self.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+    def space_dict(self) -> dict[str, Any]:
+        """The search space as plain JSON-able data (what the space hash is taken over)."""
+        return {k: self.space[k].model_dump() for k in sorted(self.space)}
+
+    def space_hash(self) -> str:
+        blob = json.dumps(self.space_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _param_problems(name: str, p: Any) -> list[str]:
+    problems: list[str] = []
+    if isinstance(p, (FloatParam, IntParam)):
+        if name in _CHOICE_PARAMS:
+            return [f"is a choice; use type = 'categorical' with choices from {list(_CHOICE_PARAMS[name])}"]
+        if name in _INT_PARAMS and isinstance(p, FloatParam):
+            problems.append("must be type = 'int'")
+        if p.low > p.high:
+            problems.append(f"low ({p.low}) > high ({p.high}); swap them")
+        elif p.low == p.high:
+            problems.append(f"low == high ({p.low}) is a zero-width range; use {{ type = 'fixed', value = {p.low} }}")
+        if p.log and p.low <= 0:
+            problems.append(f"log = true needs low > 0 (got low = {p.low})")
+        values = [p.low, p.high]
+    elif isinstance(p, CategoricalParam):
+        values = list(p.choices)
+        if len(set(map(repr, values))) != len(values):
+            problems.append(f"duplicate choices in {values}")
+    else:
+        values = [p.value]
+    for v in values:
+        problems.extend(_value_problems(name, v))
+    return problems
+
+
+def _value_problems(name: str, v: Any) -> list[str]:
+    if name in _CHOICE_PARAMS:
+        if v not in _CHOICE_PARAMS[name]:
+            return [f"unknown {name} {v!r}; choose one of {sorted(_CHOICE_PARAMS[name])}"]
+        return []
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return [f"{v!r} is not a number"]
+    if name in _INT_PARAMS and not float(v).is_integer():
+        return [f"{v!r} is not a whole number"]
+    low, exclusive = _MINIMUM[name]
+    if v < low or (exclusive and v == low):
+        return [f"{v!r} must be {'>' if exclusive else '>='} {low}"]
+    if name == "dropout" and v >= 1:
+        return [f"{v!r} must be < 1"]
+    return []
+
+
+def check_options(kind: str, factory: Any, options: dict[str, Any]) -> None:
+    """Refuse sampler/pruner options the Optuna class does not take, listing the ones it does."""
+    accepted = {n for n, prm in inspect.signature(factory).parameters.items() if prm.kind is not prm.VAR_KEYWORD}
+    accepted.discard("self")
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ConfigError(f"unknown {kind} option(s) {unknown}; {factory.__name__} takes {sorted(accepted)}")
+
+
+def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
+    """Read and validate a study file; ``overrides`` (not None) replace its top-level keys.
+
+    Raises:
+        ConfigError: the file is missing, not TOML, or invalid; the message lists every problem.
+    """
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"study file {str(path)!r} does not exist; pass the path of a .toml file in studies/") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"study file {str(path)!r} is not valid TOML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read study file {str(path)!r}: {e}") from None
+    raw.setdefault("name", path.stem)
+    if "source" in raw:
+        raise ConfigError(f"{path}: 'source' is set by tuner, not by the study file; remove it")
+    raw["source"] = path.resolve()
+    if isinstance(raw.get("data"), str):
+        raw["data"] = (path.parent / raw["data"]).resolve()
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return StudySpec.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {_format_errors(e)}") from None
+
+
+def _format_errors(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "tagged-union")))
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling"
+        elif err["type"] == "literal_error":
+            msg = f"{err.get('input')!r} is not allowed; {msg.lower()}"
+        parts.append(f"{loc}: {msg}" if loc and loc != "space" else msg)
+    return "; ".join(parts)
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

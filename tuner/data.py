@@ -1,0 +1,269 @@
+"""CSV -> validated frame -> seeded train/validation split -> standardised tensors.
+
+Every problem of the input is found here, before any trial starts, and reported in one line
+that names the column (and an example value) and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tuner.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["load_table", "select_columns", "prepare", "Prepared", "BatchDataset", "batches", "loader_batches"]
+
+
+def load_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV with pandas and refuse files that cannot be a training table.
+
+    Raises:
+        DataError: missing/empty/undecodable file, header only, one column, duplicate names.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; set `data` in the study file to a CSV path")
+    if path.stat().st_size == 0:
+        raise DataError(f"data file {str(path)!r} is empty; it needs a header row and data rows")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        frame = pd.read_csv(path, encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r}); "
+            "save it as UTF-8 CSV"
+        ) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"data file {str(path)!r} is not a readable CSV: {str(e).strip()}") from None
+    duplicates = sorted({c for c in header if header.count(c) > 1})
+    if duplicates:
+        raise DataError(f"data file {str(path)!r} has duplicate column names {duplicates}; rename them")
+    if frame.shape[1] == 1:
+        sep = next((s for s in ";\t|" if s in str(frame.columns[0])), None)
+        hint = f"; it looks {sep!r}-separated: save it comma-separated" if sep else "; it needs a target and features"
+        raise DataError(f"data file {str(path)!r} has one column {str(frame.columns[0])!r}{hint}")
+    if len(frame) == 0:
+        raise DataError(f"data file {str(path)!r} has a header but no data rows")
+    return frame
+
+
+def select_columns(
+    frame: pd.DataFrame, target: str, features: Sequence[str] | None, *, source: str = "data"
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Pick the target and feature columns as float arrays, collecting every problem first.
+
+    Returns:
+        ``(x, y, feature_names)``: x is ``(rows, features)`` float64, y is ``(rows,)``.
+    """
+    import pandas as pd
+
+    columns = [str(c) for c in frame.columns]
+    if target not in columns:
+        raise DataError(f"target column {target!r} is not in {source}; columns are {columns}")
+    if features is None:
+        features = [c for c in columns if c != target and pd.api.types.is_numeric_dtype(frame[c])]
+        if not features:
+            raise DataError(f"{source} has no numeric column besides the target {target!r}; columns are {columns}")
+    missing = [c for c in features if c not in columns]
+    if missing:
+        raise DataError(f"feature column(s) {missing} not in {source}; columns are {columns}")
+    if target in features:
+        raise DataError(f"target {target!r} is also listed as a feature; remove it from `features`")
+    problems = []
+    for name in [*features, target]:
+        col = frame[name]
+        if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
+            bad = pd.to_numeric(col, errors="coerce").isna() & col.notna()
+            example = col[bad].iloc[0] if bad.any() else col.dropna().iloc[0] if col.notna().any() else None
+            row = int(np.flatnonzero(bad.to_numpy())[0]) + 2 if bad.any() else None  # +2: header, 1-based
+            where = f" (row {row})" if row else ""
+            problems.append(f"column {name!r} is not numeric, e.g. {example!r}{where}")
+    if problems:
+        raise DataError(f"{source}: " + "; ".join(problems) + "; fix or drop those values, or leave the column out of `features`")
+    values = frame[[*features, target]].to_numpy(dtype=np.float64)
+    bad_rows = ~np.isfinite(values)
+    if bad_rows.any():
+        cols = [n for n, b in zip([*features, target], bad_rows.any(axis=0)) if b]
+        n_rows = int(bad_rows.any(axis=1).sum())
+        raise DataError(
+            f"{source}: NaN or infinite values in column(s) {cols} ({n_rows} row(s)); drop or fill those rows"
+        )
+    return values[:, :-1], values[:, -1], list(features)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A train/validation split with the standardiser fitted on the training rows only.
+
+    ``x_*`` are standardised features, ``y_train`` is the standardised target (regression) that
+    the loss sees, ``y_val_raw`` the validation target in its own units that the metrics see.
+    """
+
+    feature_names: list[str]
+    target: str
+    task: Literal["regression", "classification"]
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val_raw: torch.Tensor
+    x_mean_: np.ndarray
+    x_std_: np.ndarray
+    y_mean_: float
+    y_std_: float
+    train_index: np.ndarray
+    val_index: np.ndarray
+    classes: list[Any] | None = None
+    constant_features: list[str] = field(default_factory=list)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.feature_names)
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.classes is not None else 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def to(self, device: torch.device | str) -> Prepared:
+        """The same split with its tensors on ``device`` (done once per study, not per trial)."""
+        device = torch.device(device)
+        if self.x_train.device == device:
+            return self
+        return replace(
+            self,
+            x_train=self.x_train.to(device),
+            y_train=self.y_train.to(device),
+            x_val=self.x_val.to(device),
+            y_val_raw=self.y_val_raw.to(device),
+        )
+
+
+def prepare(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    feature_names: Sequence[str],
+    target: str,
+    fraction: float,
+    seed: int,
+    task: Literal["regression", "classification"] = "regression",
+) -> Prepared:
+    """Split rows with a seeded permutation and standardise with train-only statistics.
+
+    Raises:
+        DataError: too few rows for the split, or a target with one distinct value.
+    """
+    n = len(x)
+    n_val = max(1, int(round(fraction * n)))
+    n_train = n - n_val
+    if n_train < 2:
+        need = next(m for m in range(3, 10_000) if m - max(1, int(round(fraction * m))) >= 2)
+        raise DataError(
+            f"{n} row(s) are too few for a validation fraction of {fraction}: need at least {need} rows "
+            "(2 to train, 1 to validate); add rows or lower validation.fraction"
+        )
+    if task == "regression" and np.ptp(y) == 0:
+        raise DataError(f"target {target!r} has a single value ({y[0]:g}) in every row; there is nothing to learn")
+    order = np.random.default_rng(seed).permutation(n)
+    train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
+    x_train, x_val = x[train_index], x[val_index]
+    # Fit the standardiser on the training rows only: no leakage from validation. ddof=1
+    # matches pandas' DataFrame.std().
+    x_mean = x_train.mean(axis=0)
+    x_std = x_train.std(axis=0, ddof=1)
+    constant = [name for name, s in zip(feature_names, x_std) if not s > 0]
+    if constant:
+        warnings.warn(
+            f"feature column(s) {constant} are constant on the training rows; they carry no information "
+            "(kept, scaled by 1 instead of their zero spread)",
+            stacklevel=2,
+        )
+    x_std = np.where(x_std > 0, x_std, 1.0)
+    classes = None
+    if task == "classification":
+        classes_arr, y_idx = np.unique(y, return_inverse=True)
+        classes = classes_arr.tolist()
+        y_mean, y_std = 0.0, 1.0
+        y_train_t = torch.as_tensor(y_idx[train_index], dtype=torch.long)
+        y_val_t = torch.as_tensor(y_idx[val_index], dtype=torch.long)
+    else:
+        y_mean = float(y[train_index].mean())
+        y_std = float(y[train_index].std(ddof=1)) or 1.0
+        y_train_t = torch.as_tensor((y[train_index] - y_mean) / y_std, dtype=torch.float32)
+        y_val_t = torch.as_tensor(y[val_index], dtype=torch.float32)
+    return Prepared(
+        feature_names=list(feature_names),
+        target=target,
+        task=task,
+        x_train=torch.as_tensor((x_train - x_mean) / x_std, dtype=torch.float32),
+        y_train=y_train_t,
+        x_val=torch.as_tensor((x_val - x_mean) / x_std, dtype=torch.float32),
+        y_val_raw=y_val_t,
+        x_mean_=x_mean,
+        x_std_=x_std,
+        y_mean_=y_mean,
+        y_std_=y_std,
+        train_index=train_index,
+        val_index=val_index,
+        classes=classes,
+        constant_features=constant,
+    )
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's shuffled index batches (on the CPU; the same order for every loader)."""
+    return list(torch.randperm(n, generator=generator).split(batch_size))
+
+
+class BatchDataset(Dataset):
+    """Rows of host tensors fetched a batch at a time: one index tensor -> one (x, y) batch.
+
+    Used with ``DataLoader(batch_size=None, sampler=...)`` so that there is one call and no
+    per-sample collate per batch; this is the path for data too large to live on the device.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[index], self.y[index]
+
+
+class _IndexBatches(Sampler):
+    def __init__(self, index_batches: list[torch.Tensor]) -> None:
+        self.index_batches = index_batches
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.index_batches)
+
+    def __len__(self) -> int:
+        return len(self.index_batches)
+
+
+def loader_batches(
+    dataset: BatchDataset, index_batches: list[torch.Tensor], device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of one epoch through a torch DataLoader, moved to ``device``."""
+    pin = device.type == "cuda"
+    loader = DataLoader(dataset, batch_size=None, sampler=_IndexBatches(index_batches), pin_memory=pin)
+    for xb, yb in loader:
+        yield xb.to(device, non_blocking=pin), yb.to(device, non_blocking=pin)

@@ -1,0 +1,29 @@
+"""The few exceptions callers branch on; the CLI maps every TunerError to exit code 2."""
+
+from __future__ import annotations
+
+__all__ = ["TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError"]
+
+
+class TunerError(Exception):
+    """An expected, user-fixable problem: the message names the problem and the fix."""
+
+
+class ConfigError(TunerError):
+    """The study file (or a command-line override of it) is invalid."""
+
+
+class DataError(TunerError):
+    """The CSV cannot be used as training data."""
+
+
+class StorageError(TunerError):
+    """The Optuna storage cannot be opened, or refuses this study."""
+
+
+class TrackingError(TunerError):
+    """The MLflow tracking store or model registry cannot be used."""
+
+
+class ModelError(TunerError):
+    """A registered model cannot be found, verified or applied to the input."""

@@ -1,0 +1,126 @@
+"""The network: an MLP (``hidden_size = 0`` is the plain linear model) that carries its own
+preprocessing, so a reloaded model takes raw feature columns and answers in the target's units.
+
+This module imports torch only: the MLflow model code loads it without optuna, mlflow or pandas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["ModelConfig", "TabularNet", "make_activation"]
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+    "silu": nn.SiLU,
+}
+
+
+def make_activation(name: str) -> nn.Module:
+    try:
+        return _ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"Unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the network: architecture, columns, task, classes."""
+
+    feature_names: list[str]
+    target: str
+    task: Literal["regression", "classification"] = "regression"
+    hidden_size: int = 0
+    n_layers: int = 1
+    activation: str = "relu"
+    dropout: float = 0.0
+    classes: list[Any] | None = None
+
+    @property
+    def n_outputs(self) -> int:
+        return len(self.classes) if self.classes is not None else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return cls(**d)
+
+
+class TabularNet(nn.Module):
+    """``core`` works in standardised units; ``forward`` wraps it with the fitted scaling.
+
+    Buffers ``x_mean``/``x_std`` (fitted on the training rows) and ``y_mean``/``y_std`` travel
+    in the state dict, so the saved weights alone reproduce the predictions.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        n_in, n_out = len(config.feature_names), config.n_outputs
+        if config.hidden_size == 0:
+            self.core: nn.Module = nn.Linear(n_in, n_out)
+        else:
+            layers: list[nn.Module] = []
+            width = n_in
+            for _ in range(config.n_layers):
+                layers += [nn.Linear(width, config.hidden_size), make_activation(config.activation)]
+                if config.dropout > 0:
+                    layers.append(nn.Dropout(config.dropout))
+                width = config.hidden_size
+            layers.append(nn.Linear(width, n_out))
+            self.core = nn.Sequential(*layers)
+        self.register_buffer("x_mean", torch.zeros(n_in))
+        self.register_buffer("x_std", torch.ones(n_in))
+        self.register_buffer("y_mean", torch.zeros(()))
+        self.register_buffer("y_std", torch.ones(()))
+
+    def set_scaling(self, x_mean: Any, x_std: Any, y_mean: float, y_std: float) -> None:
+        """Store the standardiser fitted on the training rows."""
+        with torch.no_grad():
+            self.x_mean.copy_(torch.as_tensor(x_mean, dtype=torch.float32))
+            self.x_std.copy_(torch.as_tensor(x_std, dtype=torch.float32))
+            self.y_mean.fill_(float(y_mean))
+            self.y_std.fill_(float(y_std))
+
+    def core_output(self, x_std: torch.Tensor) -> torch.Tensor:
+        """Standardised features -> standardised target (regression) or logits."""
+        out = self.core(x_std)
+        return out.squeeze(-1) if self.config.task == "regression" else out
+
+    def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
+        """Raw feature columns -> predictions in the target's units (or class logits)."""
+        out = self.core_output((x_raw - self.x_mean) / self.x_std)
+        if self.config.task == "regression":
+            return out * self.y_std + self.y_mean
+        return out
+
+
+@dataclass
+class Checkpoint:
+    """What a trial's weights file holds: ``torch.load(..., weights_only=True)`` reads it."""
+
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_payload(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "state_dict": self.state_dict}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
+        return cls(ModelConfig.from_dict(payload["config"]), payload["state_dict"])
+
+    def build(self) -> TabularNet:
+        net = TabularNet(self.config)
+        net.load_state_dict(self.state_dict)
+        return net.eval()

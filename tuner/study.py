@@ -1,0 +1,523 @@
+"""Storage, sampler, pruner, objective and the launch loop of a study.
+
+The objective adapts Optuna to ``train()`` through the epoch hook; MLflow is reached only through
+``tuner.tracking.Tracker``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, TextIO
+
+from tuner.config import StudySpec, check_options, redact_url
+from tuner.errors import StorageError, TunerError
+
+if TYPE_CHECKING:
+    import optuna
+    import pandas as pd
+
+    from tuner.data import Prepared
+    from tuner.tracking import Promotion, Tracker
+
+__all__ = [
+    "open_storage",
+    "open_study",
+    "load_data",
+    "make_sampler",
+    "make_pruner",
+    "Objective",
+    "launch",
+    "LaunchSummary",
+    "finished_count",
+    "best_info",
+]
+
+FINISHED_STATES_NAMES = ("COMPLETE", "PRUNED")
+
+
+# -- storage ---------------------------------------------------------------------------------
+
+
+def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDBStorage:
+    """An RDB storage with a busy timeout and WAL (SQLite) or pre-ping (server databases), and
+    Optuna's heartbeat so a killed worker leaves no trial RUNNING forever.
+
+    Raises:
+        StorageError: the database cannot be opened; the URL is shown with its password hidden.
+    """
+    import optuna
+    import sqlalchemy
+
+    shown = redact_url(url)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///").split("?")[0])
+        if not path.parent.is_dir():
+            raise StorageError(f"storage folder {str(path.parent)!r} does not exist (from {shown}); create it or pass --storage")
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise StorageError(f"storage {shown} is not writable; pass a writable --storage")
+        # A busy timeout lets a second worker or the dashboard wait for the lock instead of failing.
+        engine_kwargs["connect_args"] = {"timeout": 30}
+    elif url.startswith("postgresql"):
+        # Pre-ping: a pooled connection to a restarted server is replaced, not used and failed.
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    elif url.startswith("mysql"):
+        engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
+    hb = spec.heartbeat if spec is not None else None
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    try:
+        storage = optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=hb.interval if hb else None,
+            grace_period=hb.grace_period if hb else None,
+            heartbeat_stale_trial_callback=(
+                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb.max_retry) if hb and hb.max_retry else None
+            ),
+        )
+        if url.startswith("sqlite"):
+            with storage.engine.connect() as conn:  # WAL persists in the file: readers never block the writer
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+        raise StorageError(f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running") from None
+    return storage
+
+
+def _first_line(e: BaseException, hide: str = "") -> str:
+    from urllib.parse import urlsplit
+
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    try:
+        password = urlsplit(hide).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
+def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    factories: dict[str, Callable[..., optuna.samplers.BaseSampler]] = {
+        "tpe": optuna.samplers.TPESampler,
+        "random": optuna.samplers.RandomSampler,
+        "gp": optuna.samplers.GPSampler,
+        "cmaes": optuna.samplers.CmaEsSampler,
+        "qmc": optuna.samplers.QMCSampler,
+    }
+    factory = factories[spec.sampler.name]
+    check_options("sampler", factory, spec.sampler.options)
+    options = {"seed": spec.seed if seed is None else seed, **spec.sampler.options}
+    try:
+        return factory(**options)
+    except (ImportError, ModuleNotFoundError) as e:
+        raise TunerError(f"sampler {spec.sampler.name!r} needs a package that is missing: {e}; pip install it") from None
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    import optuna
+
+    factories: dict[str, Callable[..., optuna.pruners.BasePruner]] = {
+        "median": optuna.pruners.MedianPruner,
+        "percentile": optuna.pruners.PercentilePruner,
+        "hyperband": optuna.pruners.HyperbandPruner,
+        "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+        "none": optuna.pruners.NopPruner,
+    }
+    factory = factories[spec.pruner.name]
+    options = dict(spec.pruner.options)
+    if spec.pruner.name == "none" and "options" not in spec.pruner.model_fields_set:
+        options = {}  # the default options belong to the median pruner
+    if spec.pruner.name != "median" and "options" not in spec.pruner.model_fields_set:
+        options = {}
+    check_options("pruner", factory, options)
+    try:
+        return factory(**options)
+    except (TypeError, ValueError) as e:
+        raise TunerError(f"pruner {spec.pruner.name!r}: {e}; fix pruner.options in the study file") from None
+
+
+def open_study(
+    spec: StudySpec,
+    storage_url: str | None = None,
+    *,
+    allow_space_change: bool = False,
+    create: bool = True,
+    sampler_seed: int | None = None,
+) -> optuna.Study:
+    """Create or resume the study; refuse a changed search space unless allowed.
+
+    Raises:
+        StorageError: storage unreachable, study missing (``create=False``) or space changed.
+    """
+    import optuna
+
+    from tuner.space import describe_change
+
+    url = storage_url or spec.storage_url
+    storage = open_storage(url, spec)
+    sampler, pruner = make_sampler(spec, sampler_seed), make_pruner(spec)
+    if create:
+        try:
+            study = optuna.create_study(
+                storage=storage,
+                study_name=spec.name,
+                direction=spec.study_direction,
+                sampler=sampler,
+                pruner=pruner,
+                load_if_exists=True,
+            )
+        except ValueError as e:  # e.g. direction differs from the stored study
+            raise StorageError(f"study {spec.name!r} in {redact_url(url)} cannot be resumed: {e}") from None
+    else:
+        try:
+            study = optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner)
+        except KeyError:
+            names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+            raise StorageError(
+                f"study {spec.name!r} does not exist in {redact_url(url)} (studies there: {names}); "
+                "run `tuner launch` first or pass --storage"
+            ) from None
+    current = spec.space_dict()
+    stored = study.user_attrs.get("space")
+    if stored is None:
+        if create:
+            for key, value in {
+                "space": current,
+                "space_hash": spec.space_hash(),
+                "target": spec.target,
+                "metric": spec.metric,
+                "registered_model": spec.model_name,
+                "data": str(spec.data),
+            }.items():
+                study.set_user_attr(key, value)
+    elif stored != current:
+        if not allow_space_change:
+            raise StorageError(
+                f"study {spec.name!r} was run with another search space ({describe_change(stored, current)}); "
+                "its trials are untouched: use a new study name, or relaunch with --allow-space-change"
+            )
+        study.set_user_attr("space", current)
+        study.set_user_attr("space_hash", spec.space_hash())
+    return study
+
+
+def finished_count(study: optuna.Study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+def load_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
+    """The study's CSV, validated and split; also the raw frame (for input examples)."""
+    from tuner.data import load_table, prepare, select_columns
+
+    frame = load_table(spec.data)
+    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data))
+    if spec.task == "classification":
+        y = frame[spec.target].to_numpy()
+    prepared = prepare(
+        x,
+        y,
+        feature_names=names,
+        target=spec.target,
+        fraction=spec.validation.fraction,
+        seed=spec.validation_seed,
+        task=spec.task,
+    )
+    return prepared, frame
+
+
+def _check_batch_sizes(spec: StudySpec, n_train: int) -> None:
+    p = spec.space["batch_size"]
+    largest = getattr(p, "high", None) or max(getattr(p, "choices", None) or [getattr(p, "value", 0)])
+    if largest > n_train:
+        warnings.warn(
+            f"batch sizes up to {largest} exceed the {n_train} training rows; those trials use "
+            f"full batches of {n_train}",
+            stacklevel=2,
+        )
+
+
+# -- objective -------------------------------------------------------------------------------
+
+
+@dataclass
+class Objective:
+    """trial -> params -> ``train()`` -> value; each epoch reported, pruning through the hook."""
+
+    spec: StudySpec
+    data: Prepared
+    tracker: Tracker | None
+    parent_run_id: str | None
+    device: Any
+    train_seconds: list[float] = field(default_factory=list)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        import optuna
+
+        from tuner.model import Checkpoint
+        from tuner.space import sample
+        from tuner.train import train
+
+        params = sample(trial, self.spec.space)
+        seed = self.spec.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        run_id = None
+        if self.tracker is not None:
+            run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
+            trial.set_user_attr("mlflow_run_id", run_id)
+        metric = self.spec.metric
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+            trial.report(metrics[metric], epoch)
+            return trial.should_prune()
+
+        try:
+            result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+        except BaseException as e:
+            # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            if self.tracker is not None and run_id is not None:
+                self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
+            raise
+        self.train_seconds.append(result.seconds)
+        tags = {"tuner.state": "COMPLETE"}
+        if result.diverged or result.stop_reason:
+            pruned = True
+            reason = result.stop_reason or "pruned"
+            trial.set_user_attr("stop_reason", reason)
+            tags = {"tuner.state": "PRUNED", "tuner.stop_reason": reason}
+        else:
+            pruned = False
+        if self.tracker is not None and run_id is not None:
+            checkpoint = None
+            if not pruned:
+                checkpoint = Checkpoint(result.model.config, {k: v.cpu() for k, v in result.model.state_dict().items()})
+            self.tracker.end_trial(
+                run_id,
+                status="KILLED" if pruned else "FINISHED",
+                params=params,
+                history=result.history,
+                metrics=result.metrics,
+                tags=tags,
+                checkpoint=checkpoint,
+            )
+        if pruned:
+            # Diverged trials are PRUNED after their last finite report: the sampler learns
+            # from them, and they can never become COMPLETE with an infinite value.
+            raise optuna.TrialPruned(result.stop_reason)
+        for k, v in result.metrics.items():
+            trial.set_user_attr(k, v)
+        value = result.metrics[metric]
+        if not math.isfinite(value):  # pragma: no cover - train() stops before this
+            raise optuna.TrialPruned(f"non-finite {metric}")
+        return value
+
+
+# -- launch ----------------------------------------------------------------------------------
+
+
+@dataclass
+class LaunchSummary:
+    study_name: str
+    storage: str
+    n_finished: int
+    n_trials: int
+    n_run: int
+    best_number: int | None
+    best_params: dict[str, Any]
+    best_metrics: dict[str, float]
+    baselines: dict[str, dict[str, float]]
+    promotion: Promotion | None
+    parent_run_id: str | None
+    wall_seconds: float
+    train_seconds: float
+
+
+class Progress:
+    """Trials done/total and the best value: one redrawn line on a TTY, a line per trial in logs."""
+
+    def __init__(self, n_trials: int, stream: TextIO = sys.stderr, verbose: bool = False) -> None:
+        self.n_trials, self.stream, self.verbose = n_trials, stream, verbose
+        self.tty = stream.isatty()
+        self.start = time.perf_counter()
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        from optuna.trial import TrialState
+
+        trials = study.get_trials(deepcopy=False)
+        counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+        done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
+        try:
+            best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
+        except ValueError:
+            best = "no complete trial yet"
+        elapsed = time.perf_counter() - self.start
+        line = (
+            f"[{done}/{self.n_trials}] {best} | pruned {counts[TrialState.PRUNED]} failed {counts[TrialState.FAIL]} "
+            f"running {counts[TrialState.RUNNING]} | {elapsed:.1f}s"
+        )
+        if self.tty and not self.verbose:
+            self.stream.write("\r" + line.ljust(100))
+        else:
+            self.stream.write(f"{line} | trial {trial.number} {trial.state.name} {trial.value if trial.value is not None else ''}\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty and not self.verbose:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def launch(
+    spec: StudySpec,
+    *,
+    n_trials: int | None = None,
+    storage: str | None = None,
+    tracking_uri: str | None = None,
+    allow_space_change: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    promote: bool = True,
+) -> LaunchSummary:
+    """Run the study until it holds ``n_trials`` finished (complete + pruned) trials, log every
+    trial to MLflow, and register the best trial's model.
+
+    Raises:
+        TunerError: bad study file, data, storage or tracking store (before any trial runs).
+        KeyboardInterrupt: Ctrl-C or SIGTERM; the running trial is FAIL, its run KILLED.
+    """
+    import optuna
+    import torch
+
+    from tuner.baselines import baselines
+    from tuner.tracking import Tracker
+    from tuner.train import resolve_device
+
+    started = time.perf_counter()
+    total = n_trials or spec.n_trials
+    if total <= 0:
+        raise TunerError(f"n_trials must be > 0 (got {total})")
+    try:
+        dev = resolve_device(device or spec.device)
+    except ValueError as e:
+        raise TunerError(str(e)) from None
+    # Everything that can be wrong is checked before the study or a run is written.
+    prepared, frame = load_data(spec)
+    _check_batch_sizes(spec, len(prepared.x_train))
+    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+    study = open_study(spec, storage, allow_space_change=allow_space_change)
+    if dev.type == "cpu":
+        torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
+    prepared = prepared.to(dev)  # once per launch, not per trial
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+
+    remaining = total - finished_count(study)
+    parent_run_id = None
+    objective = Objective(spec, prepared, tracker, None, dev)
+    n_before = len(study.trials)
+    if remaining > 0:
+        parent_run_id = tracker.start_parent(
+            spec.name,
+            {"tuner.storage": redact_url(storage or spec.storage_url), "tuner.space_hash": spec.space_hash()},
+        )
+        objective.parent_run_id = parent_run_id
+        bar = Progress(total, verbose=verbose) if progress else None
+        callbacks: list[Any] = [
+            optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+        ]
+        if bar:
+            callbacks.append(bar)
+        try:
+            study.optimize(objective, n_trials=remaining, timeout=spec.timeout, callbacks=callbacks, gc_after_trial=False)
+        except KeyboardInterrupt:
+            tracker.end_run(parent_run_id, "KILLED")
+            raise
+        except Exception:
+            tracker.end_run(parent_run_id, "FAILED")
+            raise
+        finally:
+            if bar:
+                bar.close()
+    promotion = None
+    best = _best_trial(study)
+    if promote and best is not None:
+        promotion = tracker.promote(
+            model_name=spec.model_name,
+            run_id=best.user_attrs["mlflow_run_id"],
+            study_name=spec.name,
+            trial_number=best.number,
+            metric=spec.metric,
+            value=float(best.value),
+            direction=spec.study_direction,
+            space_hash=spec.space_hash(),
+            # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
+            input_example=frame[prepared.feature_names].head(5),
+        )
+    if parent_run_id is not None:
+        tags = {"tuner.best_trial": str(best.number)} if best is not None else {}
+        tracker.end_run(parent_run_id, "FINISHED", tags)
+    return LaunchSummary(
+        study_name=spec.name,
+        storage=redact_url(storage or spec.storage_url),
+        n_finished=finished_count(study),
+        n_trials=total,
+        n_run=len(study.trials) - n_before,
+        best_number=best.number if best else None,
+        best_params=dict(best.params) if best else {},
+        best_metrics={k: v for k, v in best.user_attrs.items() if isinstance(v, float)} if best else {},
+        baselines=baselines(prepared.to("cpu")),
+        promotion=promotion,
+        parent_run_id=parent_run_id,
+        wall_seconds=time.perf_counter() - started,
+        train_seconds=sum(objective.train_seconds),
+    )
+
+
+def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:
+        return None
+
+
+def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The best trial of a stored study with its MLflow run and the registered champion."""
+    from tuner.tracking import Tracker
+
+    study = open_study(spec, storage, create=False)
+    best = _best_trial(study)
+    if best is None:
+        raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` first")
+    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+    champion = tracker.champion(spec.model_name)
+    info: dict[str, Any] = {
+        "study": spec.name,
+        "storage": redact_url(storage or spec.storage_url),
+        "n_finished": finished_count(study),
+        "best_trial": best.number,
+        "value": best.value,
+        "metric": spec.metric,
+        "params": dict(best.params),
+        "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
+        "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+    }
+    if champion is not None:
+        info["champion"] = {
+            "model_uri": f"models:/{spec.model_name}@champion",
+            "version": champion.version,
+            "trial": champion.tags.get("tuner.trial"),
+            "value": champion.tags.get("tuner.value"),
+        }
+    return info
+

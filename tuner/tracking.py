@@ -1,0 +1,393 @@
+"""Every MLflow call of tuner lives here, behind a Tracker that can be given its client.
+
+Per trial: one nested run, one batched write of params/metrics/tags, a small weights artifact
+(no ``log_model`` per trial: that costs seconds). Per launch: the best trial's model is logged
+once as a pickle-free MLflow model (models-from-code over a ``weights_only`` checkpoint),
+registered, and given the ``champion`` or ``challenger`` alias.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
+
+from tuner.config import redact_url
+from tuner.errors import ModelError, TrackingError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from tuner.model import Checkpoint
+
+__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "WEIGHTS_FILE"]
+
+WEIGHTS_FILE = "weights.pt"
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+_PACKAGE_DIR = Path(__file__).parent
+
+# Quiet, bounded MLflow defaults; a user's own settings win.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _quiet() -> None:
+    """MLflow configures its loggers on import: lower them afterwards (store creation chatter)."""
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _tag(name: str) -> str:
+    return f"tuner.{name}"
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """Outcome of registering a study's best trial."""
+
+    model_name: str
+    version: str
+    alias: Literal["champion", "challenger"]
+    model_uri: str  # models:/NAME/VERSION
+    trial_number: int
+    value: float
+    new_version: bool  # False: the best trial was already registered
+
+
+class Tracker:
+    """One MLflow experiment per study; runs for launches (parents) and trials (children)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        *,
+        client: MlflowClient | None = None,
+        artifact_location: str | None = None,
+    ) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        if tracking_uri.startswith("sqlite:///"):
+            db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+            if not db.parent.is_dir():
+                raise TrackingError(
+                    f"MLflow store folder {str(db.parent)!r} does not exist; create it or pass another --tracking-uri"
+                )
+            if not os.access(db.parent, os.W_OK):
+                raise TrackingError(f"MLflow store folder {str(db.parent)!r} is not writable; pass another --tracking-uri")
+            # Artifacts beside the store, not in ./mlruns of wherever the command runs.
+            artifact_location = artifact_location or (db.parent / "mlartifacts" / experiment_name).as_uri()
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        _quiet()
+        self.client = client or MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        try:
+            self.experiment_id = self._experiment(experiment_name, artifact_location)
+        except TrackingError:
+            raise
+        except Exception as e:  # mlflow raises many types for an unreachable or broken store
+            raise TrackingError(
+                f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e)}; "
+                "check the URI (--tracking-uri) and that the server is running"
+            ) from None
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:  # another worker created it first
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def start_parent(self, study_name: str, tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            tags={_tag("study"): study_name, _tag("role"): "launch", **tags},
+        )
+        return run.info.run_id
+
+    def start_trial(self, parent_run_id: str | None, study_name: str, trial_number: int) -> str:
+        tags = {_tag("study"): study_name, _tag("trial"): str(trial_number), _tag("role"): "trial"}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number}", tags=tags)
+        return run.info.run_id
+
+    def end_trial(
+        self,
+        run_id: str,
+        *,
+        status: RunStatus,
+        params: Mapping[str, Any] | None = None,
+        history: Iterable[Mapping[str, float]] = (),
+        metrics: Mapping[str, float] | None = None,
+        tags: Mapping[str, str] | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
+        """Write everything of one trial in one batch, store its weights, close the run."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        metric_rows = [
+            Metric(key, float(value), now, epoch) for epoch, row in enumerate(history) for key, value in row.items()
+        ]
+        metric_rows += [Metric(f"final_{k}", float(v), now, 0) for k, v in (metrics or {}).items()]
+        param_rows = [Param(k, str(v)) for k, v in (params or {}).items()]
+        tag_rows = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        # MLflow takes at most 1000 metrics (and 100 params/tags) per batch request.
+        for i in range(0, max(len(metric_rows), 1), 1000):
+            self.client.log_batch(
+                run_id,
+                metrics=metric_rows[i : i + 1000],
+                params=param_rows if i == 0 else [],
+                tags=tag_rows if i == 0 else [],
+            )
+        if checkpoint is not None:
+            self.save_checkpoint(run_id, checkpoint)
+        self.client.set_terminated(run_id, status)
+
+    def end_run(self, run_id: str, status: RunStatus, tags: Mapping[str, str] | None = None) -> None:
+        for k, v in (tags or {}).items():
+            self.client.set_tag(run_id, k, str(v))
+        self.client.set_terminated(run_id, status)
+
+    def save_checkpoint(self, run_id: str, checkpoint: Checkpoint) -> None:
+        import torch
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / WEIGHTS_FILE
+            torch.save(checkpoint.to_payload(), path)
+            self.client.log_artifact(run_id, str(path))
+
+    def load_checkpoint(self, run_id: str) -> tuple[Checkpoint, str]:
+        """A trial's weights (read with ``weights_only=True``) and the file's SHA-256."""
+        import torch
+
+        from tuner.model import Checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(self.client.download_artifacts(run_id, WEIGHTS_FILE, tmp))
+            digest = _sha256(path)
+            payload = torch.load(path, weights_only=True, map_location="cpu")
+        return Checkpoint.from_payload(payload), digest
+
+    def runs_of(self, parent_run_id: str) -> list[Any]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
+        )
+
+    # -- registry -------------------------------------------------------------------------
+
+    def promote(
+        self,
+        *,
+        model_name: str,
+        run_id: str,
+        study_name: str,
+        trial_number: int,
+        metric: str,
+        value: float,
+        direction: Literal["minimize", "maximize"],
+        space_hash: str,
+        input_example: pd.DataFrame,
+    ) -> Promotion:
+        """Log the trial's model once, register it, and move ``champion`` only if it is better.
+
+        The previous champion keeps its alias unless every step before the alias move succeeded.
+        """
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        existing = self.client.search_model_versions(
+            f"name = '{model_name}' and tags.`{_tag('study')}` = '{study_name}' and "
+            f"tags.`{_tag('trial')}` = '{trial_number}'"
+        ) if self._registered(model_name) else []
+        champion = self._alias_version(model_name, "champion")
+        if existing:
+            version = existing[0]
+            new_version = False
+        else:
+            new_version = True
+            checkpoint, _ = self.load_checkpoint(run_id)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "checkpoint.pt"
+                import torch
+
+                torch.save(checkpoint.to_payload(), path)
+                digest = _sha256(path)
+                with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the trial's run owns the model
+                    warnings.simplefilter("ignore")  # MLflow's advice on type hints: our schema comes from the example
+                    info = mlflow.pyfunc.log_model(
+                        name="model",
+                        python_model=str(_MODEL_CODE),
+                        artifacts={"checkpoint": str(path)},
+                        code_paths=[str(_PACKAGE_DIR)],
+                        input_example=input_example,
+                        # Explicit requirements: inferring them costs ~5 s per model.
+                        pip_requirements=_requirements(),
+                    )
+            if not self._registered(model_name):
+                try:
+                    self.client.create_registered_model(model_name)
+                except MlflowException:
+                    pass  # created by another worker meanwhile
+            version = self.client.create_model_version(
+                model_name,
+                source=info.model_uri,
+                run_id=run_id,
+                tags={
+                    _tag("study"): study_name,
+                    _tag("trial"): str(trial_number),
+                    _tag("metric"): metric,
+                    _tag("value"): repr(float(value)),
+                    _tag("direction"): direction,
+                    _tag("space_hash"): space_hash,
+                    _tag("weights_sha256"): digest,
+                },
+                description=(
+                    f"Trial {trial_number} of study {study_name!r} ({metric} = {value:.6g}). Reload with "
+                    f"mlflow.pyfunc.load_model('models:/{model_name}/<version>') or "
+                    f"`tuner predict {model_name}@champion --input FILE.csv`."
+                ),
+            )
+        alias = "champion" if _better(value, champion, direction) or (
+            champion is not None and champion.version == version.version
+        ) else "challenger"
+        self.client.set_registered_model_alias(model_name, alias, version.version)
+        return Promotion(
+            model_name=model_name,
+            version=str(version.version),
+            alias=alias,
+            model_uri=f"models:/{model_name}/{version.version}",
+            trial_number=trial_number,
+            value=value,
+            new_version=new_version,
+        )
+
+    def _registered(self, model_name: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(model_name)
+        except MlflowException:
+            return False
+        return True
+
+    def _alias_version(self, model_name: str, alias: str) -> Any | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(model_name, alias)
+        except MlflowException:
+            return None
+
+    def champion(self, model_name: str) -> Any | None:
+        """The model version that holds the ``champion`` alias, or None."""
+        return self._alias_version(model_name, "champion")
+
+
+def _better(value: float, champion: Any | None, direction: str) -> bool:
+    if champion is None:
+        return True
+    try:
+        current = float(champion.tags[_tag("value")])
+    except (KeyError, ValueError):
+        return True  # a champion without our tags: a finished study may replace it
+    return value < current if direction == "minimize" else value > current
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "pandas", "numpy")]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
+
+
+# -- reading models back ---------------------------------------------------------------------
+
+
+def resolve_model_uri(ref: str) -> str:
+    """``NAME@ALIAS``, ``NAME/VERSION`` or a ``models:/`` URI -> a ``models:/`` URI."""
+    if ref.startswith(("models:/", "runs:/")):
+        return ref
+    if "@" in ref or "/" in ref:
+        return f"models:/{ref}"
+    raise ModelError(f"model reference {ref!r} is not NAME@ALIAS, NAME/VERSION or models:/...; e.g. cars-mpg@champion")
+
+
+def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
+    """Download a registered model, verify its weights' SHA-256 tag, load it without pickle.
+
+    Returns:
+        ``(pyfunc_model, model_version)``; the version is None for ``runs:/`` URIs.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    _quiet()
+    uri = resolve_model_uri(ref)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    version = None
+    try:
+        if uri.startswith("models:/") and not uri.startswith("models:/m-"):
+            name, _, rest = uri.removeprefix("models:/").partition("@")
+            if rest:
+                version = client.get_model_version_by_alias(name, rest)
+            else:
+                name, _, number = name.partition("/")
+                version = client.get_model_version(name, number) if number != "latest" else None
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="tuner-model-")))
+    except MlflowException as e:
+        raise ModelError(
+            f"model {ref!r} not found in {redact_url(tracking_uri)}: {_first_line(e)}; "
+            "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
+        ) from None
+    expected = version.tags.get(_tag("weights_sha256")) if version is not None else None
+    checkpoint = local / "artifacts" / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise ModelError(
+            f"model {ref!r} is not a tuner model (no artifacts/checkpoint.pt); tuner only loads its own "
+            "pickle-free models"
+        )
+    if expected and _sha256(checkpoint) != expected:
+        raise ModelError(
+            f"model {ref!r}: weights file does not match its recorded SHA-256 ({expected[:12]}...); "
+            "the artifact was changed after registration, refusing to load it"
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return mlflow.pyfunc.load_model(str(local)), version
+    except Exception as e:  # a model that cannot load must never run foreign code: report and stop
+        raise ModelError(f"model {ref!r} cannot be loaded: {_first_line(e)}") from None

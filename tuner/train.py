@@ -1,0 +1,242 @@
+"""The one shared training function. It knows nothing of Optuna or MLflow: the objective, the
+retraining of a champion and the replay of a trial all call ``train()``, and talk to it only
+through the ``on_epoch_end`` hook.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from tuner.data import BatchDataset, Prepared, batches, loader_batches
+from tuner.model import ModelConfig, TabularNet
+
+__all__ = ["TrainParams", "TrainResult", "train", "evaluate", "resolve_device", "EpochHook"]
+
+# Called after every epoch with (epoch, metrics); returning True stops training (pruning).
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyperparameters of one trial; the first five are sampled by every study."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    hidden_size: int
+    activation: str = "relu"
+    n_layers: int = 1
+    dropout: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    # Cosine decay to ~0 over the run: lets plain gradient descent settle on the optimum
+    # (the linear model lands on least squares) instead of hovering around it.
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+    @classmethod
+    def from_mapping(cls, params: Mapping[str, Any]) -> TrainParams:
+        names = {f.name for f in fields(cls)}
+        unknown = set(params) - names
+        if unknown:
+            raise ValueError(f"unknown training parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**params)
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced. ``metrics`` are the last epoch's (the returned weights)."""
+
+    model: TabularNet
+    history: list[dict[str, float]]
+    metrics: dict[str, float]
+    stop_reason: str | None = None  # None: ran all epochs; else why it stopped early
+    diverged: bool = False
+    n_steps: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA, else Apple MPS, else CPU; an explicit device must exist.
+
+    Raises:
+        ValueError: the named device is not available; the message lists what is.
+    """
+    available = ["cpu"]
+    if torch.cuda.is_available():
+        available += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        available.append("mps")
+    if name == "auto":
+        return torch.device("cuda" if "cuda" in available else "mps" if "mps" in available else "cpu")
+    if name not in available:
+        raise ValueError(f"device {name!r} is not available here; available: {available} (or 'auto')")
+    return torch.device(name)
+
+
+def _optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    # Fused Adam/AdamW: one kernel for the whole update, ~25% cheaper per step on CPU and CUDA.
+    fused = {"fused": True} if device.type in ("cuda", "cpu") else {}
+    if params.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, **fused)
+    if params.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, **fused)
+    if params.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=params.lr, momentum=0.9, weight_decay=params.weight_decay)
+    raise ValueError(f"Unknown optimizer {params.optimizer!r}; choose one of ['adam', 'adamw', 'sgd']")
+
+
+def _loss(model: TabularNet, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    out = model.core_output(xb)
+    if model.config.task == "regression":
+        return F.mse_loss(out, yb)
+    return F.cross_entropy(out, yb)
+
+
+@torch.inference_mode()
+def evaluate(model: TabularNet, x_std: torch.Tensor, y_raw: torch.Tensor) -> dict[str, float]:
+    """Metrics on standardised features against the target in its own units (one host sync)."""
+    was_training = model.training
+    model.eval()
+    out = model.core_output(x_std)
+    if model.config.task == "regression":
+        pred = out * model.y_std + model.y_mean
+        err = pred - y_raw
+        sse = (err * err).sum()
+        sst = ((y_raw - y_raw.mean()) ** 2).sum()
+        values = torch.stack([(sse / len(y_raw)).sqrt(), err.abs().mean(), 1 - sse / sst.clamp_min(1e-12)])
+        names = ("rmse", "mae", "r2")
+    else:
+        n_classes = out.shape[-1]
+        pred = out.argmax(-1)
+        onehot_true = F.one_hot(y_raw, n_classes).float()
+        onehot_pred = F.one_hot(pred, n_classes).float()
+        tp = (onehot_true * onehot_pred).sum(0)
+        f1 = 2 * tp / (onehot_true.sum(0) + onehot_pred.sum(0)).clamp_min(1e-12)
+        present = (onehot_true.sum(0) + onehot_pred.sum(0)) > 0
+        values = torch.stack([(pred == y_raw).float().mean(), F.cross_entropy(out, y_raw), f1[present].mean()])
+        names = ("accuracy", "log_loss", "f1_macro")
+    model.train(was_training)
+    return dict(zip(names, values.tolist()))
+
+
+def train(
+    params: TrainParams | Mapping[str, Any],
+    data: Prepared,
+    *,
+    device: torch.device | str = "auto",
+    seed: int = 0,
+    on_epoch_end: EpochHook | None = None,
+    loader: Literal["memory", "dataloader"] = "memory",
+) -> TrainResult:
+    """Train one model on ``data`` and validate it after every epoch.
+
+    Args:
+        params: hyperparameters (a TrainParams or a mapping of its fields).
+        data: the prepared split; moved to ``device`` if it is not there already.
+        device: ``auto``, ``cpu``, ``cuda[:i]`` or ``mps``.
+        seed: seeds the initial weights and the shuffling; same seed, same result on CPU.
+        on_epoch_end: called with ``(epoch, metrics)``; returning True stops training.
+        loader: ``memory`` indexes tensors on the device with shuffled index batches;
+            ``dataloader`` fetches each batch from host tensors through a torch DataLoader
+            (for data that does not fit on the device). Both see the same batches.
+
+    Returns:
+        The trained model (eval mode, on ``device``), per-epoch history and final metrics.
+        A non-finite training loss stops training early with ``diverged=True``.
+    """
+    p = params if isinstance(params, TrainParams) else TrainParams.from_mapping(params)
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    config = ModelConfig(
+        feature_names=data.feature_names,
+        target=data.target,
+        task=data.task,
+        hidden_size=p.hidden_size,
+        n_layers=p.n_layers,
+        activation=p.activation,
+        dropout=p.dropout,
+        classes=data.classes,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = TabularNet(config)
+    model.set_scaling(data.x_mean_, data.x_std_, data.y_mean_, data.y_std_)
+    model.to(dev).train()
+    opt = _optimizer(p, model, dev)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(data.x_train)
+    batch_size = min(p.batch_size, n)
+    if loader == "memory":
+        on_dev = data.to(dev)
+        x_train, y_train, x_val, y_val = on_dev.x_train, on_dev.y_train, on_dev.x_val, on_dev.y_val_raw
+    else:
+        dataset = BatchDataset(data.x_train, data.y_train)
+        x_val, y_val = data.x_val.to(dev), data.y_val_raw.to(dev)
+
+    history: list[dict[str, float]] = []
+    metrics: dict[str, float] = {}
+    stop_reason: str | None = None
+    diverged = False
+    n_steps = 0
+    total_steps = p.epochs * math.ceil(n / batch_size)
+    start = time.perf_counter()
+    for epoch in range(p.epochs):
+        index_batches = batches(n, batch_size, generator)
+        if loader == "memory":
+            perm = torch.cat(index_batches).to(dev)  # one host->device copy per epoch
+            step_iter = ((x_train[i], y_train[i]) for i in perm.split(batch_size))
+        else:
+            step_iter = loader_batches(dataset, index_batches, dev)
+        loss_sum = torch.zeros((), device=dev)
+        for xb, yb in step_iter:
+            if p.schedule == "cosine":
+                lr = p.lr * 0.5 * (1 + math.cos(math.pi * n_steps / total_steps))
+                for group in opt.param_groups:
+                    group["lr"] = lr
+            loss = _loss(model, xb, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            # Accumulate on the device: no host sync per step.
+            loss_sum += loss.detach() * len(xb)
+            n_steps += 1
+        train_loss = (loss_sum / n).item()  # the one sync per epoch
+        if not math.isfinite(train_loss):
+            stop_reason = f"non-finite training loss at epoch {epoch} (lr={p.lr:g}); the learning rate is too high"
+            diverged = True
+            break
+        epoch_metrics = evaluate(model, x_val, y_val)
+        if not all(math.isfinite(v) for v in epoch_metrics.values()):
+            stop_reason = f"non-finite validation metric at epoch {epoch} (lr={p.lr:g}); the model diverged"
+            diverged = True
+            break
+        if data.task == "regression":
+            epoch_metrics["train_rmse"] = math.sqrt(train_loss) * data.y_std_
+        else:
+            epoch_metrics["train_loss"] = train_loss
+        history.append(epoch_metrics)
+        metrics = epoch_metrics
+        if on_epoch_end is not None and on_epoch_end(epoch, epoch_metrics):
+            stop_reason = f"stopped by the epoch hook after epoch {epoch}"
+            break
+    model.eval()
+    return TrainResult(
+        model=model,
+        history=history,
+        metrics=metrics,
+        stop_reason=stop_reason,
+        diverged=diverged,
+        n_steps=n_steps,
+        seconds=time.perf_counter() - start,
+    )
