@@ -1,0 +1,486 @@
+"""Fused trials: K small models trained at once as one batched model on one device.
+
+A tiny MLP step is almost all Python and kernel-launch overhead, so ``train_many`` stacks the
+weights of K trials on a leading dimension and runs one ``baddbmm`` per layer for all of them.
+Each trial keeps its own learning rate, Adam state and step count (stacked tensors, one batched
+update), hidden size (padded to the group's widest and masked: padded units stay exactly zero and
+get no gradient), depth (missing layers pass their input through), activation (each one present
+is computed and selected per trial), batch size (padded rows masked out of the loss), epoch count
+and shuffled order from its own seed. With the same params and seed a trial sees the same
+initial weights, batches and schedule as in ``train()``, so its per-epoch validation metrics are
+the same to float32 rounding, and the same ``on_epoch_end`` decision stops it at the same epoch.
+
+A finished or stopped trial is frozen and its slot is refilled from the next job, pulled lazily
+from ``params_list`` (a study's ask), so the batch stays full.
+
+Like ``train.py`` this module imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from tuner.data import Prepared
+from tuner.model import ModelConfig, TabularNet, make_activation
+from tuner.train import (
+    TrainParams,
+    TrainResult,
+    epoch_record,
+    output_metrics,
+    resolve_device,
+    task_loss,
+)
+
+__all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable"]
+
+# Called after each epoch of each trial with (job index, epoch, metrics); True stops that trial.
+ManyEpochHook = Callable[[int, int, dict[str, float]], bool]
+# Called once per trial, as soon as it finished or stopped, with (job index, result).
+TrialEndHook = Callable[[int, TrainResult], None]
+
+_BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults, train()'s SGD momentum
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trial for ``train_many``: its params and the seed ``train()`` would get."""
+
+    params: TrainParams
+    seed: int = 0
+
+
+def fusable(params: TrainParams) -> str | None:
+    """Why ``train_many`` cannot reproduce ``train()`` for these params, or None if it can."""
+    if params.dropout > 0:
+        return f"dropout={params.dropout:g} (dropout masks cannot follow train()'s random stream)"
+    return None
+
+
+def _as_job(item: Job | TrainParams | Mapping[str, Any]) -> Job:
+    if isinstance(item, Job):
+        job = item
+    elif isinstance(item, TrainParams):
+        job = Job(item)
+    else:
+        job = Job(TrainParams.from_mapping(item))
+    reason = fusable(job.params)
+    if reason:
+        raise ValueError(f"train_many cannot fuse a trial with {reason}; train it with train()")
+    return job
+
+
+@dataclass
+class _Slot:
+    """Host-side state of one trial in a bank."""
+
+    index: int
+    job: Job
+    config: ModelConfig
+    generator: torch.Generator
+    batch_size: int
+    steps_per_epoch: int
+    epoch: int = 0
+    epoch_end_t: int = 0  # bank step count at which the current epoch ends
+    start: float = 0.0
+    history: list[dict[str, float]] | None = None
+
+
+class _Bank:
+    """K trials of one shape family (MLP or linear; Adam-like or SGD) as stacked tensors.
+
+    Parameters live in one flat ``(K, P)`` leaf: per-layer weights are views of it, so the
+    backward pass fills one gradient tensor and the optimizer update is a handful of ops.
+    """
+
+    def __init__(self, data: Prepared, device: torch.device, *, linear: bool, sgd: bool) -> None:
+        self.data, self.device, self.linear, self.sgd = data, device, linear, sgd
+        self.n, self.n_in, self.n_out = len(data.x_train), data.n_features, data.n_outputs
+        self.task = data.task
+        self.K, self.H, self.L = 0, 0, 0
+        self.slots: list[_Slot | None] = []
+        self.t = 0
+        self.next_event = -1
+        self.y_mean = torch.tensor(data.y_mean_, dtype=torch.float32, device=device)
+        self.y_std = torch.tensor(data.y_std_, dtype=torch.float32, device=device)
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.act_names: list[str] = []
+        self.acts: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        self.arange = torch.arange(self.n, device=device)
+        self.b_max = 1
+        self._resize(1, 1 if not linear else 0, 0 if linear else 1)
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _layout(self, H: int, L: int) -> list[tuple[str, int, int]]:
+        shapes: list[tuple[str, int, int]] = []
+        width = self.n_in
+        for layer in range(L):
+            shapes += [(f"w{layer}", width, H), (f"b{layer}", 1, H)]
+            width = H
+        return shapes + [("wout", width, self.n_out), ("bout", 1, self.n_out)]
+
+    def _views(self, flat: torch.Tensor, H: int | None = None, L: int | None = None) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        for name, rows, cols in self._layout(self.H if H is None else H, self.L if L is None else L):
+            views[name] = flat[:, offset : offset + rows * cols].view(flat.shape[0], rows, cols)
+            offset += rows * cols
+        return views
+
+    def _resize(self, K: int, H: int, L: int) -> None:
+        """Grow to K slots, width H, depth L, keeping every slot's weights and optimizer state."""
+        P = sum(r * c for _, r, c in self._layout(H, L))
+        dev = self.device
+        new: dict[str, torch.Tensor] = {
+            # per slot
+            "flat": torch.zeros(K, P, device=dev),
+            "m": torch.zeros(K, P, device=dev),
+            "v": torch.zeros(K, P, device=dev),
+            "pmask": torch.zeros(K, P, device=dev),
+            "lr": torch.zeros(K, dtype=torch.float64, device=dev),
+            "total": torch.ones(K, dtype=torch.float64, device=dev),
+            "cosine": torch.zeros(K, dtype=torch.bool, device=dev),
+            "step": torch.zeros(K, dtype=torch.float64, device=dev),
+            "wd_l2": torch.zeros(K, 1, device=dev),
+            "wd_dec": torch.zeros(K, 1, device=dev),
+            "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
+            "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
+            "live": torch.zeros(K, dtype=torch.bool, device=dev),
+            "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
+            "loss_sum": torch.zeros(K, device=dev),
+            "unit_mask": torch.zeros(K, 1, H, device=dev),
+            "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
+            "act_sel": torch.zeros(max(len(self.act_names), 1), K, 1, 1, dtype=torch.bool, device=dev),
+        }
+        if self.K:
+            k = self.K
+            for key in ("flat", "m", "v", "pmask"):
+                old_views = self._views(self.tensors[key])
+                new_views = self._views(new[key], H, L)
+                for name, view in old_views.items():
+                    new_views[name][:k, : view.shape[1], : view.shape[2]] = view
+            for key, value in self.tensors.items():
+                if key in ("flat", "m", "v", "pmask"):
+                    continue
+                if key == "unit_mask":
+                    new[key][:k, :, : self.H] = value
+                elif key in ("layer_on", "act_sel"):
+                    new[key][: value.shape[0], :k] = value
+                else:
+                    new[key][:k] = value
+        self.tensors = new
+        self.K, self.H, self.L = K, H, L
+        self.slots += [None] * (K - len(self.slots))
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def add(self, index: int, job: Job, config: ModelConfig) -> _Slot:
+        p = job.params
+        free = next((i for i, s in enumerate(self.slots) if s is None), None)
+        if free is None:
+            free = self.K
+        H = self.H if self.linear else max(self.H, p.hidden_size)
+        L = self.L if self.linear else max(self.L, p.n_layers)
+        if p.activation not in self.act_names and not self.linear:
+            self.act_names.append(p.activation)
+            sel = torch.zeros(len(self.act_names), self.K, 1, 1, dtype=torch.bool, device=self.device)
+            sel[: len(self.act_names) - 1] = self.tensors["act_sel"][: len(self.act_names) - 1]
+            self.tensors["act_sel"] = sel
+        if free >= self.K or H > self.H or L > self.L:
+            self._resize(max(self.K * 2, free + 1) if free >= self.K else self.K, H, L)
+        k = free
+        with torch.random.fork_rng(devices=[]):  # the same initial weights as train() with this seed
+            torch.manual_seed(job.seed)
+            net = TabularNet(config)
+        linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+        T = self.tensors
+        with torch.no_grad():
+            for key in ("flat", "m", "v", "pmask"):
+                T[key][k] = 0
+            views, masks = self._views(T["flat"]), self._views(T["pmask"])
+            names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+            for name, lin in zip(names, linears):
+                bias = "bout" if name == "wout" else "b" + name[1:]
+                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
+                views[name][k, :rows, :cols] = lin.weight.detach().T.to(self.device)
+                views[bias][k, 0, :cols] = lin.bias.detach().to(self.device)
+                masks[name][k, :rows, :cols] = 1
+                masks[bias][k, 0, :cols] = 1
+            batch_size = min(p.batch_size, self.n)
+            steps = math.ceil(self.n / batch_size)
+            T["lr"][k] = p.lr
+            T["total"][k] = p.epochs * steps
+            T["cosine"][k] = p.schedule == "cosine"
+            T["step"][k] = 0
+            T["wd_l2"][k] = p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0
+            T["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
+            T["bs"][k] = batch_size
+            T["live"][k] = True
+            if not self.linear:
+                T["unit_mask"][k] = 0
+                T["unit_mask"][k, 0, : p.hidden_size] = 1
+                T["layer_on"][:, k] = False
+                T["layer_on"][: p.n_layers, k] = True
+                T["act_sel"][:, k] = False
+                T["act_sel"][self.act_names.index(p.activation), k] = True
+        slot = _Slot(
+            index=index,
+            job=job,
+            config=config,
+            generator=torch.Generator().manual_seed(job.seed),
+            batch_size=batch_size,
+            steps_per_epoch=steps,
+            start=time.perf_counter(),
+            history=[],
+        )
+        self.slots[k] = slot
+        self._start_epoch(k)
+        self._refresh()
+        return slot
+
+    def _start_epoch(self, k: int) -> None:
+        slot = self.slots[k]
+        assert slot is not None
+        # The same shuffled order as train(): data.batches() is randperm(n).split(batch_size).
+        perm = torch.randperm(self.n, generator=slot.generator)
+        T = self.tensors
+        T["perm"][k] = perm.to(self.device)
+        T["s"][k] = 0
+        T["loss_sum"][k] = 0
+        slot.epoch_end_t = self.t + slot.steps_per_epoch
+
+    def _refresh(self) -> None:
+        """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
+        live = [s for s in self.slots if s is not None]
+        self.next_event = min((s.epoch_end_t for s in live), default=-1)
+        self.b_max = max((s.batch_size for s in live), default=1)
+        used = {s.job.params.activation for s in live}
+        self.acts = [
+            (make_activation(name), self.tensors["act_sel"][i]) for i, name in enumerate(self.act_names) if name in used
+        ]
+
+    @property
+    def n_live(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # -- compute --------------------------------------------------------------------------
+
+    def _forward(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = x
+        T = self.tensors
+        for layer in range(self.L):
+            z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
+            a = self.acts[0][0](z)
+            for act, sel in self.acts[1:]:
+                a = torch.where(sel, act(z), a)
+            a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
+            h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
+        out = torch.baddbmm(w["bout"], h, w["wout"])
+        return out.squeeze(-1) if self.task == "regression" else out
+
+    def step(self) -> None:
+        """One optimizer step of every live slot on its next batch."""
+        T = self.tensors
+        flat = T["flat"].requires_grad_(True)
+        cols = self.arange[: self.b_max]
+        pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
+        rows = (cols < T["bs"]) & (pos < self.n) & T["live"][:, None]
+        idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
+        xb, yb = self.data.x_train[idx], self.data.y_train[idx]
+        out = self._forward(self._views(flat), xb)
+        if self.task == "regression":
+            per_row = task_loss(out, yb, self.task, "none")
+        else:
+            per_row = task_loss(out.reshape(-1, self.n_out), yb.reshape(-1), self.task, "none").view(yb.shape)
+        count = rows.sum(1)
+        loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
+        flat.grad = None
+        loss.sum().backward()  # slots do not interact: d(sum)/d(slot k) is slot k's own gradient
+        with torch.no_grad():
+            flat.requires_grad_(False)
+            T["loss_sum"] += loss.detach() * count
+            self._update(flat, flat.grad.mul_(T["pmask"]))
+            T["s"] += T["live"][:, None]
+        self.t += 1
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """torch's Adam / AdamW / SGD(momentum) update, per slot, over the stacked tensors."""
+        T = self.tensors
+        live = T["live"]
+        step = T["step"]
+        factor = torch.where(T["cosine"], 0.5 * (1 + torch.cos(math.pi * step / T["total"])), 1.0)
+        lr = torch.where(live, T["lr"] * factor, 0.0)
+        step += live
+        if self.sgd:
+            grad = grad + T["wd_l2"] * p
+            T["m"].mul_(_MOMENTUM).add_(grad)
+            p.sub_(lr.float()[:, None] * T["m"])
+            return
+        grad = grad + T["wd_l2"] * p
+        p.mul_(1 - lr.float()[:, None] * T["wd_dec"])
+        T["m"].lerp_(grad, 1 - _BETA1)
+        T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+        safe = step.clamp_min(1)
+        step_size = (lr / (1 - _BETA1**safe)).float()[:, None]
+        bc2_sqrt = (1 - _BETA2**safe).sqrt().float()[:, None]
+        denom = (T["v"].sqrt() / bc2_sqrt).add_(_EPS)
+        p.sub_(step_size * T["m"] / denom)
+
+    @torch.no_grad()
+    def validate(self) -> torch.Tensor:
+        """Every slot's validation metrics, ``(K, 3)``."""
+        x = self.data.x_val.expand(self.K, *self.data.x_val.shape)
+        out = self._forward(self._views(self.tensors["flat"]), x)
+        _, values = output_metrics(out, self.data.y_val_raw, self.task, self.y_mean, self.y_std)
+        return values
+
+    def metric_names(self) -> tuple[str, ...]:
+        return ("rmse", "mae", "r2") if self.task == "regression" else ("accuracy", "log_loss", "f1_macro")
+
+    def events(self, on_epoch_end: ManyEpochHook | None) -> list[tuple[int, TrainResult]]:
+        """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on."""
+        ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
+        T = self.tensors
+        losses = (T["loss_sum"][ending] / self.n).tolist()
+        values = self.validate()[ending].tolist()
+        names = self.metric_names()
+        finished: list[tuple[int, TrainResult]] = []
+        for k, train_loss, row in zip(ending, losses, values):
+            slot = self.slots[k]
+            assert slot is not None and slot.history is not None
+            p = slot.job.params
+            epoch = slot.epoch
+            record, reason = epoch_record(
+                epoch, train_loss, dict(zip(names, row)), task=self.task, y_std=self.data.y_std_, lr=p.lr
+            )
+            diverged = record is None
+            if record is not None:
+                slot.history.append(record)
+                if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
+                    reason = f"stopped by the epoch hook after epoch {epoch}"
+            if reason is not None or epoch + 1 == p.epochs:
+                finished.append((slot.index, self._finish(k, reason, diverged)))
+            else:
+                slot.epoch += 1
+                self._start_epoch(k)
+        self._refresh()
+        return finished
+
+    def _finish(self, k: int, reason: str | None, diverged: bool) -> TrainResult:
+        """Freeze slot k: its weights become a TabularNet, the slot is zeroed and freed."""
+        slot = self.slots[k]
+        assert slot is not None and slot.history is not None
+        T = self.tensors
+        net = TabularNet(slot.config)
+        views = self._views(T["flat"])
+        linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+        names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+        with torch.no_grad():
+            for name, lin in zip(names, linears):
+                bias = "bout" if name == "wout" else "b" + name[1:]
+                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
+                lin.weight.copy_(views[name][k, :rows, :cols].T)
+                lin.bias.copy_(views[bias][k, 0, :cols])
+            n_steps = int(T["step"][k].item())
+            for key in ("flat", "m", "v", "pmask", "loss_sum"):
+                T[key][k] = 0
+            T["live"][k] = False
+        d = self.data
+        net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
+        net.to(self.device).eval()
+        self.slots[k] = None
+        return TrainResult(
+            model=net,
+            history=slot.history,
+            metrics=slot.history[-1] if slot.history else {},
+            stop_reason=reason,
+            diverged=diverged,
+            n_steps=n_steps,
+            seconds=time.perf_counter() - slot.start,
+        )
+
+
+def train_many(
+    params_list: Iterable[Job | TrainParams | Mapping[str, Any]],
+    prepared: Prepared,
+    *,
+    device: torch.device | str = "auto",
+    on_epoch_end: ManyEpochHook | None = None,
+    on_trial_end: TrialEndHook | None = None,
+    width: int = 32,
+) -> list[TrainResult]:
+    """Train many trials as batched models, ``width`` at a time, each as ``train()`` would.
+
+    Args:
+        params_list: jobs (params with a seed), params, or mappings of params (seed 0). Pulled
+            lazily: a slot that frees up takes the next one, so an iterator may ask a study for
+            the next trial only when there is room for it.
+        prepared: the prepared split; moved to ``device`` once.
+        device: ``auto``, ``cpu``, ``cuda[:i]`` or ``mps``.
+        on_epoch_end: called with ``(index, epoch, metrics)`` after each epoch of each trial
+            (``index`` counts the jobs from 0); returning True stops that trial.
+        on_trial_end: called with ``(index, result)`` as soon as a trial finished or stopped,
+            before its slot is refilled.
+        width: how many trials train at once.
+
+    Returns:
+        One TrainResult per job, in job order, as ``train()`` returns it.
+
+    Raises:
+        ValueError: a job that cannot be fused (see ``fusable``) or a bad parameter.
+    """
+    if width < 1:
+        raise ValueError(f"width must be >= 1 (got {width})")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    data = prepared.to(dev)
+    jobs = iter(params_list)
+    banks: dict[tuple[bool, bool], _Bank] = {}
+    results: dict[int, TrainResult] = {}
+    in_flight = 0
+    n_jobs = 0
+
+    def fill() -> None:
+        nonlocal in_flight, n_jobs
+        while in_flight < width:
+            item = next(jobs, None)
+            if item is None:
+                return
+            job = _as_job(item)
+            p = job.params
+            config = ModelConfig(
+                feature_names=data.feature_names,
+                target=data.target,
+                task=data.task,
+                hidden_size=p.hidden_size,
+                n_layers=p.n_layers,
+                activation=p.activation,
+                dropout=p.dropout,
+                classes=data.classes,
+            )
+            make_activation(p.activation)  # an unknown activation fails here, as in train()
+            key = (p.hidden_size == 0, p.optimizer == "sgd")
+            if key not in banks:
+                banks[key] = _Bank(data, dev, linear=key[0], sgd=key[1])
+            banks[key].add(n_jobs, job, config)
+            n_jobs += 1
+            in_flight += 1
+
+    fill()
+    while in_flight:
+        for bank in list(banks.values()):
+            if not bank.n_live:
+                continue
+            bank.step()
+            if bank.t != bank.next_event:
+                continue
+            for index, result in bank.events(on_epoch_end):
+                results[index] = result
+                in_flight -= 1
+                if on_trial_end is not None:
+                    on_trial_end(index, result)
+            fill()
+    return [results[i] for i in range(n_jobs)]
