@@ -97,7 +97,7 @@ class _Bank:
     backward pass fills one gradient tensor and the optimizer update is a handful of ops.
     """
 
-    def __init__(self, data: Prepared, device: torch.device, *, linear: bool, sgd: bool) -> None:
+    def __init__(self, data: Prepared, device: torch.device, *, linear: bool, sgd: bool, width: int) -> None:
         self.data, self.device, self.linear, self.sgd = data, device, linear, sgd
         self.n, self.n_in, self.n_out = len(data.x_train), data.n_features, data.n_outputs
         self.task = data.task
@@ -112,7 +112,7 @@ class _Bank:
         self.acts: list[tuple[torch.nn.Module, torch.Tensor]] = []
         self.arange = torch.arange(self.n, device=device)
         self.b_max = 1
-        self._resize(1, 1 if not linear else 0, 0 if linear else 1)
+        self._resize(1, 0 if linear else width, 0 if linear else 1)
 
     # -- layout ---------------------------------------------------------------------------
 
@@ -174,6 +174,9 @@ class _Bank:
                     new[key][:k] = value
         self.tensors = new
         self.K, self.H, self.L = K, H, L
+        # Leaves that share the flat buffer's memory: the update writes the buffer in place, and
+        # autograd gives each layer its own gradient (no full-size zero fill per view).
+        self.leaves = {name: view.detach().requires_grad_(True) for name, view in self._views(new["flat"]).items()}
         self.slots += [None] * (K - len(self.slots))
 
     # -- slots ----------------------------------------------------------------------------
@@ -285,25 +288,25 @@ class _Bank:
     def step(self) -> None:
         """One optimizer step of every live slot on its next batch."""
         T = self.tensors
-        flat = T["flat"].requires_grad_(True)
+        flat = T["flat"]
         cols = self.arange[: self.b_max]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
         rows = (cols < T["bs"]) & (pos < self.n) & T["live"][:, None]
         idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
         xb, yb = self.data.x_train[idx], self.data.y_train[idx]
-        out = self._forward(self._views(flat), xb)
+        out = self._forward(self.leaves, xb)
         if self.task == "regression":
             per_row = task_loss(out, yb, self.task, "none")
         else:
             per_row = task_loss(out.reshape(-1, self.n_out), yb.reshape(-1), self.task, "none").view(yb.shape)
         count = rows.sum(1)
         loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
-        flat.grad = None
-        loss.sum().backward()  # slots do not interact: d(sum)/d(slot k) is slot k's own gradient
+        leaves = list(self.leaves.values())
+        grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
         with torch.no_grad():
-            flat.requires_grad_(False)
+            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1)
             T["loss_sum"] += loss.detach() * count
-            self._update(flat, flat.grad.mul_(T["pmask"]))
+            self._update(flat, grad.mul_(T["pmask"]))
             T["s"] += T["live"][:, None]
         self.t += 1
 
@@ -404,6 +407,12 @@ class _Bank:
         )
 
 
+def _padded_width(hidden_size: int) -> int:
+    """The width of the group a hidden size trains in: the next power of two, so padding never
+    wastes more than half of a layer's units (weights and optimizer state scale with it)."""
+    return 1 << max(hidden_size - 1, 0).bit_length() if hidden_size > 0 else 0
+
+
 def train_many(
     params_list: Iterable[Job | TrainParams | Mapping[str, Any]],
     prepared: Prepared,
@@ -438,7 +447,7 @@ def train_many(
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     data = prepared.to(dev)
     jobs = iter(params_list)
-    banks: dict[tuple[bool, bool], _Bank] = {}
+    banks: dict[tuple[bool, bool, int], _Bank] = {}
     results: dict[int, TrainResult] = {}
     in_flight = 0
     n_jobs = 0
@@ -462,9 +471,9 @@ def train_many(
                 classes=data.classes,
             )
             make_activation(p.activation)  # an unknown activation fails here, as in train()
-            key = (p.hidden_size == 0, p.optimizer == "sgd")
+            key = (p.hidden_size == 0, p.optimizer == "sgd", _padded_width(p.hidden_size))
             if key not in banks:
-                banks[key] = _Bank(data, dev, linear=key[0], sgd=key[1])
+                banks[key] = _Bank(data, dev, linear=key[0], sgd=key[1], width=key[2])
             banks[key].add(n_jobs, job, config)
             n_jobs += 1
             in_flight += 1
