@@ -137,6 +137,9 @@ class StudySpec(_Strict):
     storage: str | None = None  # None: a SQLite file next to the study file
     tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
     device: str = "auto"
+    # auto: fused (K trials as one batched model, tuner/fused.py) where a calibration at launch
+    # measures it cheaper per trial-step than one trial at a time; else sequential.
+    execution: Literal["auto", "sequential", "fused"] = "auto"
     validation: Validation = Validation()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from tuner.data import Prepared
     from tuner.tracking import Promotion, Tracker
+    from tuner.train import TrainResult
 
 __all__ = [
     "open_storage",
@@ -262,19 +263,9 @@ class Objective:
     train_seconds: list[float] = field(default_factory=list)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        import optuna
-
-        from tuner.model import Checkpoint
-        from tuner.space import sample
         from tuner.train import train
 
-        params = sample(trial, self.spec.space)
-        seed = self.spec.seed + trial.number
-        trial.set_user_attr("seed", seed)
-        run_id = None
-        if self.tracker is not None:
-            run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
-            trial.set_user_attr("mlflow_run_id", run_id)
+        params, seed, run_id = self.begin(trial)
         metric = self.spec.metric
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
@@ -284,12 +275,37 @@ class Objective:
         try:
             result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
-            # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            if self.tracker is not None and run_id is not None:
-                self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
+            self.abort(params, run_id, e)
             raise
         self.train_seconds.append(result.seconds)
+        return self.finish(trial, params, run_id, result)
+
+    def begin(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str | None]:
+        """Sample the trial's params, fix its seed, open its MLflow run: ``(params, seed, run_id)``."""
+        from tuner.space import sample
+
+        params = sample(trial, self.spec.space)
+        seed = self.spec.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        run_id = None
+        if self.tracker is not None:
+            run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
+            trial.set_user_attr("mlflow_run_id", run_id)
+        return params, seed, run_id
+
+    def abort(self, params: dict[str, Any], run_id: str | None, e: BaseException) -> None:
+        """Close the run of a trial that raised: Ctrl-C / SIGTERM KILLED, anything else FAILED."""
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        if self.tracker is not None and run_id is not None:
+            self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
+
+    def finish(self, trial: optuna.Trial, params: dict[str, Any], run_id: str | None, result: TrainResult) -> float:
+        """Log the trained trial and return its value; raise TrialPruned if it stopped early."""
+        import optuna
+
+        from tuner.model import Checkpoint
+
+        metric = self.spec.metric
         tags = {"tuner.state": "COMPLETE"}
         if result.diverged or result.stop_reason:
             pruned = True
@@ -423,6 +439,11 @@ def launch(
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
     remaining = total - finished_count(study)
+    if remaining > 0:
+        from tuner.fused_runner import choose_execution, run_fused
+
+        execution, why = choose_execution(spec, prepared, dev, remaining)
+        print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
     objective = Objective(spec, prepared, tracker, None, dev)
     n_before = len(study.trials)
@@ -439,7 +460,15 @@ def launch(
         if bar:
             callbacks.append(bar)
         try:
-            study.optimize(objective, n_trials=remaining, timeout=spec.timeout, callbacks=callbacks, gc_after_trial=False)
+            if execution == "fused":  # MaxTrialsCallback stops study.optimize only; run_fused counts itself
+                fused_callbacks: list[Any] = [bar] if bar else []
+                run_fused(
+                    study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
+                )
+            else:
+                study.optimize(
+                    objective, n_trials=remaining, timeout=spec.timeout, callbacks=callbacks, gc_after_trial=False
+                )
         except KeyboardInterrupt:
             tracker.end_run(parent_run_id, "KILLED")
             raise
