@@ -216,7 +216,7 @@ def _param_problems(name: str, p: Any) -> list[str]:
             problems.append(f"log = true needs low > 0 (got low = {p.low})")
         values = [p.low, p.high]
     elif isinstance(p, CategoricalParam):
-        values = list(p.choices)
+        values: list[Any] = list(p.choices)
         if len(set(map(repr, values))) != len(values):
             problems.append(f"duplicate choices in {values}")
     else:
