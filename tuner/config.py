@@ -203,6 +203,7 @@ class StudySpec(_Strict):
 
 def _param_problems(name: str, p: Any) -> list[str]:
     problems: list[str] = []
+    values: list[Any]
     if isinstance(p, (FloatParam, IntParam)):
         if name in _CHOICE_PARAMS:
             return [f"is a choice; use type = 'categorical' with choices from {list(_CHOICE_PARAMS[name])}"]
@@ -216,7 +217,7 @@ def _param_problems(name: str, p: Any) -> list[str]:
             problems.append(f"log = true needs low > 0 (got low = {p.low})")
         values = [p.low, p.high]
     elif isinstance(p, CategoricalParam):
-        values: list[Any] = list(p.choices)
+        values = list(p.choices)
         if len(set(map(repr, values))) != len(values):
             problems.append(f"duplicate choices in {values}")
     else:
