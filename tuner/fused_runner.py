@@ -30,9 +30,19 @@ if TYPE_CHECKING:
     from tuner.study import Objective
     from tuner.train import TrainResult
 
-__all__ = ["run_fused", "choose_execution", "FUSED_WIDTH", "MIN_TRIALS_FOR_AUTO", "AUTO_MIN_SPEEDUP"]
+__all__ = ["run_fused", "choose_execution", "fused_width", "measure_speedup", "FUSED_WIDTH", "MIN_TRIALS_FOR_AUTO"]
 
-FUSED_WIDTH = 32  # trials in flight at once
+FUSED_WIDTH = 64  # most trials in flight at once
+
+
+def fused_width(n_trials: int) -> int:
+    """Trials in flight for a launch of ``n_trials``: a quarter of them, 2 to FUSED_WIDTH.
+
+    The sampler proposes each trial knowing the trials told so far (the ones in flight count as
+    constant lies), so a width near the whole budget would make most trials blind draws: a
+    quarter keeps at least four rounds of results for TPE to learn from.
+    """
+    return max(2, min(FUSED_WIDTH, n_trials // 4))
 MIN_TRIALS_FOR_AUTO = 8  # fewer trials than this do not pay back auto's calibration (~0.2-0.5 s)
 AUTO_MIN_SPEEDUP = 2.0  # fused must be this much cheaper per trial-step for auto to pick it
 
@@ -75,7 +85,7 @@ def _largest_params(spec: StudySpec) -> dict[str, Any]:
 
 
 def measure_speedup(
-    spec: StudySpec, prepared: Prepared, device: torch.device, width: int = FUSED_WIDTH, max_steps: int = 16
+    spec: StudySpec, prepared: Prepared, device: torch.device, width: int = 16, max_steps: int = 16
 ) -> float:
     """Time per trial-step of the space's largest model alone / fused ``width`` at a time."""
     import torch
@@ -132,9 +142,10 @@ def choose_execution(
         return "sequential", f"auto: {reason}"
     if n_remaining < MIN_TRIALS_FOR_AUTO:
         return "sequential", f"auto: {n_remaining} trial(s) to run; under {MIN_TRIALS_FOR_AUTO} do not pay to fuse"
-    speedup = measure_speedup(spec, prepared, device)
+    width = fused_width(n_remaining)
+    speedup = measure_speedup(spec, prepared, device, width)
     if speedup >= AUTO_MIN_SPEEDUP:
-        return "fused", f"auto: measured {speedup:.1f}x cheaper per trial-step at width {FUSED_WIDTH} on {device}"
+        return "fused", f"auto: measured {speedup:.1f}x cheaper per trial-step at width {width} on {device}"
     return "sequential", f"auto: fused measured {speedup:.1f}x per trial-step on {device}, below {AUTO_MIN_SPEEDUP}x"
 
 
@@ -181,7 +192,7 @@ def run_fused(
     total: int,
     timeout: float | None = None,
     callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] | None = None,
-    width: int = FUSED_WIDTH,
+    width: int | None = None,
 ) -> None:
     """Run up to ``n_trials`` trials (stopping once the study holds ``total`` finished ones, or
     after ``timeout`` seconds), ``width`` at a time as one batched model.
@@ -198,6 +209,7 @@ def run_fused(
     from tuner.train import TrainParams
 
     started = time.perf_counter()
+    width = width or fused_width(n_trials)
     storage = study._storage
     heartbeat = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
     interval = storage.get_heartbeat_interval() if heartbeat else None
