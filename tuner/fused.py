@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
+import numpy as np
 import torch
 
 from tuner.data import Prepared
@@ -108,8 +109,10 @@ class _Bank:
         self.y_mean = torch.tensor(data.y_mean_, dtype=torch.float32, device=device)
         self.y_std = torch.tensor(data.y_std_, dtype=torch.float32, device=device)
         self.tensors: dict[str, torch.Tensor] = {}
-        self.act_names: list[str] = []
-        self.acts: list[tuple[torch.nn.Module, torch.Tensor]] = []
+        self.act_groups: list[tuple[torch.nn.Module, torch.Tensor]] = []  # activation, its slots
+        self.act_inverse: torch.Tensor | None = None  # slot order of the grouped activations
+        # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
+        self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
         self.b_max = 1
         self._resize(1, 0 if linear else width, 0 if linear else 1)
@@ -141,12 +144,7 @@ class _Bank:
             "m": torch.zeros(K, P, device=dev),
             "v": torch.zeros(K, P, device=dev),
             "pmask": torch.zeros(K, P, device=dev),
-            "lr": torch.zeros(K, dtype=torch.float64, device=dev),
-            "total": torch.ones(K, dtype=torch.float64, device=dev),
-            "cosine": torch.zeros(K, dtype=torch.bool, device=dev),
-            "step": torch.zeros(K, dtype=torch.float64, device=dev),
             "wd_l2": torch.zeros(K, 1, device=dev),
-            "wd_dec": torch.zeros(K, 1, device=dev),
             "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
             "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
             "live": torch.zeros(K, dtype=torch.bool, device=dev),
@@ -154,8 +152,12 @@ class _Bank:
             "loss_sum": torch.zeros(K, device=dev),
             "unit_mask": torch.zeros(K, 1, H, device=dev),
             "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
-            "act_sel": torch.zeros(max(len(self.act_names), 1), K, 1, 1, dtype=torch.bool, device=dev),
         }
+        host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
+                "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
+        for key, value in self.host.items():
+            host[key][: len(value)] = value
+        self.host = host
         if self.K:
             k = self.K
             for key in ("flat", "m", "v", "pmask"):
@@ -168,7 +170,7 @@ class _Bank:
                     continue
                 if key == "unit_mask":
                     new[key][:k, :, : self.H] = value
-                elif key in ("layer_on", "act_sel"):
+                elif key == "layer_on":
                     new[key][: value.shape[0], :k] = value
                 else:
                     new[key][:k] = value
@@ -188,11 +190,6 @@ class _Bank:
             free = self.K
         H = self.H if self.linear else max(self.H, p.hidden_size)
         L = self.L if self.linear else max(self.L, p.n_layers)
-        if p.activation not in self.act_names and not self.linear:
-            self.act_names.append(p.activation)
-            sel = torch.zeros(len(self.act_names), self.K, 1, 1, dtype=torch.bool, device=self.device)
-            sel[: len(self.act_names) - 1] = self.tensors["act_sel"][: len(self.act_names) - 1]
-            self.tensors["act_sel"] = sel
         if free >= self.K or H > self.H or L > self.L:
             self._resize(max(self.K * 2, free + 1) if free >= self.K else self.K, H, L)
         k = free
@@ -215,12 +212,11 @@ class _Bank:
                 masks[bias][k, 0, :cols] = 1
             batch_size = min(p.batch_size, self.n)
             steps = math.ceil(self.n / batch_size)
-            T["lr"][k] = p.lr
-            T["total"][k] = p.epochs * steps
-            T["cosine"][k] = p.schedule == "cosine"
-            T["step"][k] = 0
+            h = self.host
+            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * steps, p.schedule == "cosine"
+            h["step"][k], h["live"][k] = 0, True
+            h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
             T["wd_l2"][k] = p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0
-            T["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
             T["bs"][k] = batch_size
             T["live"][k] = True
             if not self.linear:
@@ -228,8 +224,6 @@ class _Bank:
                 T["unit_mask"][k, 0, : p.hidden_size] = 1
                 T["layer_on"][:, k] = False
                 T["layer_on"][: p.n_layers, k] = True
-                T["act_sel"][:, k] = False
-                T["act_sel"][self.act_names.index(p.activation), k] = True
         slot = _Slot(
             index=index,
             job=job,
@@ -261,10 +255,24 @@ class _Bank:
         live = [s for s in self.slots if s is not None]
         self.next_event = min((s.epoch_end_t for s in live), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
-        used = {s.job.params.activation for s in live}
-        self.acts = [
-            (make_activation(name), self.tensors["act_sel"][i]) for i, name in enumerate(self.act_names) if name in used
-        ]
+        # Slots grouped by activation: each activation runs on its own slots only, and one
+        # index_select puts the rows back in slot order (free slots ride with the first group).
+        names = [s.job.params.activation if s is not None else None for s in self.slots]
+        used = sorted({n for n in names if n is not None})
+        if len(used) <= 1 or self.linear:
+            self.act_groups = [(make_activation(used[0] if used else "relu"), torch.empty(0))]
+            self.act_inverse = None
+        else:
+            groups = [[k for k, n in enumerate(names) if n == a or (n is None and a == used[0])] for a in used]
+            order = [k for g in groups for k in g]
+            inverse = [0] * len(order)
+            for position, k in enumerate(order):
+                inverse[k] = position
+            dev = self.device
+            self.act_groups = [(make_activation(a), torch.tensor(g, device=dev)) for a, g in zip(used, groups)]
+            self.act_inverse = torch.tensor(inverse, device=dev)
+        self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
+        self.any_wd_dec = bool(self.host["wd_dec"].any())
 
     @property
     def n_live(self) -> int:
@@ -277,9 +285,11 @@ class _Bank:
         T = self.tensors
         for layer in range(self.L):
             z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
-            a = self.acts[0][0](z)
-            for act, sel in self.acts[1:]:
-                a = torch.where(sel, act(z), a)
+            if self.act_inverse is None:
+                a = self.act_groups[0][0](z)
+            else:
+                parts = [act(z.index_select(0, idx)) for act, idx in self.act_groups]
+                a = torch.cat(parts).index_select(0, self.act_inverse)
             a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
             h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
         out = torch.baddbmm(w["bout"], h, w["wout"])
@@ -313,25 +323,26 @@ class _Bank:
     def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """torch's Adam / AdamW / SGD(momentum) update, per slot, over the stacked tensors."""
         T = self.tensors
-        live = T["live"]
-        step = T["step"]
-        factor = torch.where(T["cosine"], 0.5 * (1 + torch.cos(math.pi * step / T["total"])), 1.0)
-        lr = torch.where(live, T["lr"] * factor, 0.0)
-        step += live
+        h = self.host
+        factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
+        lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
+        h["step"] += h["live"]
+        safe = np.maximum(h["step"], 1)
+        scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
+        s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
+        lr_t, step_size, bc2_sqrt, decay = s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4]
+        if self.any_wd_l2:
+            grad = grad.add_(T["wd_l2"] * p)
         if self.sgd:
-            grad = grad + T["wd_l2"] * p
             T["m"].mul_(_MOMENTUM).add_(grad)
-            p.sub_(lr.float()[:, None] * T["m"])
+            p.sub_(lr_t * T["m"])
             return
-        grad = grad + T["wd_l2"] * p
-        p.mul_(1 - lr.float()[:, None] * T["wd_dec"])
+        if self.any_wd_dec:
+            p.mul_(decay)
         T["m"].lerp_(grad, 1 - _BETA1)
         T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-        safe = step.clamp_min(1)
-        step_size = (lr / (1 - _BETA1**safe)).float()[:, None]
-        bc2_sqrt = (1 - _BETA2**safe).sqrt().float()[:, None]
         denom = (T["v"].sqrt() / bc2_sqrt).add_(_EPS)
-        p.sub_(step_size * T["m"] / denom)
+        p.addcdiv_(step_size * T["m"], denom, value=-1.0)
 
     @torch.no_grad()
     def validate(self) -> torch.Tensor:
@@ -388,10 +399,11 @@ class _Bank:
                 rows, cols = lin.weight.shape[1], lin.weight.shape[0]
                 lin.weight.copy_(views[name][k, :rows, :cols].T)
                 lin.bias.copy_(views[bias][k, 0, :cols])
-            n_steps = int(T["step"][k].item())
+            n_steps = int(self.host["step"][k])
             for key in ("flat", "m", "v", "pmask", "loss_sum"):
                 T[key][k] = 0
             T["live"][k] = False
+            self.host["live"][k] = False
         d = self.data
         net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
         net.to(self.device).eval()
