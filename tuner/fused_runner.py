@@ -6,8 +6,8 @@ training is shared. A slot that frees up asks the study for the next trial after
 one was told, so TPE (constant liar on by default) sees every result it would see in a
 sequential worker that runs K trials at once.
 
-``choose_execution`` decides ``auto`` by measuring, at launch, one optimizer step of the space's
-largest model alone and fused ``width`` at a time, on the study's own data and device.
+``choose_execution`` decides ``auto`` by measuring, at launch, a few optimizer steps of the space's
+middle model alone and fused ``width`` at a time, on the study's own data and device.
 """
 
 from __future__ import annotations
@@ -58,63 +58,74 @@ def unfusable_reason(spec: StudySpec) -> str | None:
     return None
 
 
-def _largest_params(spec: StudySpec) -> dict[str, Any]:
-    """The most expensive trial of the space: widest, deepest, biggest batch; one epoch."""
+def _typical_params(spec: StudySpec) -> dict[str, Any]:
+    """The middle trial of the space (geometric middle of log ranges, middle choice); one epoch."""
 
-    def top(name: str, default: Any) -> Any:
+    def middle(name: str, default: Any) -> Any:
         p = spec.space.get(name)
         if p is None:
             return default
         if hasattr(p, "value"):
             return p.value
         if hasattr(p, "choices"):
-            numeric = [c for c in p.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
-            return max(numeric) if numeric else p.choices[0]
-        return p.high
+            try:
+                return sorted(p.choices)[len(p.choices) // 2]
+            except TypeError:  # mixed types
+                return p.choices[0]
+        mid = math.sqrt(p.low * p.high) if p.log and p.low > 0 else (p.low + p.high) / 2
+        return round(mid) if isinstance(p.low, int) and isinstance(p.high, int) else mid
 
     return {
         "lr": 1e-3,
         "epochs": 1,
-        "batch_size": int(top("batch_size", 32)),
-        "hidden_size": int(top("hidden_size", 16)),
-        "activation": top("activation", "relu"),
-        "n_layers": int(top("n_layers", 1)),
-        "optimizer": top("optimizer", "adam"),
-        "weight_decay": float(top("weight_decay", 0.0)),
+        "batch_size": int(middle("batch_size", 32)),
+        "hidden_size": int(middle("hidden_size", 16)),
+        "activation": middle("activation", "relu"),
+        "n_layers": int(middle("n_layers", 1)),
+        "optimizer": middle("optimizer", "adam"),
+        "weight_decay": float(middle("weight_decay", 0.0)),
     }
 
 
 def measure_speedup(
-    spec: StudySpec, prepared: Prepared, device: torch.device, width: int = 16, max_steps: int = 16
+    spec: StudySpec, prepared: Prepared, device: torch.device, width: int = 16, min_steps: int = 16
 ) -> float:
-    """Time per trial-step of the space's largest model alone / fused ``width`` at a time."""
+    """Cost per trial of the space's middle model trained alone / fused ``width`` at a time.
+
+    Each trial runs at least ``min_steps`` optimizer steps (with its per-epoch validation) on the
+    study's own data and device. CPU time of this process on a CPU (other processes on a shared
+    machine do not count), wall time with the device synchronised on a GPU; best of three.
+    """
     import torch
 
     from tuner.fused import Job, train_many
     from tuner.train import train
 
-    params = _largest_params(spec)
+    params = _typical_params(spec)
     batch = min(params["batch_size"], len(prepared.x_train))
-    rows = min(len(prepared.x_train), batch * max_steps)  # a few steps' worth of rows is enough
+    rows = min(len(prepared.x_train), batch * min_steps)  # a few steps' worth of rows is enough
     data = replace(prepared, x_train=prepared.x_train[:rows], y_train=prepared.y_train[:rows])
+    params["epochs"] = math.ceil(min_steps / math.ceil(rows / batch))
 
-    def sync() -> None:
+    def clock() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+            return time.perf_counter()
+        return time.process_time()
 
     def timed(fn: Callable[[], Any]) -> float:
+        fn()  # warm-up: first-call kernel and allocator costs are not per trial
         best = math.inf
-        for _ in range(2):  # the first call warms up kernels and allocations
-            sync()
-            start = time.perf_counter()
+        for _ in range(3):
+            start = clock()
             fn()
-            sync()
-            best = min(best, time.perf_counter() - start)
+            best = min(best, clock() - start)
         return best
 
     one = timed(lambda: train(params, data, device=device))
-    many = timed(lambda: train_many([Job(replace_params(params), seed) for seed in range(width)], data, device=device))
-    return (one * width) / many
+    jobs = [Job(replace_params(params), seed) for seed in range(width)]
+    many = timed(lambda: train_many(jobs, data, device=device))
+    return (one * width) / max(many, 1e-9)
 
 
 def replace_params(params: dict[str, Any]) -> Any:
