@@ -159,9 +159,14 @@ def test_execution_choice_is_stated_and_refuses_fused_dropout(tmp_path: Path, ca
 
 
 @pytest.mark.slow
-def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(tmp_path: Path) -> None:
+def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same study, same seeds: the fused launch holds the same params and values per trial as
     the sequential one (TPE's random start-up draws in trial order), with the same MLflow runs."""
+    # mlflow.set_tracking_uri writes these into os.environ: keep them out of later subprocess tests.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     from tuner.study import launch
     from tuner.tracking import Tracker, load_model
 
