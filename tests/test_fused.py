@@ -61,7 +61,8 @@ def _assert_same(ref, got) -> None:
         torch.testing.assert_close(got_sd[key], ref_sd[key], rtol=RTOL, atol=1e-5)
 
 
-def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(cars) -> None:
+@pytest.mark.parametrize("group_widths", [False, True], ids=["one-padded-group", "width-groups"])
+def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(cars, group_widths) -> None:
     jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
     expected = [
         train(j.params, cars, device="cpu", seed=j.seed, on_epoch_end=lambda e, m, i=i: _prune_first(i, e, m))
@@ -73,7 +74,7 @@ def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pru
         seen.append((index, epoch))
         return _prune_first(index, epoch, metrics)
 
-    got = train_many(jobs, cars, device="cpu", on_epoch_end=hook, width=3)  # 8 jobs through 3 slots
+    got = train_many(jobs, cars, device="cpu", on_epoch_end=hook, width=3, group_widths=group_widths)  # 8 jobs, 3 slots
     assert got[0].stop_reason == "stopped by the epoch hook after epoch 1"
     assert len(got[0].history) == 2
     for ref, res in zip(expected, got):

@@ -433,6 +433,7 @@ def train_many(
     on_epoch_end: ManyEpochHook | None = None,
     on_trial_end: TrialEndHook | None = None,
     width: int = 32,
+    group_widths: bool | None = None,
 ) -> list[TrainResult]:
     """Train many trials as batched models, ``width`` at a time, each as ``train()`` would.
 
@@ -447,6 +448,11 @@ def train_many(
         on_trial_end: called with ``(index, result)`` as soon as a trial finished or stopped,
             before its slot is refilled.
         width: how many trials train at once.
+        group_widths: train hidden sizes in power-of-two width groups (padding wastes at most
+            half a layer) instead of one group padded to the widest. ``None``: group on a CPU
+            from width 128 up, where the padded arithmetic costs more than the per-group
+            overhead it saves (measured on the cars space: equal at 64, grouping 1.2x faster at
+            128, 1.6x slower at 6-32); never on a GPU, where the arithmetic is cheap.
 
     Returns:
         One TrainResult per job, in job order, as ``train()`` returns it.
@@ -458,6 +464,8 @@ def train_many(
         raise ValueError(f"width must be >= 1 (got {width})")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     data = prepared.to(dev)
+    if group_widths is None:
+        group_widths = dev.type == "cpu" and width >= 128
     jobs = iter(params_list)
     banks: dict[tuple[bool, bool, int], _Bank] = {}
     results: dict[int, TrainResult] = {}
@@ -483,7 +491,8 @@ def train_many(
                 classes=data.classes,
             )
             make_activation(p.activation)  # an unknown activation fails here, as in train()
-            key = (p.hidden_size == 0, p.optimizer == "sgd", _padded_width(p.hidden_size))
+            group = _padded_width(p.hidden_size) if group_widths else int(p.hidden_size > 0)
+            key = (p.hidden_size == 0, p.optimizer == "sgd", group)
             if key not in banks:
                 banks[key] = _Bank(data, dev, linear=key[0], sgd=key[1], width=key[2])
             banks[key].add(n_jobs, job, config)
