@@ -155,8 +155,8 @@ class _Bank:
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
                 "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
-        for key, value in self.host.items():
-            host[key][: len(value)] = value
+        for key, array in self.host.items():
+            host[key][: len(array)] = array
         self.host = host
         if self.K:
             k = self.K

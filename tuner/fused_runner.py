@@ -222,8 +222,9 @@ def run_fused(
     started = time.perf_counter()
     width = width or fused_width(n_trials)
     storage = study._storage
-    heartbeat = isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
-    interval = storage.get_heartbeat_interval() if heartbeat else None
+    beat = storage if isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage) else None
+    heartbeat = beat is not None
+    interval = beat.get_heartbeat_interval() if beat is not None else None
     trials: list[optuna.Trial] = []
     opened: list[tuple[dict[str, Any], str | None]] = []
     told: set[int] = set()
@@ -256,10 +257,10 @@ def run_fused(
         nonlocal last_beat
         trial = trials[index]
         trial.report(metrics[metric], epoch)
-        if heartbeat and interval and time.monotonic() - last_beat >= interval:
+        if beat is not None and interval and time.monotonic() - last_beat >= interval:
             for i, t in enumerate(trials):
                 if i not in told:
-                    storage.record_heartbeat(t._trial_id)
+                    beat.record_heartbeat(t._trial_id)
             last_beat = time.monotonic()
         if finished is None:
             return trial.should_prune()  # pruners that read running trials (hyperband, ...): the exact path
