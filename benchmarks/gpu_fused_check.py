@@ -27,7 +27,8 @@ def main() -> int:
     device = torch.device("cuda")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device)}")
     for row in steps_per_second(cars(), device, [64, 1024, 4096, 16384], epochs=5, n_sequential=2):
-        print(f"  {row['arm']:<34} K={row['K']:<6} {row['steps_s']:>12.0f} steps/s  {row['ratio']:8.1f}x")
+        vs = f"  {row['vs_train']:7.1f}x vs train()" if "vs_train" in row else ""
+        print(f"  {row['arm']:<36} K={row['K']:<6} {row['steps_s']:>12.0f} steps/s  {row['ratio']:8.1f}x{vs}")
     return 0
 
 
