@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable
 
 from tuner.config import StudySpec, check_options, redact_url
 from tuner.errors import StorageError, TunerError
@@ -343,41 +342,6 @@ class LaunchSummary:
     train_seconds: float
 
 
-class Progress:
-    """Trials done/total and the best value: one redrawn line on a TTY, a line per trial in logs."""
-
-    def __init__(self, n_trials: int, stream: TextIO = sys.stderr, verbose: bool = False) -> None:
-        self.n_trials, self.stream, self.verbose = n_trials, stream, verbose
-        self.tty = stream.isatty()
-        self.start = time.perf_counter()
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        from optuna.trial import TrialState
-
-        trials = study.get_trials(deepcopy=False)
-        counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-        done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        try:
-            best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no complete trial yet"
-        elapsed = time.perf_counter() - self.start
-        line = (
-            f"[{done}/{self.n_trials}] {best} | pruned {counts[TrialState.PRUNED]} failed {counts[TrialState.FAIL]} "
-            f"running {counts[TrialState.RUNNING]} | {elapsed:.1f}s"
-        )
-        if self.tty and not self.verbose:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(f"{line} | trial {trial.number} {trial.state.name} {trial.value if trial.value is not None else ''}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and not self.verbose:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def launch(
     spec: StudySpec,
     *,
@@ -401,6 +365,7 @@ def launch(
     import torch
 
     from tuner.baselines import baselines
+    from tuner.progress import Progress
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
 
@@ -420,7 +385,8 @@ def launch(
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
     prepared = prepared.to(dev)  # once per launch, not per trial
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    # Per-trial lines come from Progress (-v), not from Optuna's own INFO log.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     remaining = total - finished_count(study)
     parent_run_id = None
@@ -432,7 +398,7 @@ def launch(
             {"tuner.storage": redact_url(storage or spec.storage_url), "tuner.space_hash": spec.space_hash()},
         )
         objective.parent_run_id = parent_run_id
-        bar = Progress(total, verbose=verbose) if progress else None
+        bar = Progress(total, n_done_before=total - remaining, verbose=verbose) if progress else None
         callbacks: list[Any] = [
             optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
         ]
