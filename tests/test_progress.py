@@ -45,12 +45,30 @@ def test_format_duration() -> None:
 
 
 def test_snapshot_eta_uses_this_launchs_pace() -> None:
-    s = Snapshot(n_done=6, n_trials=10, n_running=1, n_pruned=2, n_failed=1, best_value=2.5, best_trial=4,
-                 elapsed=30.0, n_done_here=3)
+    s = Snapshot(
+        n_done=6,
+        n_trials=10,
+        n_running=1,
+        n_pruned=2,
+        n_failed=1,
+        best_value=2.5,
+        best_trial=4,
+        elapsed=30.0,
+        n_done_here=3,
+    )
     assert s.eta == pytest.approx(40.0)  # 4 left at 10 s each
     assert s.line() == "[6/10] running 1, pruned 2, failed 1 | best 2.5 (trial 4) | elapsed 30.0s, ETA 40.0s"
-    first = Snapshot(n_done=0, n_trials=5, n_running=1, n_pruned=0, n_failed=0, best_value=None, best_trial=None,
-                     elapsed=1.0, n_done_here=0)
+    first = Snapshot(
+        n_done=0,
+        n_trials=5,
+        n_running=1,
+        n_pruned=0,
+        n_failed=0,
+        best_value=None,
+        best_trial=None,
+        elapsed=1.0,
+        n_done_here=0,
+    )
     assert first.eta is None
     assert first.line().endswith("| best - | elapsed 1.0s, ETA ?")
 

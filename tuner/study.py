@@ -353,6 +353,7 @@ def launch(
     progress: bool = True,
     verbose: bool = False,
     promote: bool = True,
+    report: bool = True,
 ) -> LaunchSummary:
     """Run the study until it holds ``n_trials`` finished (complete + pruned) trials, log every
     trial to MLflow, and register the best trial's model.
@@ -430,7 +431,15 @@ def launch(
             # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
             input_example=frame[prepared.feature_names].head(5),
         )
+    reference = baselines(prepared.to("cpu"))
     if parent_run_id is not None:
+        from tuner.lineage import write_launch_notes
+        from tuner.report import log_launch_report
+
+        # Lineage and report in one pass after the trials: no per-trial cost.
+        write_launch_notes(study, parent_run_id, spec=spec, tracker=tracker, promotion=promotion)
+        if report:
+            log_launch_report(study, spec, tracker, parent_run_id, prepared=prepared, frame=frame, baselines=reference)
         tags = {"tuner.best_trial": str(best.number)} if best is not None else {}
         tracker.end_run(parent_run_id, "FINISHED", tags)
     return LaunchSummary(
@@ -442,7 +451,7 @@ def launch(
         best_number=best.number if best else None,
         best_params=dict(best.params) if best else {},
         best_metrics={k: v for k, v in best.user_attrs.items() if isinstance(v, float)} if best else {},
-        baselines=baselines(prepared.to("cpu")),
+        baselines=reference,
         promotion=promotion,
         parent_run_id=parent_run_id,
         wall_seconds=time.perf_counter() - started,
@@ -485,5 +494,8 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
             "trial": champion.tags.get("tuner.trial"),
             "value": champion.tags.get("tuner.value"),
         }
+    from tuner.lineage import best_links
+
+    info.update(best_links(study, best, spec=spec, tracker=tracker))
     return info
 
