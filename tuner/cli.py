@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, help="server worker processes (default: MLflow's, 4)")
     return parser
 
 
@@ -245,6 +246,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if uri.startswith("sqlite:///"):
         cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execv(sys.executable, cmd)

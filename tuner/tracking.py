@@ -293,10 +293,17 @@ class Tracker:
                     _tag("space_hash"): space_hash,
                     _tag("weights_sha256"): digest,
                 },
+            )
+            # The description names the version itself, so it is written once the version exists.
+            uri = f"models:/{model_name}/{version.version}"
+            self.client.update_model_version(
+                model_name,
+                version.version,
                 description=(
-                    f"Trial {trial_number} of study {study_name!r} ({metric} = {value:.6g}). Reload with "
-                    f"mlflow.pyfunc.load_model('models:/{model_name}/<version>') or "
-                    f"`tuner predict {model_name}@champion --input FILE.csv`."
+                    f"Trial {trial_number} of study `{study_name}` ({metric} = {value:.6g}, search space "
+                    f"`{space_hash}`). Reload with `mlflow.pyfunc.load_model('{uri}')`, "
+                    f"`tuner predict {model_name}/{version.version} --input FILE.csv`, or serve with "
+                    f"`mlflow models serve -m {uri} --env-manager local`."
                 ),
             )
         alias = "champion" if _better(value, champion, direction) or (
