@@ -125,6 +125,8 @@ def test_every_launch_logs_the_report_on_its_parent_run(launched: Launched) -> N
     [parent] = client.search_runs([experiment.experiment_id], filter_string="tags.`tuner.role` = 'launch'")
     names = sorted(f.path for f in client.list_artifacts(parent.info.run_id, "report"))
     assert names == sorted(["report/report.html"] + [f"report/report.{k}.png" for k in SECTIONS])
+    _, study = _study(launched)
+    assert parent.data.tags["tuner.dashboard_url"] == f"http://127.0.0.1:8080/dashboard/studies/{study._study_id}"
 
 
 def test_notes_tags_and_best_link_trials_runs_and_model(launched: Launched, capsys: Any) -> None:

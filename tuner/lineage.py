@@ -132,7 +132,7 @@ def best_links(
     run_id = best.user_attrs.get("mlflow_run_id")
     if run_id:
         links["mlflow_run_url"] = tracker.run_url(run_id)
-        parent = tracker.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+        parent = tracker.parent_of(run_id)
         if parent:
             links["mlflow_launch_run_url"] = tracker.run_url(parent)
     champion = tracker.champion(spec.model_name)

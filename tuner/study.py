@@ -436,7 +436,7 @@ def launch(
         )
     reference = baselines(prepared.to("cpu"))
     if parent_run_id is not None:
-        from tuner.lineage import write_launch_notes
+        from tuner.lineage import study_url, write_launch_notes
         from tuner.report import log_launch_report
 
         # Lineage and report in one pass after the trials: no per-trial cost.
@@ -444,6 +444,7 @@ def launch(
         if report:
             log_launch_report(study, spec, tracker, parent_run_id, prepared=prepared, frame=frame, baselines=reference)
         tags = {"tuner.best_trial": str(best.number)} if best is not None else {}
+        tags["tuner.dashboard_url"] = study_url(study)
         tracker.end_run(parent_run_id, "FINISHED", tags)
     return LaunchSummary(
         study_name=spec.name,

@@ -212,6 +212,10 @@ class Tracker:
     def model_version_url(self, model_name: str, version: str | int) -> str:
         return f"{ui_base(self.tracking_uri)}/#/models/{model_name}/versions/{version}"
 
+    def parent_of(self, run_id: str) -> str | None:
+        """The launch (parent) run of a trial run, or None."""
+        return self.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+
     def log_report(self, run_id: str, folder: Path) -> None:
         """Log a report folder (HTML + PNGs) under ``report/`` of a run (the launch's parent run)."""
         self.client.log_artifacts(run_id, str(folder), artifact_path=REPORT_DIR)
