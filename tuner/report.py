@@ -94,6 +94,7 @@ def write_report(
         baselines: validation metrics of the reference models (computed when None).
     """
     import matplotlib
+    import optuna
 
     matplotlib.use("Agg")  # files only; never a window
     import matplotlib.pyplot as plt
@@ -109,7 +110,12 @@ def write_report(
     prepared = prepared.to("cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # matplotlib plots are "experimental"; empty-study warnings
+        n_complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         for key, (plotly_fn, mpl_fn) in _optuna_plots().items():
+            if n_complete == 0 and key != "intermediate_values":
+                # Optuna would draw an empty frame; say why instead.
+                files.skipped[key] = "no complete trial yet"
+                continue
             try:
                 figures[key] = plotly_fn(study)
                 axes = mpl_fn(study)
