@@ -4,6 +4,8 @@ of the champion. Screenshots land in test-artifacts/screenshots/."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -21,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.conftest import CARS, ROOT, free_port, need, run_tuner, tuner_env, write_study
+from tests.conftest import CARS, ROOT, free_port, need, tuner_env, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -53,9 +55,12 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Launched:
     folder = tmp_path_factory.mktemp("browse")
     path = write_study(folder, "browse", n_trials=N_TRIALS, body=PRUNER, space=SPACE)
     tracking = f"sqlite:///{folder / 'mlflow.db'}"
-    r = run_tuner("launch", str(path), "--tracking-uri", tracking, cwd=folder)
-    assert r.returncode == 0, r.stderr
-    return Launched(folder, path, tracking, f"sqlite:///{folder / 'browse.db'}", r.stderr)
+    # In this process: the interpreter start-up and imports of a subprocess cost more than the study.
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _main("launch", str(path), "--tracking-uri", tracking)
+    assert code == 0, err.getvalue()
+    return Launched(folder, path, tracking, f"sqlite:///{folder / 'browse.db'}", err.getvalue())
 
 
 def _study(launched: Launched) -> Any:
@@ -66,15 +71,19 @@ def _study(launched: Launched) -> Any:
     return spec, open_study(spec, create=False)
 
 
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """``tuner ARGS`` in this process (no second interpreter start-up): exit code, stdout, stderr."""
+def _main(*args: str) -> int:
     from tuner.cli import main
 
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        code = main(list(args))
+        return main(list(args))
     finally:
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGTERM, handler)  # main() turns SIGTERM into KeyboardInterrupt
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``tuner ARGS`` in this process (no second interpreter start-up): exit code, stdout, stderr."""
+    code = _main(*args)
     out, err = capsys.readouterr()
     return code, out, err
 
