@@ -114,7 +114,7 @@ def test_tty_verbose_prints_trial_lines_above_the_live_line() -> None:
 def test_tty_ticker_redraws_elapsed_between_trials() -> None:
     clock, out = FakeClock(), io.StringIO()
     progress = Progress(10, stream=out, tty=True, refresh=0.01, clock=clock)
-    progress.update(Snapshot(1, 10, 1, 0, 0, 1.0, 0, 2.0, 1))
+    progress.update(Snapshot(1, 10, 1, 0, 0, 1.0, 0, 2.0, 1))  # ETA 18 s: 9 trials at 2 s each
     clock.now += 65
     import time
 
@@ -122,4 +122,10 @@ def test_tty_ticker_redraws_elapsed_between_trials() -> None:
     while "elapsed 1m05s" not in out.getvalue() and time.monotonic() < deadline:
         time.sleep(0.01)
     progress.close()
-    assert "elapsed 1m05s" in out.getvalue()
+    assert "elapsed 1m05s, ETA 0.0s" in out.getvalue()  # counts down from 18 s, never grows
+
+
+def test_eta_counts_down_between_trials() -> None:
+    s = Snapshot(n_done=2, n_trials=4, n_running=1, n_pruned=0, n_failed=0, best_value=1.0, best_trial=0,
+                 elapsed=25.0, n_done_here=2, counted_at=20.0)
+    assert s.eta == pytest.approx(15.0)  # 20 s left when counted, 5 s ago

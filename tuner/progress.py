@@ -45,13 +45,18 @@ class Snapshot:
     best_trial: int | None
     elapsed: float  # seconds since this launch started
     n_done_here: int  # finished by this launch (the pace of the ETA)
+    # Elapsed seconds when the counts were taken; set when the line is only re-timed, so the ETA
+    # counts down between trials instead of growing with a stale count.
+    counted_at: float | None = None
 
     @property
     def eta(self) -> float | None:
         """Seconds left at this launch's pace; None before its first finished trial."""
         if self.n_done_here <= 0:
             return None
-        return max(self.n_trials - self.n_done, 0) * self.elapsed / self.n_done_here
+        counted_at = self.elapsed if self.counted_at is None else self.counted_at
+        left = max(self.n_trials - self.n_done, 0) * counted_at / self.n_done_here
+        return max(left - (self.elapsed - counted_at), 0.0)
 
     def line(self) -> str:
         best = f"best {self.best_value:.4g} (trial {self.best_trial})" if self.best_value is not None else "best -"
@@ -156,7 +161,8 @@ class Progress:
                     continue
                 from dataclasses import replace
 
-                self._draw(replace(self.snapshot, elapsed=self.clock() - self.start).line())
+                counted_at = self.snapshot.elapsed if self.snapshot.counted_at is None else self.snapshot.counted_at
+                self._draw(replace(self.snapshot, elapsed=self.clock() - self.start, counted_at=counted_at).line())
                 self.stream.flush()
 
     def close(self) -> None:
