@@ -82,11 +82,26 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             ),
         )
         if url.startswith("sqlite"):
+            _sqlite_synchronous_normal(storage.engine)
             with storage.engine.connect() as conn:  # WAL persists in the file: readers never block the writer
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         raise StorageError(f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running") from None
     return storage
+
+
+def _sqlite_synchronous_normal(engine: Any) -> None:
+    """``synchronous=NORMAL`` on every connection: in WAL mode a commit then appends to the log
+    without an fsync (the log is synced at checkpoints). The file cannot be corrupted; a power
+    cut may lose the last commits, i.e. a trial that is then re-run. Each trial commits ~30
+    times (ask, params, reports, user attrs, tell): an fsync each cost 2-7 ms on this disk."""
+    from sqlalchemy import event
+
+    def on_connect(dbapi_conn: Any, record: Any) -> None:
+        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
+
+    event.listen(engine, "connect", on_connect)
+    engine.dispose()  # connections opened while the storage was created get the pragma too
 
 
 def _first_line(e: BaseException, hide: str = "") -> str:
@@ -276,10 +291,14 @@ class Objective:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
             trial.set_user_attr("mlflow_run_id", run_id)
         metric = self.spec.metric
+        every = self.spec.report_every
+        prunes = self.spec.pruner.name != "none"
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+            if epoch % every:  # off the shared report grid: no storage round trip
+                return False
             trial.report(metrics[metric], epoch)
-            return trial.should_prune()
+            return prunes and trial.should_prune()
 
         try:
             result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
@@ -302,11 +321,12 @@ class Objective:
             checkpoint = None
             if not pruned:
                 checkpoint = Checkpoint(result.model.config, {k: v.cpu() for k, v in result.model.state_dict().items()})
+            last = len(result.history) - 1
             self.tracker.end_trial(
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
                 params=params,
-                history=result.history,
+                history={e: row for e, row in enumerate(result.history) if e % every == 0 or e == last},
                 metrics=result.metrics,
                 tags=tags,
                 checkpoint=checkpoint,
