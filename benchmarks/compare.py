@@ -37,7 +37,7 @@ CARS = ROOT / "data" / "cars.csv"
 # Sizes per mode. ``epochs``: the search-space override for both arms (None: the study's 20-200).
 MODES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "m1_trials": 2, "m1_seeds": [0, 1], "epochs": (5, 15), "tuner50": False,
+        "m1_trials": 1, "m1_seeds": [0, 1], "epochs": (5, 15), "tuner50": False,
         "m3_rows": 20_000, "m3_steps": 40, "m3_repeats": 1,
         "m4_trials": 4, "m4_seeds": [0, 1],
         "m2_seeds": 2, "m2_datasets": ["parkinsons_telemonitoring"], "m2_cars_seeds": 0,

@@ -182,11 +182,12 @@ def prepare(
         raise DataError(f"target {target!r} has a single value ({y[0]:g}) in every row; there is nothing to learn")
     order = np.random.default_rng(seed).permutation(n)
     train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
-    x_train, x_val = x[train_index], x[val_index]
+    x_train = x[train_index]
     # Fit the standardiser on the training rows only: no leakage from validation. ddof=1
     # matches pandas' DataFrame.std().
     x_mean = x_train.mean(axis=0)
     x_std = x_train.std(axis=0, ddof=1)
+    del x_train  # the float64 copy: the tensors below are standardised block by block
     constant = [name for name, s in zip(feature_names, x_std) if not s > 0]
     if constant:
         warnings.warn(
@@ -211,9 +212,9 @@ def prepare(
         feature_names=list(feature_names),
         target=target,
         task=task,
-        x_train=torch.as_tensor((x_train - x_mean) / x_std, dtype=torch.float32),
+        x_train=_standardised(x, train_index, x_mean, x_std),
         y_train=y_train_t,
-        x_val=torch.as_tensor((x_val - x_mean) / x_std, dtype=torch.float32),
+        x_val=_standardised(x, val_index, x_mean, x_std),
         y_val_raw=y_val_t,
         x_mean_=x_mean,
         x_std_=x_std,
@@ -224,6 +225,17 @@ def prepare(
         classes=classes,
         constant_features=constant,
     )
+
+
+def _standardised(x: np.ndarray, index: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """``(x[index] - mean) / std`` as float32, computed in float64 blocks of rows: the same
+    values as on the whole array, without whole-array float64 temporaries (large CSVs)."""
+    out = np.empty((len(index), x.shape[1]), dtype=np.float32)
+    block = 65_536
+    for start in range(0, len(index), block):
+        rows = index[start : start + block]
+        out[start : start + len(rows)] = (x[rows] - mean) / std
+    return torch.from_numpy(out)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
