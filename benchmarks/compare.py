@@ -45,7 +45,7 @@ MODES: dict[str, dict[str, Any]] = {
     },
     "quick": {
         "m1_trials": 6, "m1_seeds": [0, 1], "epochs": None, "tuner50": True,
-        "m3_rows": 1_000_000, "m3_steps": 300, "m3_repeats": 1,
+        "m3_rows": 1_000_000, "m3_steps": 300, "m3_repeats": 2,
         "m4_trials": 24, "m4_seeds": [0, 1, 2],
         "m2_seeds": 10, "m2_datasets": ["parkinsons_telemonitoring"], "m2_cars_seeds": 0,
         "cli_repeats": 5,

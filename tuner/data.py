@@ -181,13 +181,19 @@ def prepare(
     if task == "regression" and np.ptp(y) == 0:
         raise DataError(f"target {target!r} has a single value ({y[0]:g}) in every row; there is nothing to learn")
     order = np.random.default_rng(seed).permutation(n)
-    train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
-    x_train = x[train_index]
+    is_val = np.zeros(n, dtype=bool)
+    is_val[order[n_train:]] = True
+    # Sorted row numbers, O(n) (the same arrays as sorting the two parts of the permutation).
+    train_index, val_index = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    del is_val
     # Fit the standardiser on the training rows only: no leakage from validation. ddof=1
-    # matches pandas' DataFrame.std().
+    # matches pandas' DataFrame.std(). Done in place on the one float64 copy of the training
+    # rows, with the same operations as numpy's std (x - mean, squared, summed): the same bits,
+    # without whole-array temporaries (large CSVs).
+    x_train = x[train_index]
     x_mean = x_train.mean(axis=0)
-    x_std = x_train.std(axis=0, ddof=1)
-    del x_train  # the float64 copy: the tensors below are standardised block by block
+    x_train -= x_mean
+    x_std = np.sqrt(np.add.reduce(np.multiply(x_train, x_train), axis=0) / (n_train - 1))
     constant = [name for name, s in zip(feature_names, x_std) if not s > 0]
     if constant:
         warnings.warn(
@@ -196,6 +202,14 @@ def prepare(
             stacklevel=2,
         )
     x_std = np.where(x_std > 0, x_std, 1.0)
+    x_train /= x_std
+    x_train_t = torch.from_numpy(x_train.astype(np.float32))
+    del x_train
+    x_val = x[val_index]
+    x_val -= x_mean
+    x_val /= x_std
+    x_val_t = torch.from_numpy(x_val.astype(np.float32))
+    del x_val
     classes = None
     if task == "classification":
         classes_arr, y_idx = np.unique(y, return_inverse=True)
@@ -212,9 +226,9 @@ def prepare(
         feature_names=list(feature_names),
         target=target,
         task=task,
-        x_train=_standardised(x, train_index, x_mean, x_std),
+        x_train=x_train_t,
         y_train=y_train_t,
-        x_val=_standardised(x, val_index, x_mean, x_std),
+        x_val=x_val_t,
         y_val_raw=y_val_t,
         x_mean_=x_mean,
         x_std_=x_std,
@@ -225,17 +239,6 @@ def prepare(
         classes=classes,
         constant_features=constant,
     )
-
-
-def _standardised(x: np.ndarray, index: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """``(x[index] - mean) / std`` as float32, computed in float64 blocks of rows: the same
-    values as on the whole array, without whole-array float64 temporaries (large CSVs)."""
-    out = np.empty((len(index), x.shape[1]), dtype=np.float32)
-    block = 65_536
-    for start in range(0, len(index), block):
-        rows = index[start : start + block]
-        out[start : start + len(rows)] = (x[rows] - mean) / std
-    return torch.from_numpy(out)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

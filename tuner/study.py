@@ -295,12 +295,17 @@ class Objective:
         metric = self.spec.metric
         every = self.spec.report_every
         prunes = self.spec.pruner.name != "none"
+        final_epoch = int(params["epochs"]) - 1
+        reported: list[int] = []  # the epochs in Optuna, and the metric rows MLflow gets
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
-            if epoch % every:  # off the shared report grid: no storage round trip
+            on_grid = epoch % every == 0
+            if not on_grid and epoch != final_epoch:  # off the shared grid: no storage round trip
                 return False
             trial.report(metrics[metric], epoch)
-            return prunes and trial.should_prune()
+            reported.append(epoch)
+            # The last epoch is reported for the curve, not judged: training is over anyway.
+            return on_grid and prunes and trial.should_prune()
 
         try:
             result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
@@ -323,12 +328,11 @@ class Objective:
             checkpoint = None
             if not pruned:
                 checkpoint = Checkpoint(result.model.config, {k: v.cpu() for k, v in result.model.state_dict().items()})
-            last = len(result.history) - 1
             self.tracker.end_trial(
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
                 params=params,
-                history={e: row for e, row in enumerate(result.history) if e % every == 0 or e == last},
+                history={e: result.history[e] for e in reported},
                 metrics=result.metrics,
                 tags=tags,
                 checkpoint=checkpoint,
