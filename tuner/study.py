@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,7 +63,7 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise StorageError(f"storage {shown} is not writable; pass a writable --storage")
         # A busy timeout lets a second worker or the dashboard wait for the lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": 30}
+        engine_kwargs["connect_args"] = {"timeout": 30, "factory": _SynchronousNormal}
     elif url.startswith("postgresql"):
         # Pre-ping: a pooled connection to a restarted server is replaced, not used and failed.
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
@@ -81,7 +82,6 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             ),
         )
         if url.startswith("sqlite"):
-            _sqlite_synchronous_normal(storage.engine)
             with storage.engine.connect() as conn:  # WAL persists in the file: readers never block the writer
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
@@ -91,18 +91,15 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
     return storage
 
 
-def _sqlite_synchronous_normal(engine: Any) -> None:
-    """``synchronous=NORMAL`` on every connection: in WAL mode a commit then appends to the log
-    without an fsync (the log is synced at checkpoints). The file cannot be corrupted; a power
-    cut may lose the last commits, i.e. a trial that is then re-run. Each trial commits ~30
-    times (ask, params, reports, user attrs, tell): an fsync each cost 2-7 ms on this disk."""
-    from sqlalchemy import event
+class _SynchronousNormal(sqlite3.Connection):
+    """SQLite connections with ``synchronous=NORMAL``: in WAL mode a commit then appends to the
+    log without an fsync (the log is synced at checkpoints). The file cannot be corrupted; a power
+    cut may lose the last commits, i.e. a trial that is then re-run. A trial commits ~30 times
+    (ask, params, reports, user attrs, tell): an fsync each cost 2-7 ms on a busy disk."""
 
-    def on_connect(dbapi_conn: Any, record: Any) -> None:
-        dbapi_conn.execute("PRAGMA synchronous=NORMAL")
-
-    event.listen(engine, "connect", on_connect)
-    engine.dispose()  # connections opened while the storage was created get the pragma too
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA synchronous=NORMAL")
 
 
 def _first_line(e: BaseException, hide: str = "") -> str:
@@ -280,6 +277,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
 
+        from tuner import interrupts
         from tuner.model import Checkpoint
         from tuner.space import sample
         from tuner.train import train
@@ -298,6 +296,7 @@ class Objective:
         reported: list[int] = []  # the epochs in Optuna, and the metric rows MLflow gets
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+            interrupts.check()  # a Ctrl-C that landed in a callback and was swallowed ends here
             on_grid = epoch % every == 0
             if not on_grid and epoch != final_epoch:  # off the shared grid: no storage round trip
                 return False
