@@ -192,6 +192,15 @@ class Tracker:
             payload = torch.load(path, weights_only=True, map_location="cpu")
         return Checkpoint.from_payload(payload), digest
 
+    def run_status(self, run_id: str) -> str | None:
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None if there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except MlflowException:
+            return None
+
     def runs_of(self, parent_run_id: str) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
