@@ -265,6 +265,7 @@ class Tracker:
                 model_name,
                 source=info.model_uri,
                 run_id=run_id,
+                model_id=info.model_id,  # a tracking server refuses a models:/m-... source without it
                 tags={
                     _tag("study"): study_name,
                     _tag("trial"): str(trial_number),

@@ -287,9 +287,11 @@ def run_worker(
     index = worker_index if worker_index is not None else _env_index()
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
     lock = StudyLock(url, spec.name)
-    with lock:  # one process creates the schema, the study and the parent run
+    with lock:  # an unreachable database fails fast, before MLflow is touched
+        pass
+    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+    with lock:  # one process creates the schema, the study and the parent run; the others load them
         study = open_study(spec, url, allow_space_change=allow_space_change, sampler_seed=_worker_seed(spec, index))
         parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or _join_parent(study, tracker, spec, url, total)
     if dev.type == "cpu":
@@ -551,8 +553,10 @@ def launch_workers(
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
-    tracker = Tracker(tracking, spec.name)
     lock = StudyLock(url, spec.name)
+    with lock:  # an unreachable database fails fast, before MLflow is touched
+        pass
+    tracker = Tracker(tracking, spec.name)
     with lock:  # before any worker starts: no race to create the schema, study or parent run
         study = open_study(spec, url, allow_space_change=allow_space_change)
         n_before = len(study.trials)
