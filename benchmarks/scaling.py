@@ -83,7 +83,14 @@ def run_one(backend: str, n_workers: int, n_trials: int, epochs: int) -> dict[st
     last = max(t.datetime_complete for t in trials if t.datetime_complete)
     span = (last - first).total_seconds()
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    return {"backend": backend, "workers": n_workers, "trials": done, "seconds": span, "wall": wall, "trials_per_s": done / span}
+    return {
+        "backend": backend,
+        "workers": n_workers,
+        "trials": done,
+        "seconds": span,
+        "wall": wall,
+        "trials_per_s": done / span,
+    }
 
 
 def main() -> None:
@@ -101,7 +108,10 @@ def main() -> None:
             print(f"  {backend:<9} {n} workers: {row['trials_per_s']:.2f} trials/s", file=sys.stderr, flush=True)
     base = {r["backend"]: r["trials_per_s"] for r in rows if r["workers"] == 1}
     print(f"\n{os.cpu_count()} CPUs, {args.n_trials} trials of {args.epochs} epochs per run\n")
-    print("| storage | workers | trials/s | speed-up vs 1 worker | parallel efficiency | span (s) | wall incl. start-up (s) |")
+    print(
+        "| storage | workers | trials/s | speed-up vs 1 worker | parallel efficiency | span (s) "
+        "| wall incl. start-up (s) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         b = base.get(r["backend"])

@@ -28,7 +28,9 @@ RESTART = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main"
 def pg_admin(sql: str) -> None:
     import psycopg
 
-    with psycopg.connect(f"host={PG_HOST} port={PG_PORT} user=postgres dbname=postgres", autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(
+        f"host={PG_HOST} port={PG_PORT} user=postgres dbname=postgres", autocommit=True, connect_timeout=10
+    ) as conn:
         conn.execute(sql)
 
 
@@ -200,11 +202,39 @@ def test_cli_worker_unreachable_postgres_exit_2(tmp_path: Path) -> None:
     port = free_port()
     env = tuner_env(TUNER_STORAGE=f"postgresql+psycopg://tuner:s3cret-pw@127.0.0.1:{port}/optuna")
     started = time.monotonic()
-    r = run_tuner("launch", str(study), "--workers", "2", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path, env=env)
+    r = run_tuner(
+        "launch",
+        str(study),
+        "--workers",
+        "2",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'm.db'}",
+        cwd=tmp_path,
+        env=env,
+    )
     assert time.monotonic() - started < 30  # includes the interpreter start-up
     assert r.returncode == 2, r.stderr
     assert f"127.0.0.1:{port}" in r.stderr and "s3cret-pw" not in r.stderr + r.stdout
     assert r.stderr.count("\n") == 1
+
+
+def test_pooled_connections_killed_by_the_server_are_replaced(tmp_path: Path, pg_url: str) -> None:
+    """pool_pre_ping: a pooled connection the server dropped (as a restart does) is replaced on
+    checkout instead of failing the next storage call."""
+    import optuna
+
+    from tuner.study import open_storage
+
+    storage = open_storage(pg_url)
+    study = optuna.create_study(storage=storage, study_name="ping")
+    study.enqueue_trial({"x": 1.0})
+    db = pg_url.rsplit("/", 1)[1]
+    pg_admin(
+        f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}' AND pid <> pg_backend_pid()"
+    )
+    study.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)  # would raise without pre-ping
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
+    storage.engine.dispose()
 
 
 # -- processes: SQLite on one host, PostgreSQL, restarts ---------------------------------------
@@ -212,7 +242,10 @@ def test_cli_worker_unreachable_postgres_exit_2(tmp_path: Path) -> None:
 
 def _start_workers(n: int, study: Path, cwd: Path, env: dict[str, str], *extra: str) -> list[subprocess.Popen]:
     cmd = [sys.executable, "-m", "tuner", "worker", str(study), "--no-progress", *extra]
-    return [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(n)]
+    return [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(n)
+    ]
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float = 300) -> list[str]:
@@ -284,8 +317,23 @@ def test_workers_survive_a_postgres_restart(tmp_path: Path, pg_url: str) -> None
     )
     study = write_study(tmp_path, "restart", n_trials=n_trials, space=space, body='[pruner]\nname = "none"\n')
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "tuner", "launch", str(study), "--workers", "2", "--storage", pg_url, "--tracking-uri", tracking, "-v"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "tuner",
+        "launch",
+        str(study),
+        "--workers",
+        "2",
+        "--storage",
+        pg_url,
+        "--tracking-uri",
+        tracking,
+        "-v",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         storage = optuna.storages.RDBStorage(pg_url)
         deadline = time.monotonic() + 240

@@ -204,7 +204,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def _print_promotion(p: Any) -> None:
     state = "registered" if p.new_version else "already registered"
-    print(f"model {state}: {p.model_uri} (trial {p.trial_number}) -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
+    alias_uri = f"models:/{p.model_name}@{p.alias}"
+    print(f"model {state}: {p.model_uri} (trial {p.trial_number}) -> alias {p.alias} ({alias_uri})")
 
 
 def _fmt(v: Any) -> str:

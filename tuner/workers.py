@@ -120,7 +120,9 @@ class StudyLock:
         try:
             self._file = open(self.path, "a")
         except OSError as e:
-            raise StorageError(f"cannot create the study lock {str(self.path)!r}: {e.strerror}; pass a writable --storage") from None
+            raise StorageError(
+                f"cannot create the study lock {str(self.path)!r}: {e.strerror}; pass a writable --storage"
+            ) from None
         fcntl.flock(self._file, fcntl.LOCK_EX)
 
     def _lock_postgres(self) -> None:
@@ -165,7 +167,9 @@ class BudgetedStudy(optuna.Study):
     may still fail and free its slot (a killed worker's trial is failed here through the heartbeat).
     """
 
-    def __init__(self, study: optuna.Study, n_trials: int, lock: StudyLock, *, deadline: float | None = None, poll: float = 0.5) -> None:
+    def __init__(
+        self, study: optuna.Study, n_trials: int, lock: StudyLock, *, deadline: float | None = None, poll: float = 0.5
+    ) -> None:
         super().__init__(study.study_name, study._storage, study.sampler, study.pruner)
         self.n_trials, self.lock, self.deadline, self.poll = n_trials, lock, deadline, poll
         self.current_trial_id: int | None = None  # the trial in flight (made FAIL if the storage drops)
@@ -344,7 +348,10 @@ def _recover(study: Any, url: str, error: BaseException) -> None:
 
     from tuner.study import _first_line
 
-    print(f"warning: study storage {redact_url(url)} failed ({_first_line(error, hide=url)}); reconnecting", file=sys.stderr)
+    print(
+        f"warning: study storage {redact_url(url)} failed ({_first_line(error, hide=url)}); reconnecting",
+        file=sys.stderr,
+    )
     give_up = time.monotonic() + STORAGE_RETRY_SECONDS
     while True:
         try:
@@ -388,7 +395,9 @@ def _finish_if_done(
         return promotion
 
 
-def _promote(spec: StudySpec, study: optuna.Study, tracker: Tracker, frame: pd.DataFrame, feature_names: Sequence[str]) -> Promotion | None:
+def _promote(
+    spec: StudySpec, study: optuna.Study, tracker: Tracker, frame: pd.DataFrame, feature_names: Sequence[str]
+) -> Promotion | None:
     from tuner.study import _best_trial
 
     best = _best_trial(study)
@@ -562,7 +571,10 @@ def launch_workers(
         n_before = len(study.trials)
         parent = None
         if finished_count(study) < total:
-            parent = tracker.start_parent(spec.name, {"tuner.storage": redact_url(url), "tuner.space_hash": spec.space_hash(), "tuner.workers": str(n)})
+            parent = tracker.start_parent(
+                spec.name,
+                {"tuner.storage": redact_url(url), "tuner.space_hash": spec.space_hash(), "tuner.workers": str(n)},
+            )
             study.set_user_attr(PARENT_ATTR, parent)
     lock.close()
 
@@ -571,7 +583,17 @@ def launch_workers(
     log_dir = Path(tempfile.mkdtemp(prefix=f"tuner-{spec.name}-workers-"))
     if parent is not None:
         for i in range(n):
-            cmd = [sys.executable, "-m", "tuner", "worker", str(spec.source), "--n-trials", str(total), "--no-promote", "--no-progress"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tuner",
+                "worker",
+                str(spec.source),
+                "--n-trials",
+                str(total),
+                "--no-promote",
+                "--no-progress",
+            ]
             cmd += ["--device", worker_device]
             log = log_dir / f"worker-{i}.log"
             logs.append(log)
@@ -607,7 +629,10 @@ def launch_workers(
         if n_finished < total:
             if parent is not None:
                 tracker.end_run(parent, "FAILED")
-            raise TunerError(f"{len(failed)} of {n} workers failed and the study has {n_finished}/{total} finished trials: {detail} (logs in {log_dir})")
+            raise TunerError(
+                f"{len(failed)} of {n} workers failed and the study has {n_finished}/{total} finished trials: "
+                f"{detail} (logs in {log_dir})"
+            )
         print(f"warning: {len(failed)} of {n} workers failed: {detail} (logs in {log_dir})", file=sys.stderr)
     else:
         for log in logs:
