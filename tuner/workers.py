@@ -233,6 +233,19 @@ def _storage_errors() -> tuple[type[BaseException], ...]:
     return (optuna.exceptions.StorageInternalError, sqlalchemy.exc.DBAPIError)
 
 
+def _caused_by_storage(error: BaseException) -> bool:
+    """Whether a storage error is in the chain: Optuna may raise another error while handling one
+    (5.0's ``_run_trial`` ends in UnboundLocalError when the tell and its fallback read both fail)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, _storage_errors()):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _join_parent(study: optuna.Study, tracker: Tracker, spec: StudySpec, url: str, total: int) -> str | None:
     """The launch's parent run if it is still running, else a new one (call under the study lock)."""
     from tuner.study import finished_count
@@ -321,8 +334,10 @@ def run_worker(
                 worker_study.optimize(tagged, callbacks=[bar] if bar else None, gc_after_trial=False)
             except BudgetSpent:
                 break
-            except _storage_errors() as e:  # e.g. a PostgreSQL restart: reconnect and go on
-                _recover(worker_study, url, e)
+            except Exception as e:
+                if not _caused_by_storage(e):
+                    raise
+                _recover(worker_study, url, e)  # e.g. a PostgreSQL restart: reconnect and go on
     finally:
         if bar:
             bar.close()
@@ -611,7 +626,8 @@ def launch_workers(
         try:
             while any(p.poll() is None for p in procs):
                 if bar:
-                    bar.update(study, sum(p.poll() is None for p in procs))
+                    with contextlib.suppress(*_storage_errors()):  # a database restart: workers reconnect
+                        bar.update(study, sum(p.poll() is None for p in procs))
                 time.sleep(0.5)
             if bar:
                 bar.update(study, 0)
