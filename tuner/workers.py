@@ -117,6 +117,11 @@ class StudyLock:
         import fcntl
 
         assert self.path is not None
+        if not self.path.parent.is_dir():
+            raise StorageError(
+                f"storage folder {str(self.path.parent)!r} does not exist (from {self.shown}); "
+                "create it or pass --storage"
+            )
         try:
             self._file = open(self.path, "a")
         except OSError as e:
@@ -302,6 +307,7 @@ def run_worker(
     except ValueError as e:
         raise TunerError(str(e)) from None
     index = worker_index if worker_index is not None else _env_index()
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
     lock = StudyLock(url, spec.name)
@@ -314,7 +320,6 @@ def run_worker(
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
     prepared = prepared.to(dev)
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     worker_study = BudgetedStudy(study, total, lock, deadline=deadline)
     objective = Objective(spec, prepared, tracker, parent, dev)
