@@ -307,7 +307,7 @@ def run_worker(
     except ValueError as e:
         raise TunerError(str(e)) from None
     index = worker_index if worker_index is not None else _env_index()
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
     lock = StudyLock(url, spec.name)
@@ -579,7 +579,7 @@ def launch_workers(
             raise TunerError(str(e)) from None
     url = storage or spec.storage_url
     tracking = tracking_uri or spec.tracking
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
     lock = StudyLock(url, spec.name)
