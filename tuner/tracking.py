@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from tuner.model import Checkpoint
 
-__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "WEIGHTS_FILE"]
+__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "import_mlflow", "WEIGHTS_FILE"]
 
 WEIGHTS_FILE = "weights.pt"
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
@@ -45,6 +45,11 @@ def _quiet() -> None:
     """MLflow configures its loggers on import: lower them afterwards (store creation chatter)."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def import_mlflow() -> None:
+    """Import mlflow now (1-2 s), e.g. before taking a lock that ``Tracker()`` is then created under."""
+    import mlflow  # noqa: F401
 
 
 def _tag(name: str) -> str:

@@ -294,7 +294,7 @@ def run_worker(
     import torch
 
     from tuner.study import Objective, Progress, _check_batch_sizes, finished_count, load_data, open_study
-    from tuner.tracking import Tracker
+    from tuner.tracking import Tracker, import_mlflow
     from tuner.train import resolve_device
 
     started = time.perf_counter()
@@ -313,8 +313,9 @@ def run_worker(
     lock = StudyLock(url, spec.name)
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
-    with lock:  # one process creates the schema, the study and the parent run; the others load them
+    import_mlflow()  # outside the lock: seconds of imports that workers need not queue for
+    with lock:  # one process creates the schemas (Optuna's, a SQLite MLflow store's), study and parent run
+        tracker = Tracker(tracking_uri or spec.tracking, spec.name)
         study = open_study(spec, url, allow_space_change=allow_space_change, sampler_seed=_worker_seed(spec, index))
         parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or _join_parent(study, tracker, spec, url, total)
     if dev.type == "cpu":
