@@ -39,6 +39,7 @@ from tuner.errors import StorageError, TunerError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from tuner.data import Prepared
     from tuner.study import LaunchSummary
     from tuner.tracking import Promotion, Tracker
 
@@ -276,6 +277,7 @@ def run_worker(
     parent_run_id: str | None = None,
     allow_space_change: bool = False,
     promote: bool = True,
+    report: bool = True,
     progress: bool = False,
     verbose: bool = False,
 ) -> WorkerSummary:
@@ -293,7 +295,8 @@ def run_worker(
     """
     import torch
 
-    from tuner.study import Objective, Progress, _check_batch_sizes, finished_count, load_data, open_study
+    from tuner.progress import Progress
+    from tuner.study import Objective, _check_batch_sizes, finished_count, load_data, open_study
     from tuner.tracking import Tracker, import_mlflow
     from tuner.train import resolve_device
 
@@ -333,7 +336,7 @@ def run_worker(
         trial.set_user_attr("worker", name)
         return objective(trial)
 
-    bar = Progress(total, verbose=verbose) if progress else None
+    bar = Progress(total, n_done_before=finished_count(study), verbose=verbose) if progress else None
     try:
         while True:
             try:
@@ -349,7 +352,7 @@ def run_worker(
             bar.close()
     promotion = None
     if promote:
-        promotion = _finish_if_done(spec, worker_study, tracker, lock, frame, prepared.feature_names, total)
+        promotion = _finish_if_done(spec, worker_study, tracker, lock, prepared, frame, total, report)
     lock.close()
     return WorkerSummary(
         study_name=spec.name,
@@ -395,9 +398,10 @@ def _finish_if_done(
     study: optuna.Study,
     tracker: Tracker,
     lock: StudyLock,
+    prepared: Prepared,
     frame: pd.DataFrame,
-    feature_names: Sequence[str],
     total: int,
+    report: bool,
 ) -> Promotion | None:
     """Promote the best trial and end the parent run, once, when the study is finished."""
     from tuner.study import _best_trial, finished_count
@@ -409,11 +413,39 @@ def _finish_if_done(
         attrs = study.user_attrs
         if attrs.get(PROMOTED_ATTR) == best.number:
             return None  # another worker did it
-        promotion = _promote(spec, study, tracker, frame, feature_names)
+        promotion = _promote(spec, study, tracker, frame, prepared.feature_names)
         parent = attrs.get(PARENT_ATTR)
         if parent and tracker.run_status(parent) == "RUNNING":
-            tracker.end_run(parent, "FINISHED", {"tuner.best_trial": str(best.number)})
+            _end_parent(spec, study, tracker, parent, promotion, prepared=prepared, frame=frame, report=report)
         return promotion
+
+
+def _end_parent(
+    spec: StudySpec,
+    study: optuna.Study,
+    tracker: Tracker,
+    parent: str,
+    promotion: Promotion | None,
+    *,
+    prepared: Prepared,
+    frame: pd.DataFrame,
+    report: bool,
+) -> None:
+    """Lineage notes, the study report and the end of the parent run, as a one-process launch does."""
+    from tuner.baselines import baselines
+    from tuner.lineage import study_url, write_launch_notes
+    from tuner.report import log_launch_report
+    from tuner.study import _best_trial
+
+    write_launch_notes(study, parent, spec=spec, tracker=tracker, promotion=promotion)
+    if report:
+        log_launch_report(
+            study, spec, tracker, parent, prepared=prepared, frame=frame, baselines=baselines(prepared.to("cpu"))
+        )
+    best = _best_trial(study)
+    tags = {"tuner.best_trial": str(best.number)} if best is not None else {}
+    tags["tuner.dashboard_url"] = study_url(study)
+    tracker.end_run(parent, "FINISHED", tags)
 
 
 def _promote(
@@ -546,6 +578,7 @@ def launch_workers(
     device: str | None = None,
     progress: bool = True,
     verbose: bool = False,
+    report: bool = True,
     stream: TextIO = sys.stderr,
 ) -> LaunchSummary:
     """``tuner launch --workers N``: create the study and parent run once, run N ``tuner worker``
@@ -671,7 +704,7 @@ def launch_workers(
         finally:
             lock.close()
     if parent is not None:
-        tracker.end_run(parent, "FINISHED", {"tuner.best_trial": str(best.number)} if best is not None else {})
+        _end_parent(spec, study, tracker, parent, promotion, prepared=prepared, frame=frame, report=report)
     trials = study.get_trials(deepcopy=False)
     return LaunchSummary(
         study_name=spec.name,
