@@ -18,7 +18,11 @@ __all__ = ["main"]
 
 def _add_study_args(p: argparse.ArgumentParser, *, tracking: bool = True) -> None:
     p.add_argument("study", help="study file, e.g. studies/cars_mlp.toml")
-    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file next to the study file)")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("TUNER_STORAGE"),
+        help="Optuna storage URL (default: $TUNER_STORAGE, else a SQLite file next to the study file)",
+    )
     if tracking:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
 
@@ -36,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--no-report", action="store_true", help="do not log the study report on the launch's MLflow run")
+    p.add_argument("--workers", type=int, help="run N worker processes on the study (one progress line)")
+    p.add_argument("--gpus", help="comma-separated GPU indices: one worker per GPU via CUDA_VISIBLE_DEVICES")
+
+    p = sub.add_parser("worker", help="run one worker on a shared study until it has n_trials finished trials")
+    _add_study_args(p)
+    p.add_argument("--n-trials", type=int, help="the study's total finished trials (overrides the study file)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
+    p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
+    p.add_argument("--no-promote", action="store_true", help="leave promotion to the launch (or `tuner promote`)")
+    p.add_argument("--no-report", action="store_true", help="do not log the study report on the parent run")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+
+    p = sub.add_parser("promote", help="register the study's best trial and move the champion alias if it is better")
+    _add_study_args(p)
 
     p = sub.add_parser("best", help="best trial, its MLflow run and the champion model")
     _add_study_args(p)
@@ -110,6 +129,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from tuner.study import launch
 
     spec = _spec(args)
+    if args.workers is not None or args.gpus:
+        from tuner.workers import launch_workers, parse_gpus
+
+        s = launch_workers(
+            spec,
+            n_workers=args.workers,
+            gpus=parse_gpus(args.gpus),
+            n_trials=args.n_trials,
+            storage=args.storage,
+            tracking_uri=_tracking_uri(args, spec),
+            allow_space_change=args.allow_space_change,
+            device=args.device,
+            progress=not args.no_progress,
+            verbose=args.verbose,
+            report=not args.no_report,
+        )
+        return _print_launch(s)
     s = launch(
         spec,
         n_trials=args.n_trials,
@@ -121,6 +157,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         report=not args.no_report,
     )
+    return _print_launch(s)
+
+
+def _print_launch(s: Any) -> int:
     print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
     if s.best_number is None:
         print("no complete trial: nothing to register")
@@ -136,6 +176,42 @@ def cmd_launch(args: argparse.Namespace) -> int:
         state = "registered" if p.new_version else "already registered"
         print(f"model {state}: {p.model_uri} -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tuner.workers import run_worker
+
+    spec = _spec(args)
+    s = run_worker(
+        spec,
+        n_trials=args.n_trials,
+        storage=args.storage,
+        tracking_uri=_tracking_uri(args, spec),
+        device=args.device,
+        allow_space_change=args.allow_space_change,
+        promote=not args.no_promote,
+        report=not args.no_report,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+    )
+    print(f"worker: ran {s.n_run} trials; study {s.study_name}: {s.n_finished}/{s.n_trials} finished in {s.storage}")
+    if s.promotion is not None:
+        _print_promotion(s.promotion)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tuner.workers import promote_study
+
+    spec = _spec(args)
+    _print_promotion(promote_study(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec)))
+    return 0
+
+
+def _print_promotion(p: Any) -> None:
+    state = "registered" if p.new_version else "already registered"
+    alias_uri = f"models:/{p.model_name}@{p.alias}"
+    print(f"model {state}: {p.model_uri} (trial {p.trial_number}) -> alias {p.alias} ({alias_uri})")
 
 
 def _fmt(v: Any) -> str:
@@ -251,6 +327,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "launch": cmd_launch,
+    "worker": cmd_worker,
+    "promote": cmd_promote,
     "best": cmd_best,
     "report": cmd_report,
     "predict": cmd_predict,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -195,7 +196,8 @@ class StudySpec(_Strict):
 
     @property
     def tracking(self) -> str:
-        return self.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        # The environment as MLflow reads it: containers and remote workers point at a server.
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
     def space_dict(self) -> dict[str, Any]:
         """The search space as plain JSON-able data (what the space hash is taken over)."""

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from tuner.model import Checkpoint
 
-__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "ui_base", "WEIGHTS_FILE", "REPORT_DIR"]
+__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "import_mlflow", "ui_base", "WEIGHTS_FILE", "REPORT_DIR"]
 
 WEIGHTS_FILE = "weights.pt"
 REPORT_DIR = "report"  # artifact folder of the launch (parent) run that holds the study report
@@ -46,6 +46,11 @@ def _quiet() -> None:
     """MLflow configures its loggers on import: lower them afterwards (store creation chatter)."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def import_mlflow() -> None:
+    """Import mlflow now (1-2 s), e.g. before taking a lock that ``Tracker()`` is then created under."""
+    import mlflow  # noqa: F401
 
 
 def _tag(name: str) -> str:
@@ -205,6 +210,15 @@ class Tracker:
             payload = torch.load(path, weights_only=True, map_location="cpu")
         return Checkpoint.from_payload(payload), digest
 
+    def run_status(self, run_id: str) -> str | None:
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None if there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except MlflowException:
+            return None
+
     # -- links and reports ----------------------------------------------------------------
 
     def experiment_url(self) -> str:
@@ -293,6 +307,7 @@ class Tracker:
                 model_name,
                 source=info.model_uri,
                 run_id=run_id,
+                model_id=info.model_id,  # a tracking server refuses a models:/m-... source without it
                 tags={
                     _tag("study"): study_name,
                     _tag("trial"): str(trial_number),
