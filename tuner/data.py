@@ -111,7 +111,8 @@ def select_columns(
                 "drop or fill those rows"
             )
         if labels.nunique() < 2:
-            raise DataError(f"{source}: target {target!r} has one class {labels.iloc[0]!r}; there is nothing to classify")
+            only = labels.iloc[0].item() if isinstance(labels.iloc[0], np.generic) else labels.iloc[0]
+            raise DataError(f"{source}: target {target!r} has one class {only!r}; there is nothing to classify")
     numeric = [*features, target] if task == "regression" else list(features)
     values = frame[numeric].to_numpy(dtype=np.float64)
     bad_rows = ~np.isfinite(values)

@@ -13,8 +13,9 @@ fold and reporting a running mean would report each step more than once, which O
 or report per fold, which leaves epoch-based pruner settings meaningless.)
 
 Each fold's ``train()`` runs in its own thread, but a baton lets exactly one of them (or the
-coordinating caller) run at a time, always in the same order: the result is as deterministic as
-training the folds one after another, and Optuna is only ever called from the caller's thread.
+coordinating caller) run at a time, always in the same order, and each fold takes its own global
+RNG state (dropout) with it across the hand-overs: every fold computes exactly what ``train()``
+on that fold alone computes, bit for bit, and Optuna is only ever called from the caller's thread.
 """
 
 from __future__ import annotations
@@ -204,9 +205,9 @@ class CVResult:
 class _Fold(threading.Thread):
     """One fold's ``train()``, running only while it holds the baton."""
 
-    def __init__(self, index: int, run: Any, back: threading.Semaphore) -> None:
+    def __init__(self, index: int, run: Any, back: threading.Semaphore, device: torch.device) -> None:
         super().__init__(name=f"tuner-fold-{index}", daemon=True)
-        self.run_fold, self.back = run, back
+        self.run_fold, self.back, self.device = run, back, device
         self.turn = threading.Semaphore(0)
         self.pending: tuple[int, dict[str, float]] | None = None
         self.result: Any = None
@@ -216,8 +217,10 @@ class _Fold(threading.Thread):
 
     def hook(self, epoch: int, metrics: dict[str, float]) -> bool:
         self.pending = (epoch, dict(metrics))
+        rng = _rng_state(self.device)  # this fold's dropout stream, which the other folds move on
         self.back.release()  # baton to the coordinator
         self.turn.acquire()  # wait for the next turn
+        _set_rng_state(self.device, rng)
         return self.stop
 
     def run(self) -> None:
@@ -244,22 +247,51 @@ def cross_validate(
     ``on_epoch_end(epoch, mean_metrics)`` sees the mean over folds; returning True stops every
     fold. A fold whose loss diverges stops them all (``diverged=True``).
     """
-    from tuner.train import train
+    import torch
 
+    from tuner.train import resolve_device, train
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
     seeds = fold_seeds(seed, len(folds))
     back = threading.Semaphore(0)
     workers: list[_Fold] = []
     for i, data in enumerate(folds):
         def run_fold(hook: EpochHook, data: Prepared = data, s: int = seeds[i]) -> Any:
-            return train(params, data, device=device, seed=s, on_epoch_end=hook)
+            return train(params, data, device=dev, seed=s, on_epoch_end=hook)
 
-        workers.append(_Fold(i, run_fold, back))
+        workers.append(_Fold(i, run_fold, back, dev))
     start = time.perf_counter()
+    for w in workers:
+        w.start()
+    # The folds' hand-overs set the global RNG state: leave the caller's as it was.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        history, stop_reason = _lockstep(workers, back, on_epoch_end)
+    for w in workers:
+        if w.error is not None:
+            raise w.error
+    results = [w.result for w in workers]
+    diverged = next((r for r in results if r.diverged), None)
+    if diverged is not None:
+        stop_reason = diverged.stop_reason
+    return CVResult(
+        history=history,
+        metrics=dict(history[-1]) if history else {},
+        fold_metrics=[dict(r.metrics) for r in results],
+        seeds=seeds,
+        stop_reason=stop_reason,
+        diverged=diverged is not None,
+        n_steps=sum(r.n_steps for r in results),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _lockstep(
+    workers: list[_Fold], back: threading.Semaphore, on_epoch_end: EpochHook | None
+) -> tuple[list[dict[str, float]], str | None]:
+    """Hand the baton round the folds, one epoch per round; report each round's mean."""
     history: list[dict[str, float]] = []
     stop_reason: str | None = None
     stopping = False
-    for w in workers:
-        w.start()
     try:
         while not all(w.done for w in workers):
             rows: list[tuple[int, dict[str, float]]] = []
@@ -282,27 +314,11 @@ def cross_validate(
                 stopping = True
                 stop_reason = f"stopped by the epoch hook after epoch {epoch}"
     finally:
-        if not all(w.done for w in workers):  # interrupted: let every fold stop at its next epoch end
+        if not all(w.done for w in workers):  # interrupted: every fold stops at its next epoch end
             for w in workers:
                 w.stop = True
                 w.turn.release()
-    for w in workers:
-        if w.error is not None:
-            raise w.error
-    results = [w.result for w in workers]
-    diverged = next((r for r in results if r.diverged), None)
-    if diverged is not None:
-        stop_reason = diverged.stop_reason
-    return CVResult(
-        history=history,
-        metrics=dict(history[-1]) if history else {},
-        fold_metrics=[dict(r.metrics) for r in results],
-        seeds=seeds,
-        stop_reason=stop_reason,
-        diverged=diverged is not None,
-        n_steps=sum(r.n_steps for r in results),
-        seconds=time.perf_counter() - start,
-    )
+    return history, stop_reason
 
 
 def refit(params: Mapping[str, Any], data: CVData, *, device: torch.device | str = "cpu", seed: int = 0) -> Any:
@@ -314,3 +330,17 @@ def refit(params: Mapping[str, Any], data: CVData, *, device: torch.device | str
     if data.all_rows is None:
         raise ValueError("refit needs cross-validation data (all_rows)")
     return train(params, data.all_rows, device=device, seed=seed)
+
+
+def _rng_state(device: torch.device) -> tuple[Any, Any]:
+    import torch
+
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Any, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
