@@ -53,8 +53,8 @@ def test_text_labels_round_trip_through_launch_and_predict(
     study = write_study(tmp_path, "gearbox", data=data, target="gearbox", n_trials=2,
                         body="[validation]\nfolds = 3\n", space=SPACE)
     out = tuner(capsys, "launch", str(study), "--tracking-uri", tracking, "--no-progress")
-    inferred = "task inferred as classification: target 'gearbox' is not numeric (set task in the study file to override)"
-    assert inferred in out
+    assert "task inferred as classification: target 'gearbox' is not numeric (set task in the study file to override)" \
+        in out
     assert "validation: 3-fold cross-validation, stratified (seed 0; set in the study file)" in out
     assert "majority" in out and "logistic_regression" in out
     assert "beats the best baseline" in out or "WARNING: the tuned model" in out
@@ -131,3 +131,15 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
     info = best_info(spec, storage=storage, tracking_uri=tracking)
     assert info["validation"] == sa.validation and "least_squares" in info["baselines"]
     assert info["verdict"] == sa.verdict
+
+
+@pytest.mark.slow
+def test_holdout_trials_replay_exactly_and_keep_their_own_weights(tmp_path: Path, tracking: str) -> None:
+    study = write_study(tmp_path, "holdout", n_trials=2, body="[validation]\nfraction = 0.25\n", space=SPACE)
+    spec = load_spec(study)
+    storage = f"sqlite:///{tmp_path / 'holdout'}.db"
+    summary = launch(spec, storage=storage, tracking_uri=tracking, progress=False)
+    assert summary.validation == "one split, 25% of rows held out (seed 0; set in the study file)"
+    assert "least_squares" in summary.baselines and summary.verdict.startswith("the tuned model (rmse ")
+    r = replay(spec, 0, storage=storage)
+    assert r.identical and r.fold_metrics == []

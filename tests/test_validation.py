@@ -58,7 +58,7 @@ def test_stratified_folds_keep_the_class_ratio(cars: pd.DataFrame) -> None:
 
 
 def test_too_many_folds_for_the_rows_is_refused() -> None:
-    with pytest.raises(DataError, match=r"5-fold cross-validation needs at least 5 rows .* has 4: lower validation.folds"):
+    with pytest.raises(DataError, match=r"5-fold cross-validation needs at least 5 rows .* has 4: lower validation"):
         kfold_indices(np.arange(4.0), 5)
 
 
