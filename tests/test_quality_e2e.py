@@ -63,15 +63,15 @@ def test_text_labels_round_trip_through_launch_and_predict(
     cars.head(6).to_csv(rows, index=False)  # whole-number columns read as int64 here: predict must cope
     labels = tuner(capsys, "predict", "gearbox@champion", "--input", str(rows), "--tracking-uri", tracking)
     predicted = pd.read_csv(io.StringIO(labels))
-    assert list(predicted.columns) == ["gearbox"] and len(predicted) == 6
-    assert set(predicted["gearbox"]) <= {"automatic", "manual"}
+    assert list(predicted.columns) == ["prediction"] and len(predicted) == 6
+    assert set(predicted["prediction"]) <= {"automatic", "manual"}
 
     proba = tuner(capsys, "predict", "gearbox@champion", "--input", str(rows), "--tracking-uri", tracking, "--proba")
     p = pd.read_csv(io.StringIO(proba))
     assert list(p.columns) == ["automatic", "manual"]
     np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
     # the labels are the most probable class
-    assert (np.where(p["manual"] > p["automatic"], "manual", "automatic") == predicted["gearbox"]).all()
+    assert (np.where(p["manual"] > p["automatic"], "manual", "automatic") == predicted["prediction"]).all()
 
 
 def _trials(storage: str, spec_path: Path) -> list[tuple]:

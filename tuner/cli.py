@@ -200,8 +200,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.proba and getattr(preds, "ndim", 1) == 1:
         raise ModelError(f"model {args.model!r} is a regression model: --proba needs a classifier")
-    target = (model.metadata.metadata or {}).get("target") or "prediction"
-    out = pd.DataFrame({f"{target}": preds} if getattr(preds, "ndim", 1) == 1 else preds)
+    out = pd.DataFrame({"prediction": preds}) if getattr(preds, "ndim", 1) == 1 else pd.DataFrame(preds)
     if args.output:
         out.to_csv(args.output, index=False)
         print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from tuner.data import Prepared
-    from tuner.tracking import Promotion, Tracker
+    from tuner.tracking import Promotion, RunStatus, Tracker
     from tuner.validation import CVData
 
 __all__ = [
@@ -86,7 +86,9 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             with storage.engine.connect() as conn:  # WAL persists in the file: readers never block the writer
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        raise StorageError(f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running") from None
+        raise StorageError(
+            f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running"
+        ) from None
     return storage
 
 
@@ -293,7 +295,7 @@ class Objective:
                 result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
             # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             if self.tracker is not None and run_id is not None:
                 self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
             raise
@@ -433,6 +435,9 @@ def launch(
     except ValueError as e:
         raise TunerError(str(e)) from None
     # Everything that can be wrong is checked before the study or a run is written.
+    # Trial results reach the user through the progress line and summary; Optuna's own failure
+    # log would print a traceback for every Ctrl-C.
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     prepared, frame = load_data(spec)
     cv = load_folds(spec, frame)
     _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
@@ -443,7 +448,6 @@ def launch(
     prepared = prepared.to(dev)  # once per launch, not per trial
     if cv.folds:
         cv = replace(cv, folds=[f.to(dev) for f in cv.folds])
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     reference = cv_baselines([f.to("cpu") for f in cv.folds]) if cv.folds else baselines(prepared.to("cpu"))
     for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task}.items():
         if study.user_attrs.get(key) != value:
@@ -487,7 +491,7 @@ def launch(
             study_name=spec.name,
             trial_number=best.number,
             metric=spec.metric,
-            value=float(best.value),
+            value=float(best.value),  # type: ignore[arg-type]
             direction=spec.study_direction,
             space_hash=spec.space_hash(),
             # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.

@@ -280,7 +280,7 @@ class Tracker:
                     f"`tuner predict {model_name}@champion --input FILE.csv`."
                 ),
             )
-        alias = "champion" if _better(value, champion, direction) or (
+        alias: Literal["champion", "challenger"] = "champion" if _better(value, champion, direction) or (
             champion is not None and champion.version == version.version
         ) else "challenger"
         self.client.set_registered_model_alias(model_name, alias, version.version)
