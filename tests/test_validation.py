@@ -129,8 +129,11 @@ def test_tuned_mlp_cv_rmse_beats_least_squares_on_wt(cars: pd.DataFrame) -> None
     on the same 5 folds."""
     x, y, names = select_columns(cars, "mpg", None)
     folds = _folds(x, y, names, "mpg", seed=0)
-    tuned = dict(lr=0.05347, epochs=30, batch_size=8, hidden_size=5, activation="gelu", weight_decay=6.4e-06)
-    rmse = cross_validate(tuned, folds, seed=3).metrics["rmse"]
+    # trial 28 of `tuner launch studies/cars_mlp.toml` (50 trials, seed 0), with its seed
+    tuned = dict(lr=0.007303692631875276, epochs=32, batch_size=8, hidden_size=7, activation="gelu", n_layers=1,
+                 weight_decay=2.1512025150424103e-06)
+    rmse = cross_validate(tuned, folds, seed=28).metrics["rmse"]
+    assert rmse == pytest.approx(2.326, abs=0.01)  # the study's value (exact on this CPU)
     reference = cv_baselines(folds)
     assert "least_squares_wt" in reference  # wt is the best single feature
     assert rmse < reference["least_squares_wt"]["rmse"] < reference["least_squares"]["rmse"]

@@ -116,7 +116,8 @@ def replay(spec: StudySpec, trial_number: int, *, storage: str | None = None, de
         raise TunerError(f"study {spec.name!r} has no trial {trial_number}; it has trials 0-{len(trials) - 1}")
     t = found[0]
     if t.state == TrialState.COMPLETE:
-        original, epoch = float(t.value), max(t.intermediate_values, default=-1)
+        original = float(t.value if t.value is not None else math.nan)
+        epoch = max(t.intermediate_values, default=-1)
     elif t.intermediate_values:
         epoch = max(t.intermediate_values)
         original = float(t.intermediate_values[epoch])

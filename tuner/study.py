@@ -269,7 +269,8 @@ class Objective:
 
         from tuner.model import Checkpoint
         from tuner.space import sample
-        from tuner.train import train
+        from tuner.train import TrainResult, train
+        from tuner.validation import CVResult, cross_validate
 
         params = sample(trial, self.spec.space)
         seed = self.spec.seed + trial.number
@@ -286,10 +287,9 @@ class Objective:
             trial.report(metrics[metric], epoch)
             return trial.should_prune()
 
+        result: TrainResult | CVResult
         try:
             if self.cv is not None and self.cv.folds:
-                from tuner.validation import cross_validate
-
                 result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
             else:
                 result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
@@ -302,7 +302,7 @@ class Objective:
         self.train_seconds.append(result.seconds)
         tags = {"tuner.state": "COMPLETE", **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
         fold_metrics: dict[str, float] = {}
-        if hasattr(result, "fold_metrics"):  # cross-validated: every fold's metric, for the spread
+        if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
             trial.set_user_attr("fold_seeds", result.seeds)
             trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
             fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
@@ -575,7 +575,7 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         from tuner.baselines import verdict
 
         info["beats_baselines"], info["verdict"] = verdict(
-            spec.metric, spec.study_direction, float(best.value), info["baselines"]
+            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
         )
     if champion is not None:
         info["champion"] = {
