@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import CARS, write_study
+from tests.conftest import CARS, STUDIES, write_study
 from tuner.config import load_spec
 from tuner.data import load_table, select_columns
 from tuner.errors import ConfigError, DataError
@@ -69,3 +69,10 @@ def test_missing_or_single_class_labels_are_refused(cars: pd.DataFrame) -> None:
         select_columns(holes, "am", ["wt"], task="classification")
     with pytest.raises(DataError, match=r"target 'am' has one class 1; there is nothing to classify"):
         select_columns(cars[cars.am == 1], "am", ["wt"], task="classification")
+
+
+def test_shipped_transmission_study_is_a_cross_validated_classifier() -> None:
+    spec = load_spec(STUDIES / "cars_am.toml")
+    assert (spec.target, spec.task, spec.metric, spec.study_direction) == ("am", "classification", "accuracy", "maximize")
+    assert (spec.validation.folds, spec.validation.repeats) == (5, 2)
+    assert "n_layers" in load_spec(STUDIES / "cars_mlp.toml").space

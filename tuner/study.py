@@ -300,10 +300,11 @@ class Objective:
                 self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
             raise
         self.train_seconds.append(result.seconds)
-        tags = {"tuner.state": "COMPLETE", **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
+        tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
         fold_metrics: dict[str, float] = {}
         if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
             trial.set_user_attr("fold_seeds", result.seeds)
+            tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
             trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
             fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
         if result.diverged or result.stop_reason:
@@ -445,10 +446,10 @@ def launch(
     study = open_study(spec, storage, allow_space_change=allow_space_change)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
+    reference = cv_baselines(cv.folds) if cv.folds else baselines(prepared)  # still on the CPU here
     prepared = prepared.to(dev)  # once per launch, not per trial
     if cv.folds:
         cv = replace(cv, folds=[f.to(dev) for f in cv.folds])
-    reference = cv_baselines([f.to("cpu") for f in cv.folds]) if cv.folds else baselines(prepared.to("cpu"))
     for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task}.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
