@@ -134,7 +134,8 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
         'hidden_size = { type = "int", low = 16, high = 32 }\n'
         'activation = { type = "fixed", value = "tanh" }\n'
     )
-    study_file = write_study(tmp_path, n_trials=3, space=space, body='[pruner]\nname = "none"\n')
+    # One split: 32 rows would default to 5-fold CV, five times the training time of this test.
+    study_file = write_study(tmp_path, n_trials=3, space=space, body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
     args = ["launch", str(study_file), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=tmp_path, env=tuner_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -160,7 +161,7 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     assert client.get_run(failed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
     fast = write_study(tmp_path, n_trials=3, space=space.replace("low = 400, high = 500", "low = 400, high = 500"),
-                       body='[pruner]\nname = "none"\n')
+                       body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
     resumed = run_tuner("launch", str(fast), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     study = optuna.load_study(study_name="study", storage=storage)
