@@ -143,3 +143,7 @@ def test_holdout_trials_replay_exactly_and_keep_their_own_weights(tmp_path: Path
     assert "least_squares" in summary.baselines and summary.verdict.startswith("the tuned model (rmse ")
     r = replay(spec, 0, storage=storage)
     assert r.identical and r.fold_metrics == []
+    # the same study cross-validated now: its earlier one-split trials do not compare
+    folds = write_study(tmp_path, "holdout", n_trials=3, body="[validation]\nfolds = 3\n", space=SPACE)
+    with pytest.warns(UserWarning, match=r"was validated with one split, 25% .* do not compare with 3-fold"):
+        launch(load_spec(folds), storage=storage, tracking_uri=tracking, progress=False)

@@ -450,6 +450,13 @@ def launch(
     prepared = prepared.to(dev)  # once per launch, not per trial
     if cv.folds:
         cv = replace(cv, folds=[f.to(dev) for f in cv.folds])
+    before = study.user_attrs.get("validation")
+    if before is not None and before != cv.plan.describe() and study.trials:
+        warnings.warn(
+            f"study {spec.name!r} was validated with {before}; its earlier trials do not compare with "
+            f"{cv.plan.describe()}: use a new study name for a fair comparison",
+            stacklevel=2,
+        )
     for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task}.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
