@@ -16,6 +16,8 @@ Each fold's ``train()`` runs in its own thread, but a baton lets exactly one of 
 coordinating caller) run at a time, always in the same order, and each fold takes its own global
 RNG state (dropout) with it across the hand-overs: every fold computes exactly what ``train()``
 on that fold alone computes, bit for bit, and Optuna is only ever called from the caller's thread.
+The threads are only a way to pause ``train()`` at its epoch hook: ``train()`` stays the one plain
+function that every other path (one split, refit, replay) calls.
 """
 
 from __future__ import annotations
