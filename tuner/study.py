@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TextIO
+from typing import TYPE_CHECKING, Any, Callable
 
 from tuner.config import StudySpec, check_options, redact_url
 from tuner.errors import StorageError, TunerError
@@ -364,41 +363,6 @@ class LaunchSummary:
     beats_baselines: bool = True
 
 
-class Progress:
-    """Trials done/total and the best value: one redrawn line on a TTY, a line per trial in logs."""
-
-    def __init__(self, n_trials: int, stream: TextIO = sys.stderr, verbose: bool = False) -> None:
-        self.n_trials, self.stream, self.verbose = n_trials, stream, verbose
-        self.tty = stream.isatty()
-        self.start = time.perf_counter()
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        from optuna.trial import TrialState
-
-        trials = study.get_trials(deepcopy=False)
-        counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-        done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        try:
-            best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no complete trial yet"
-        elapsed = time.perf_counter() - self.start
-        line = (
-            f"[{done}/{self.n_trials}] {best} | pruned {counts[TrialState.PRUNED]} failed {counts[TrialState.FAIL]} "
-            f"running {counts[TrialState.RUNNING]} | {elapsed:.1f}s"
-        )
-        if self.tty and not self.verbose:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(f"{line} | trial {trial.number} {trial.state.name} {trial.value if trial.value is not None else ''}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and not self.verbose:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def launch(
     spec: StudySpec,
     *,
@@ -410,6 +374,7 @@ def launch(
     progress: bool = True,
     verbose: bool = False,
     promote: bool = True,
+    report: bool = True,
 ) -> LaunchSummary:
     """Run the study until it holds ``n_trials`` finished (complete + pruned) trials, log every
     trial to MLflow, and register the best trial's model.
@@ -422,6 +387,7 @@ def launch(
     import torch
 
     from tuner.baselines import baselines, cv_baselines, verdict
+    from tuner.progress import Progress
     from tuner.replay import provenance
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
@@ -437,8 +403,8 @@ def launch(
         raise TunerError(str(e)) from None
     # Everything that can be wrong is checked before the study or a run is written.
     # Trial results reach the user through the progress line and summary; Optuna's own failure
-    # log would print a traceback for every Ctrl-C.
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+    # log would print a traceback for every Ctrl-C. Per-trial lines (-v) come from tuner.progress.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared, frame = load_data(spec)
     cv = load_folds(spec, frame)
     _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
@@ -471,7 +437,7 @@ def launch(
             {"tuner.storage": redact_url(storage or spec.storage_url), "tuner.space_hash": spec.space_hash()},
         )
         objective.parent_run_id = parent_run_id
-        bar = Progress(total, verbose=verbose) if progress else None
+        bar = Progress(total, n_done_before=total - remaining, verbose=verbose) if progress else None
         callbacks: list[Any] = [
             optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
         ]
@@ -506,7 +472,15 @@ def launch(
             input_example=frame[prepared.feature_names].head(5),
         )
     if parent_run_id is not None:
+        from tuner.lineage import study_url, write_launch_notes
+        from tuner.report import log_launch_report
+
+        # Lineage and report in one pass after the trials: no per-trial cost.
+        write_launch_notes(study, parent_run_id, spec=spec, tracker=tracker, promotion=promotion)
+        if report:
+            log_launch_report(study, spec, tracker, parent_run_id, prepared=prepared, frame=frame, baselines=reference)
         tags = {"tuner.best_trial": str(best.number)} if best is not None else {}
+        tags["tuner.dashboard_url"] = study_url(study)
         tracker.end_run(parent_run_id, "FINISHED", tags)
     return LaunchSummary(
         study_name=spec.name,
@@ -592,5 +566,8 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
             "trial": champion.tags.get("tuner.trial"),
             "value": champion.tags.get("tuner.value"),
         }
+    from tuner.lineage import best_links
+
+    info.update(best_links(study, best, spec=spec, tracker=tracker))
     return info
 
