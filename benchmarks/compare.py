@@ -29,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks._arms import CARS_MLP, ROOT, overhead, run_tuner, train_probe
+from benchmarks._arms import CARS_MLP, ONE_SPLIT, ROOT, overhead, run_tuner, train_probe
 
 RESULTS = ROOT / "benchmarks" / "results"
 CARS = ROOT / "data" / "cars.csv"
@@ -270,7 +270,7 @@ def m3(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str
     from tuner.data import load_table, prepare, select_columns
     from tuner.study import load_data
 
-    cars, _ = load_data(load_spec(CARS_MLP))
+    cars, _ = load_data(load_spec(CARS_MLP, **ONE_SPLIT))
     cars_rows = throughput(cars, [{"hidden_size": 16, "batch_size": 8}, {"hidden_size": 64, "batch_size": 32}],
                            mode["m3_steps"], mode["m3_repeats"])
     log("M3 cars: " + ", ".join(f"{r['ratio']:.1f}x" for r in cars_rows))
@@ -329,12 +329,12 @@ def m4(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str
     from tuner.study import load_data
 
     torch.set_num_threads(1)
-    spec0 = load_spec(CARS_MLP)
+    spec0 = load_spec(CARS_MLP, **ONE_SPLIT)
     data, _ = load_data(spec0)
     curves: dict[str, list[dict[str, Any]]] = {"median": [], "none": []}
     for seed in mode["m4_seeds"]:
         for pruner in curves:
-            spec = load_spec(CARS_MLP, seed=seed, name=f"m4-{pruner}-{seed}", pruner={"name": pruner}
+            spec = load_spec(CARS_MLP, **ONE_SPLIT, seed=seed, name=f"m4-{pruner}-{seed}", pruner={"name": pruner}
                              if pruner == "none" else spec0.pruner.model_dump())
             if _epochs_override(mode):
                 spec = spec.model_copy(update={"space": {**spec.space, **_epochs_override(mode)}})
@@ -428,13 +428,13 @@ def m2_cars(n_seeds: int, work: Path) -> dict[str, Any]:
     from tuner.config import load_spec
     from tuner.study import load_data
 
-    spec0 = load_spec(CARS_MLP)
+    spec0 = load_spec(CARS_MLP, **ONE_SPLIT)
     data, _ = load_data(spec0)
     results: dict[str, list[list[float]]] = {"random": [], "tpe": []}
     for seed in range(n_seeds):
         for sampler in results:
             sampler_spec = {"name": "random"} if sampler == "random" else spec0.sampler.model_dump()
-            spec = load_spec(CARS_MLP, seed=seed, name=f"m2-{sampler}-{seed}", sampler=sampler_spec,
+            spec = load_spec(CARS_MLP, **ONE_SPLIT, seed=seed, name=f"m2-{sampler}-{seed}", sampler=sampler_spec,
                              pruner={"name": "none"})
             folder = work / f"m2-{sampler}-{seed}"
             folder.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="NAME@ALIAS, NAME/VERSION or models:/... (e.g. cars-mpg@champion)")
     p.add_argument("--input", required=True, help="CSV with the raw feature columns (others are ignored)")
     p.add_argument("--output", help="CSV to write (default: stdout)")
+    p.add_argument("--proba", action="store_true", help="class probabilities, one column per class (classifiers)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    p = sub.add_parser("replay", help="retrain one stored trial from its params and seed; compare the metric")
+    _add_study_args(p, tracking=False)
+    p.add_argument("--trial", type=int, required=True, help="trial number (see `tuner best` or the dashboard)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the study file's)")
 
     p = sub.add_parser("dashboard", help="optuna-dashboard for a study's storage")
     _add_study_args(p, tracking=False)
@@ -162,15 +168,22 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _print_launch(s: Any) -> int:
     print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
+    if s.task_note:
+        print(f"{s.task_note} (set task in the study file to override)")
+    if s.validation:
+        print(f"validation: {s.validation}")
     if s.best_number is None:
         print("no complete trial: nothing to register")
         return 0
     print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
     metrics = [k for k in ("rmse", "mae", "r2", "accuracy", "log_loss", "f1_macro") if k in s.best_metrics]
-    print(f"{'validation':<16}" + "".join(f"{m:>10}" for m in metrics))
-    print(f"{'tuned model':<16}" + "".join(f"{s.best_metrics[m]:>10.4f}" for m in metrics))
+    w = max([16, *(len(n) + 2 for n in s.baselines)])
+    print(f"{'validation':<{w}}" + "".join(f"{m:>10}" for m in metrics))
+    print(f"{'tuned model':<{w}}" + "".join(f"{s.best_metrics[m]:>10.4f}" for m in metrics))
     for name, values in s.baselines.items():
-        print(f"{name:<16}" + "".join(f"{values[m]:>10.4f}" if m in values else f"{'':>10}" for m in metrics))
+        print(f"{name:<{w}}" + "".join(f"{values[m]:>10.4f}" if m in values else f"{'':>10}" for m in metrics))
+    if s.verdict:
+        print(("" if s.beats_baselines else "WARNING: ") + s.verdict)
     if s.promotion is not None:
         p = s.promotion
         state = "registered" if p.new_version else "already registered"
@@ -231,6 +244,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     print("params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info["params"].items()))
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in info["metrics"].items()))
     print(f"mlflow run: {info['mlflow_run_id']}")
+    if info.get("validation"):
+        print(f"validation: {info['validation']}")
+    for name, values in info.get("baselines", {}).items():
+        print(f"baseline {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    if info.get("verdict"):
+        print(("" if info["beats_baselines"] else "WARNING: ") + info["verdict"])
     if "champion" in info:
         c = info["champion"]
         print(f"champion: {c['model_uri']} (version {c['version']}, trial {c['trial']}, {info['metric']} {c['value']})")
@@ -254,7 +273,7 @@ def cmd_best(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.data import load_table
     from tuner.errors import ModelError
-    from tuner.tracking import load_model
+    from tuner.tracking import conform_input, load_model
 
     frame = load_table(args.input)
     model, _ = load_model(args.model, _tracking_uri(args))
@@ -265,17 +284,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            preds = model.predict(frame[features])
+            preds = model.predict(conform_input(model, frame), params={"proba": True} if args.proba else None)
     except Exception as e:
         raise ModelError(f"prediction failed on {args.input}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     import pandas as pd
 
+    if args.proba and getattr(preds, "ndim", 1) == 1:
+        raise ModelError(f"model {args.model!r} is a regression model: --proba needs a classifier")
     out = pd.DataFrame({"prediction": preds}) if getattr(preds, "ndim", 1) == 1 else pd.DataFrame(preds)
     if args.output:
         out.to_csv(args.output, index=False)
         print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
     else:
         out.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tuner.replay import replay
+
+    r = replay(_spec(args), args.trial, storage=args.storage, device=args.device)
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items())
+    print(f"study {r.study} trial {r.trial} ({r.state}), seed {r.seed}: {params}")
+    for note in r.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"{'':<10}{r.metric + ' at epoch ' + str(r.epoch):>24}")
+    print(f"{'original':<10}{r.original!r:>24}")
+    print(f"{'replayed':<10}{r.replayed!r:>24}")
+    if r.fold_metrics:
+        print("replayed folds: " + ", ".join(f"{v:.4f}" for v in r.fold_metrics))
+    print("identical" if r.identical else f"differs by {r.difference:.3g}")
     return 0
 
 
@@ -332,6 +370,7 @@ COMMANDS = {
     "best": cmd_best,
     "report": cmd_report,
     "predict": cmd_predict,
+    "replay": cmd_replay,
     "dashboard": cmd_dashboard,
     "ui": cmd_ui,
 }

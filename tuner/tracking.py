@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
     from tuner.model import Checkpoint
 
-__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "import_mlflow", "ui_base", "WEIGHTS_FILE", "REPORT_DIR"]
+__all__ = [
+    "Tracker", "Promotion", "resolve_model_uri", "load_model", "conform_input", "import_mlflow", "ui_base",
+    "WEIGHTS_FILE", "REPORT_DIR",
+]
 
 WEIGHTS_FILE = "weights.pt"
 REPORT_DIR = "report"  # artifact folder of the launch (parent) run that holds the study report
@@ -198,6 +201,10 @@ class Tracker:
             torch.save(checkpoint.to_payload(), path)
             self.client.log_artifact(run_id, str(path))
 
+    def has_checkpoint(self, run_id: str) -> bool:
+        """Whether the run holds a weights file (a cross-validated trial has none until refit)."""
+        return any(f.path == WEIGHTS_FILE for f in self.client.list_artifacts(run_id))
+
     def load_checkpoint(self, run_id: str) -> tuple[Checkpoint, str]:
         """A trial's weights (read with ``weights_only=True``) and the file's SHA-256."""
         import torch
@@ -293,7 +300,11 @@ class Tracker:
                         python_model=str(_MODEL_CODE),
                         artifacts={"checkpoint": str(path)},
                         code_paths=[str(_PACKAGE_DIR)],
-                        input_example=input_example,
+                        # A classifier takes params={"proba": True}: the example's params become the
+                        # signature's params schema, without which MLflow drops them before predict.
+                        input_example=(input_example, {"proba": False})
+                        if checkpoint.config.task == "classification"
+                        else input_example,
                         metadata={"target": checkpoint.config.target, "task": checkpoint.config.task},
                         # Explicit requirements: inferring them costs ~5 s per model.
                         pip_requirements=_requirements(),
@@ -463,3 +474,23 @@ def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
             return mlflow.pyfunc.load_model(str(local)), version
     except Exception as e:  # a model that cannot load must never run foreign code: report and stop
         raise ModelError(f"model {ref!r} cannot be loaded: {_first_line(e)}") from None
+
+
+def conform_input(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's feature columns of ``frame``, cast to its signature's number types where that
+    loses nothing: a CSV whose ``disp`` happens to hold whole numbers reads as int64, which MLflow
+    refuses for a double column (and a whole-valued float column for a long one)."""
+    import numpy as np
+    import pandas as pd
+
+    schema = model.metadata.get_input_schema()
+    out = frame[schema.input_names()].copy()
+    for name, kind in zip(schema.input_names(), schema.input_types()):
+        kind = getattr(kind, "name", str(kind))
+        col = out[name]
+        if kind in ("double", "float") and pd.api.types.is_integer_dtype(col):
+            out[name] = col.astype(np.float64 if kind == "double" else np.float32)
+        elif kind in ("long", "integer") and pd.api.types.is_float_dtype(col) and col.notna().all():
+            if bool((col % 1 == 0).all()):
+                out[name] = col.astype(np.int64 if kind == "long" else np.int32)
+    return out

@@ -127,7 +127,7 @@ def run(
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="plain-optuna-mlflow-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    spec = load_spec(study_file, seed=seed)
+    spec = load_spec(study_file, seed=seed, validation={"fraction": 0.2})  # one split, as tuner's arm
     space = dict(spec.space)
     if space_overrides:
         space.update(space_overrides)
