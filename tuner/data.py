@@ -207,21 +207,15 @@ def prepare(
         )
     if task == "regression" and np.ptp(y) == 0:
         raise DataError(f"target {target!r} has a single value ({y[0]:g}) in every row; there is nothing to learn")
-<<<<<<< HEAD
-    order = np.random.default_rng(seed).permutation(n)
-    is_val = np.zeros(n, dtype=bool)
-    is_val[order[n_train:]] = True
-    # Sorted row numbers, O(n) (the same arrays as sorting the two parts of the permutation).
-    train_index, val_index = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    del is_val
-=======
     if split is not None:
         train_index, val_index = np.sort(split[0]), np.sort(split[1])
     else:
         order = np.random.default_rng(seed).permutation(n)
-        train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
-    x_train, x_val = x[train_index], x[val_index]
->>>>>>> main
+        is_val = np.zeros(n, dtype=bool)
+        is_val[order[n_train:]] = True
+        # Sorted row numbers, O(n) (the same arrays as sorting the two parts of the permutation).
+        train_index, val_index = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        del is_val
     # Fit the standardiser on the training rows only: no leakage from validation. ddof=1
     # matches pandas' DataFrame.std(). Done in place on the one float64 copy of the training
     # rows, with the same operations as numpy's std (x - mean, squared, summed): the same bits,

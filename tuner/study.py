@@ -344,13 +344,8 @@ class Objective:
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
                 params=params,
-<<<<<<< HEAD
-                history={e: result.history[e] for e in reported},
-                metrics=result.metrics,
-=======
-                history=result.history,
+                history={e: result.history[e] for e in reported if e < len(result.history)},
                 metrics={**result.metrics, **fold_metrics},
->>>>>>> main
                 tags=tags,
                 checkpoint=checkpoint,
             )
