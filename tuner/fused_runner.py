@@ -226,7 +226,7 @@ def run_fused(
     heartbeat = beat is not None
     interval = beat.get_heartbeat_interval() if beat is not None else None
     trials: list[optuna.Trial] = []
-    opened: list[tuple[dict[str, Any], str | None]] = []
+    opened: list[tuple[dict[str, Any], int, str | None]] = []
     told: set[int] = set()
     metric = objective.spec.metric
     last_beat = time.monotonic()
@@ -250,7 +250,7 @@ def run_fused(
                 trial = study.ask()
             trials.append(trial)
             params, seed, run_id = objective.begin(trial)
-            opened.append((params, run_id))
+            opened.append((params, seed, run_id))
             yield Job(TrainParams.from_mapping(params), seed)
 
     def on_epoch_end(index: int, epoch: int, metrics: dict[str, float]) -> bool:
@@ -269,9 +269,9 @@ def run_fused(
 
     def on_trial_end(index: int, result: TrainResult) -> None:
         trial = trials[index]
-        params, run_id = opened[index]
+        params, seed, run_id = opened[index]
         try:
-            value = objective.finish(trial, params, run_id, result)
+            value = objective.finish(trial, params, seed, run_id, result)
         except optuna.TrialPruned:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         else:
@@ -296,7 +296,7 @@ def run_fused(
         for index, trial in enumerate(trials):
             if index in told:
                 continue
-            params, run_id = opened[index] if index < len(opened) else ({}, None)
+            params, _, run_id = opened[index] if index < len(opened) else ({}, 0, None)
             objective.abort(params, run_id, e)
             study.tell(trial, state=TrialState.FAIL)
         raise

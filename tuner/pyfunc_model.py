@@ -43,7 +43,8 @@ class TunerModel(PythonModel):
         proba = torch.softmax(out, dim=-1).numpy()
         if params and params.get("proba"):
             return pd.DataFrame(proba, columns=[str(c) for c in config.classes or []])
-        return np.asarray(config.classes, dtype=object)[proba.argmax(axis=1)]
+        # The labels as the training CSV had them (ints stay ints, strings stay strings).
+        return np.asarray(config.classes)[proba.argmax(axis=1)]
 
 
 mlflow.models.set_model(TunerModel())

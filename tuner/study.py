@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tuner.config import StudySpec, check_options, redact_url
-from tuner.errors import StorageError, TunerError
+from tuner.errors import ConfigError, StorageError, TunerError
 
 if TYPE_CHECKING:
     import optuna
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from tuner.data import Prepared
     from tuner.tracking import Promotion, RunStatus, Tracker
     from tuner.train import TrainResult
+    from tuner.validation import CVData, CVResult
 
 __all__ = [
     "open_storage",
@@ -64,7 +66,7 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise StorageError(f"storage {shown} is not writable; pass a writable --storage")
         # A busy timeout lets a second worker or the dashboard wait for the lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": 30}
+        engine_kwargs["connect_args"] = {"timeout": 30, "factory": _SynchronousNormal}
     elif url.startswith("postgresql"):
         # Pre-ping: a pooled connection to a restarted server is replaced, not used and failed.
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
@@ -90,6 +92,17 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running"
         ) from None
     return storage
+
+
+class _SynchronousNormal(sqlite3.Connection):
+    """SQLite connections with ``synchronous=NORMAL``: in WAL mode a commit then appends to the
+    log without an fsync (the log is synced at checkpoints). The file cannot be corrupted; a power
+    cut may lose the last commits, i.e. a trial that is then re-run. A trial commits ~30 times
+    (ask, params, reports, user attrs, tell): an fsync each cost 2-7 ms on a busy disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA synchronous=NORMAL")
 
 
 def _first_line(e: BaseException, hide: str = "") -> str:
@@ -224,9 +237,7 @@ def load_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
     from tuner.data import load_table, prepare, select_columns
 
     frame = load_table(spec.data)
-    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data))
-    if spec.task == "classification":
-        y = frame[spec.target].to_numpy()
+    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data), task=spec.task)
     prepared = prepare(
         x,
         y,
@@ -263,24 +274,42 @@ class Objective:
     parent_run_id: str | None
     device: Any
     train_seconds: list[float] = field(default_factory=list)
+    cv: CVData | None = None  # cross-validation folds; None: train on ``data``'s one split
+    provenance: dict[str, Any] = field(default_factory=dict)  # versions, device, data hash
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from tuner import interrupts
         from tuner.train import train
+        from tuner.validation import cross_validate
 
         params, seed, run_id = self.begin(trial)
         metric = self.spec.metric
+        every = self.spec.report_every
+        prunes = self.spec.pruner.name != "none"
+        final_epoch = int(params["epochs"]) - 1
+        reported: list[int] = []  # the epochs in Optuna, and the metric rows MLflow gets
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+            interrupts.check()  # a Ctrl-C that landed in a callback and was swallowed ends here
+            on_grid = epoch % every == 0
+            if not on_grid and epoch != final_epoch:  # off the shared grid: no storage round trip
+                return False
             trial.report(metrics[metric], epoch)
-            return trial.should_prune()
+            reported.append(epoch)
+            # The last epoch is reported for the curve, not judged: training is over anyway.
+            return on_grid and prunes and trial.should_prune()
 
+        result: TrainResult | CVResult
         try:
-            result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+            if self.cv is not None and self.cv.folds:
+                result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+            else:
+                result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
             self.abort(params, run_id, e)
             raise
         self.train_seconds.append(result.seconds)
-        return self.finish(trial, params, run_id, result)
+        return self.finish(trial, params, seed, run_id, result, reported)
 
     def begin(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str | None]:
         """Sample the trial's params, fix its seed, open its MLflow run: ``(params, seed, run_id)``."""
@@ -289,6 +318,8 @@ class Objective:
         params = sample(trial, self.spec.space)
         seed = self.spec.seed + trial.number
         trial.set_user_attr("seed", seed)
+        if self.provenance:
+            trial.set_user_attr("provenance", self.provenance)
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
@@ -302,31 +333,51 @@ class Objective:
         if self.tracker is not None and run_id is not None:
             self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
 
-    def finish(self, trial: optuna.Trial, params: dict[str, Any], run_id: str | None, result: TrainResult) -> float:
-        """Log the trained trial and return its value; raise TrialPruned if it stopped early."""
+    def finish(
+        self,
+        trial: optuna.Trial,
+        params: dict[str, Any],
+        seed: int,
+        run_id: str | None,
+        result: TrainResult | CVResult,
+        reported: list[int] | None = None,
+    ) -> float:
+        """Log the trained trial and return its value; raise TrialPruned if it stopped early.
+
+        ``reported``: the epochs that went to Optuna (MLflow gets the same rows); None: all.
+        """
         import optuna
 
         from tuner.model import Checkpoint
+        from tuner.validation import CVResult
 
         metric = self.spec.metric
-        tags = {"tuner.state": "COMPLETE"}
+        tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
+        fold_metrics: dict[str, float] = {}
+        if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
+            trial.set_user_attr("fold_seeds", result.seeds)
+            tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
+            trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
+            fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
+        if reported is None:
+            reported = list(range(len(result.history)))
         if result.diverged or result.stop_reason:
             pruned = True
             reason = result.stop_reason or "pruned"
             trial.set_user_attr("stop_reason", reason)
-            tags = {"tuner.state": "PRUNED", "tuner.stop_reason": reason}
+            tags = {**tags, "tuner.state": "PRUNED", "tuner.stop_reason": reason}
         else:
             pruned = False
         if self.tracker is not None and run_id is not None:
             checkpoint = None
-            if not pruned:
+            if not pruned and result.model is not None:  # cross-validated: the champion is refit later
                 checkpoint = Checkpoint(result.model.config, {k: v.cpu() for k, v in result.model.state_dict().items()})
             self.tracker.end_trial(
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
                 params=params,
-                history=result.history,
-                metrics=result.metrics,
+                history={e: result.history[e] for e in reported if e < len(result.history)},
+                metrics={**result.metrics, **fold_metrics},
                 tags=tags,
                 checkpoint=checkpoint,
             )
@@ -360,6 +411,11 @@ class LaunchSummary:
     parent_run_id: str | None
     wall_seconds: float
     train_seconds: float
+    task: str = "regression"
+    task_note: str | None = None  # why the task was inferred; None: set in the study file
+    validation: str = ""  # the validation scheme in words
+    verdict: str = ""  # tuned model vs the best baseline, in words
+    beats_baselines: bool = True
 
 
 def launch(
@@ -385,10 +441,12 @@ def launch(
     import optuna
     import torch
 
-    from tuner.baselines import baselines
+    from tuner.baselines import baselines, cv_baselines, verdict
     from tuner.progress import Progress
+    from tuner.replay import provenance
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
+    from tuner.validation import load_folds
 
     started = time.perf_counter()
     total = n_trials or spec.n_trials
@@ -403,21 +461,43 @@ def launch(
     # log would print a traceback for every Ctrl-C. Per-trial lines (-v) come from tuner.progress.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared, frame = load_data(spec)
-    _check_batch_sizes(spec, len(prepared.x_train))
+    cv = load_folds(spec, frame)
+    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
     tracker = Tracker(tracking_uri or spec.tracking, spec.name)
     study = open_study(spec, storage, allow_space_change=allow_space_change)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
+    reference = cv_baselines(cv.folds) if cv.folds else baselines(prepared)  # still on the CPU here
     prepared = prepared.to(dev)  # once per launch, not per trial
+    if cv.folds:
+        cv = replace(cv, folds=[f.to(dev) for f in cv.folds])
+    before = study.user_attrs.get("validation")
+    if before is not None and before != cv.plan.describe() and study.trials:
+        warnings.warn(
+            f"study {spec.name!r} was validated with {before}; its earlier trials do not compare with "
+            f"{cv.plan.describe()}: use a new study name for a fair comparison",
+            stacklevel=2,
+        )
+    for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task}.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
     remaining = total - finished_count(study)
     if remaining > 0:
         from tuner.fused_runner import choose_execution, run_fused
 
-        execution, why = choose_execution(spec, prepared, dev, remaining)
+        if cv.folds:  # fused trials train one split; a cross-validated trial trains its folds in lockstep
+            if spec.execution == "fused":
+                raise ConfigError(
+                    f"execution = 'fused' trains one validation split, but this study uses {cv.plan.describe()}; "
+                    "set validation.fraction (e.g. 0.2) or execution = 'sequential'"
+                )
+            execution, why = "sequential", f"{spec.execution}: {cv.plan.describe()} runs sequentially"
+        else:
+            execution, why = choose_execution(spec, prepared, dev, remaining)
         print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
-    objective = Objective(spec, prepared, tracker, None, dev)
+    objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
     n_before = len(study.trials)
     if remaining > 0:
         parent_run_id = tracker.start_parent(
@@ -453,6 +533,8 @@ def launch(
     promotion = None
     best = _best_trial(study)
     if promote and best is not None:
+        if cv.all_rows is not None and not tracker.has_checkpoint(best.user_attrs["mlflow_run_id"]):
+            _refit_champion(best, cv, tracker, dev)
         promotion = tracker.promote(
             model_name=spec.model_name,
             run_id=best.user_attrs["mlflow_run_id"],
@@ -465,7 +547,6 @@ def launch(
             # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
             input_example=frame[prepared.feature_names].head(5),
         )
-    reference = baselines(prepared.to("cpu"))
     if parent_run_id is not None:
         from tuner.lineage import study_url, write_launch_notes
         from tuner.report import log_launch_report
@@ -491,7 +572,31 @@ def launch(
         parent_run_id=parent_run_id,
         wall_seconds=time.perf_counter() - started,
         train_seconds=sum(objective.train_seconds),
+        task=spec.task,
+        task_note=spec.task_note,
+        validation=cv.plan.describe(),
+        **_verdict(spec, best, reference, verdict),
     )
+
+
+def _verdict(spec: StudySpec, best: Any, reference: dict[str, Any], verdict: Callable[..., Any]) -> dict[str, Any]:
+    if best is None:
+        return {}
+    beats, text = verdict(spec.metric, spec.study_direction, float(best.value), reference)
+    return {"verdict": text, "beats_baselines": beats}
+
+
+def _refit_champion(best: optuna.trial.FrozenTrial, cv: CVData, tracker: Tracker, device: Any) -> None:
+    """A cross-validated trial has no single model: train its params on all rows through
+    ``train()`` and store the weights in the trial's run, where promotion looks for them."""
+    from tuner.model import Checkpoint
+    from tuner.validation import refit
+
+    result = refit(best.params, cv, device=device, seed=int(best.user_attrs.get("seed", 0)))
+    state = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    run_id = best.user_attrs["mlflow_run_id"]
+    tracker.save_checkpoint(run_id, Checkpoint(result.model.config, state))
+    tracker.end_run(run_id, "FINISHED", {"tuner.refit": f"all {len(cv.all_rows.x_train) if cv.all_rows else 0} rows"})
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -521,7 +626,15 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "params": dict(best.params),
         "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
         "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+        "validation": study.user_attrs.get("validation"),
+        "baselines": study.user_attrs.get("baselines", {}),
     }
+    if info["baselines"]:
+        from tuner.baselines import verdict
+
+        info["beats_baselines"], info["verdict"] = verdict(
+            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
+        )
     if champion is not None:
         info["champion"] = {
             "model_uri": f"models:/{spec.model_name}@champion",

@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 
     from tuner.model import Checkpoint
 
-__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "ui_base", "WEIGHTS_FILE", "REPORT_DIR"]
+__all__ = [
+    "Tracker", "Promotion", "resolve_model_uri", "load_model", "conform_input", "import_mlflow", "ui_base",
+    "WEIGHTS_FILE", "REPORT_DIR",
+]
 
 WEIGHTS_FILE = "weights.pt"
 REPORT_DIR = "report"  # artifact folder of the launch (parent) run that holds the study report
@@ -46,6 +49,11 @@ def _quiet() -> None:
     """MLflow configures its loggers on import: lower them afterwards (store creation chatter)."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def import_mlflow() -> None:
+    """Import mlflow now (1-2 s), e.g. before taking a lock that ``Tracker()`` is then created under."""
+    import mlflow  # noqa: F401
 
 
 def _tag(name: str) -> str:
@@ -111,6 +119,8 @@ class Tracker:
                 f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e)}; "
                 "check the URI (--tracking-uri) and that the server is running"
             ) from None
+        if tracking_uri.startswith("sqlite:///"):
+            _sqlite_wal(Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]))
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -149,18 +159,20 @@ class Tracker:
         *,
         status: RunStatus,
         params: Mapping[str, Any] | None = None,
-        history: Iterable[Mapping[str, float]] = (),
+        history: Iterable[Mapping[str, float]] | Mapping[int, Mapping[str, float]] = (),
         metrics: Mapping[str, float] | None = None,
         tags: Mapping[str, str] | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
-        """Write everything of one trial in one batch, store its weights, close the run."""
+        """Write everything of one trial in one batch, store its weights, close the run.
+
+        ``history``: one metrics row per epoch, or ``{epoch: row}`` for a subset of the epochs.
+        """
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        metric_rows = [
-            Metric(key, float(value), now, epoch) for epoch, row in enumerate(history) for key, value in row.items()
-        ]
+        rows = history.items() if isinstance(history, Mapping) else enumerate(history)
+        metric_rows = [Metric(key, float(value), now, epoch) for epoch, row in rows for key, value in row.items()]
         metric_rows += [Metric(f"final_{k}", float(v), now, 0) for k, v in (metrics or {}).items()]
         param_rows = [Param(k, str(v)) for k, v in (params or {}).items()]
         tag_rows = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
@@ -189,6 +201,10 @@ class Tracker:
             torch.save(checkpoint.to_payload(), path)
             self.client.log_artifact(run_id, str(path))
 
+    def has_checkpoint(self, run_id: str) -> bool:
+        """Whether the run holds a weights file (a cross-validated trial has none until refit)."""
+        return any(f.path == WEIGHTS_FILE for f in self.client.list_artifacts(run_id))
+
     def load_checkpoint(self, run_id: str) -> tuple[Checkpoint, str]:
         """A trial's weights (read with ``weights_only=True``) and the file's SHA-256."""
         import torch
@@ -200,6 +216,15 @@ class Tracker:
             digest = _sha256(path)
             payload = torch.load(path, weights_only=True, map_location="cpu")
         return Checkpoint.from_payload(payload), digest
+
+    def run_status(self, run_id: str) -> str | None:
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None if there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except MlflowException:
+            return None
 
     # -- links and reports ----------------------------------------------------------------
 
@@ -275,7 +300,11 @@ class Tracker:
                         python_model=str(_MODEL_CODE),
                         artifacts={"checkpoint": str(path)},
                         code_paths=[str(_PACKAGE_DIR)],
-                        input_example=input_example,
+                        # A classifier takes params={"proba": True}: the example's params become the
+                        # signature's params schema, without which MLflow drops them before predict.
+                        input_example=(input_example, {"proba": False})
+                        if checkpoint.config.task == "classification"
+                        else input_example,
                         metadata={"target": checkpoint.config.target, "task": checkpoint.config.task},
                         # Explicit requirements: inferring them costs ~5 s per model.
                         pip_requirements=_requirements(),
@@ -289,6 +318,7 @@ class Tracker:
                 model_name,
                 source=info.model_uri,
                 run_id=run_id,
+                model_id=info.model_id,  # a tracking server refuses a models:/m-... source without it
                 tags={
                     _tag("study"): study_name,
                     _tag("trial"): str(trial_number),
@@ -355,6 +385,19 @@ def _better(value: float, champion: Any | None, direction: str) -> bool:
     except (KeyError, ValueError):
         return True  # a champion without our tags: a finished study may replace it
     return value < current if direction == "minimize" else value > current
+
+
+def _sqlite_wal(db: Path) -> None:
+    """Switch MLflow's SQLite file to WAL (it persists in the file): a commit then syncs one log
+    instead of a rollback journal plus the database, and readers (``tuner ui``) do not block the
+    writer. Best effort: a store that is busy right now keeps its mode."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error:
+        pass
 
 
 def _requirements() -> list[str]:
@@ -431,3 +474,23 @@ def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
             return mlflow.pyfunc.load_model(str(local)), version
     except Exception as e:  # a model that cannot load must never run foreign code: report and stop
         raise ModelError(f"model {ref!r} cannot be loaded: {_first_line(e)}") from None
+
+
+def conform_input(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's feature columns of ``frame``, cast to its signature's number types where that
+    loses nothing: a CSV whose ``disp`` happens to hold whole numbers reads as int64, which MLflow
+    refuses for a double column (and a whole-valued float column for a long one)."""
+    import numpy as np
+    import pandas as pd
+
+    schema = model.metadata.get_input_schema()
+    out = frame[schema.input_names()].copy()
+    for name, kind in zip(schema.input_names(), schema.input_types()):
+        kind = getattr(kind, "name", str(kind))
+        col = out[name]
+        if kind in ("double", "float") and pd.api.types.is_integer_dtype(col):
+            out[name] = col.astype(np.float64 if kind == "double" else np.float32)
+        elif kind in ("long", "integer") and pd.api.types.is_float_dtype(col) and col.notna().all():
+            if bool((col % 1 == 0).all()):
+                out[name] = col.astype(np.int64 if kind == "long" else np.int32)
+    return out
