@@ -171,7 +171,7 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
     from tuner.study import launch
     from tuner.tracking import Tracker, load_model
 
-    body = '[pruner]\nname = "none"\n'
+    body = '[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n'
     results = {}
     for execution in ("sequential", "fused"):
         folder = tmp_path / execution
@@ -203,3 +203,13 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
     frame = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "cars.csv")
     preds = model.predict(frame.drop(columns=["mpg"]).head(3))
     assert len(preds) == 3 and np.isfinite(np.asarray(preds, dtype=float)).all()
+
+
+def test_cross_validated_study_refuses_fused_and_auto_runs_sequentially(tmp_path: Path) -> None:
+    from tuner.errors import ConfigError
+    from tuner.study import launch
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    spec = load_spec(write_study(tmp_path, n_trials=8, execution="fused"))  # 32 rows: 5-fold CV by default
+    with pytest.raises(ConfigError, match=r"execution = 'fused' trains one validation split, but this study uses 5-fold"):
+        launch(spec, tracking_uri=uri, progress=False)
