@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sqlite3
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tuner.config import StudySpec, check_options, redact_url
-from tuner.errors import StorageError, TunerError
+from tuner.errors import ConfigError, StorageError, TunerError
 
 if TYPE_CHECKING:
     import optuna
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
     from tuner.data import Prepared
     from tuner.tracking import Promotion, RunStatus, Tracker
-    from tuner.validation import CVData
+    from tuner.train import TrainResult
+    from tuner.validation import CVData, CVResult
 
 __all__ = [
     "open_storage",
@@ -276,23 +278,11 @@ class Objective:
     provenance: dict[str, Any] = field(default_factory=dict)  # versions, device, data hash
 
     def __call__(self, trial: optuna.Trial) -> float:
-        import optuna
-
         from tuner import interrupts
-        from tuner.model import Checkpoint
-        from tuner.space import sample
-        from tuner.train import TrainResult, train
-        from tuner.validation import CVResult, cross_validate
+        from tuner.train import train
+        from tuner.validation import cross_validate
 
-        params = sample(trial, self.spec.space)
-        seed = self.spec.seed + trial.number
-        trial.set_user_attr("seed", seed)
-        if self.provenance:
-            trial.set_user_attr("provenance", self.provenance)
-        run_id = None
-        if self.tracker is not None:
-            run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
-            trial.set_user_attr("mlflow_run_id", run_id)
+        params, seed, run_id = self.begin(trial)
         metric = self.spec.metric
         every = self.spec.report_every
         prunes = self.spec.pruner.name != "none"
@@ -316,12 +306,52 @@ class Objective:
             else:
                 result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
-            # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
-            status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            if self.tracker is not None and run_id is not None:
-                self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
+            self.abort(params, run_id, e)
             raise
         self.train_seconds.append(result.seconds)
+        return self.finish(trial, params, seed, run_id, result, reported)
+
+    def begin(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str | None]:
+        """Sample the trial's params, fix its seed, open its MLflow run: ``(params, seed, run_id)``."""
+        from tuner.space import sample
+
+        params = sample(trial, self.spec.space)
+        seed = self.spec.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        if self.provenance:
+            trial.set_user_attr("provenance", self.provenance)
+        run_id = None
+        if self.tracker is not None:
+            run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
+            trial.set_user_attr("mlflow_run_id", run_id)
+        return params, seed, run_id
+
+    def abort(self, params: dict[str, Any], run_id: str | None, e: BaseException) -> None:
+        """Close the run of a trial that raised: Ctrl-C / SIGTERM KILLED, anything else FAILED.
+        Optuna marks the trial FAIL."""
+        status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        if self.tracker is not None and run_id is not None:
+            self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
+
+    def finish(
+        self,
+        trial: optuna.Trial,
+        params: dict[str, Any],
+        seed: int,
+        run_id: str | None,
+        result: TrainResult | CVResult,
+        reported: list[int] | None = None,
+    ) -> float:
+        """Log the trained trial and return its value; raise TrialPruned if it stopped early.
+
+        ``reported``: the epochs that went to Optuna (MLflow gets the same rows); None: all.
+        """
+        import optuna
+
+        from tuner.model import Checkpoint
+        from tuner.validation import CVResult
+
+        metric = self.spec.metric
         tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
         fold_metrics: dict[str, float] = {}
         if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
@@ -329,6 +359,8 @@ class Objective:
             tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
             trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
             fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
+        if reported is None:
+            reported = list(range(len(result.history)))
         if result.diverged or result.stop_reason:
             pruned = True
             reason = result.stop_reason or "pruned"
@@ -451,6 +483,19 @@ def launch(
             study.set_user_attr(key, value)
 
     remaining = total - finished_count(study)
+    if remaining > 0:
+        from tuner.fused_runner import choose_execution, run_fused
+
+        if cv.folds:  # fused trials train one split; a cross-validated trial trains its folds in lockstep
+            if spec.execution == "fused":
+                raise ConfigError(
+                    f"execution = 'fused' trains one validation split, but this study uses {cv.plan.describe()}; "
+                    "set validation.fraction (e.g. 0.2) or execution = 'sequential'"
+                )
+            execution, why = "sequential", f"{spec.execution}: {cv.plan.describe()} runs sequentially"
+        else:
+            execution, why = choose_execution(spec, prepared, dev, remaining)
+        print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
     objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
     n_before = len(study.trials)
@@ -467,7 +512,15 @@ def launch(
         if bar:
             callbacks.append(bar)
         try:
-            study.optimize(objective, n_trials=remaining, timeout=spec.timeout, callbacks=callbacks, gc_after_trial=False)
+            if execution == "fused":  # MaxTrialsCallback stops study.optimize only; run_fused counts itself
+                fused_callbacks: list[Any] = [bar] if bar else []
+                run_fused(
+                    study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
+                )
+            else:
+                study.optimize(
+                    objective, n_trials=remaining, timeout=spec.timeout, callbacks=callbacks, gc_after_trial=False
+                )
         except KeyboardInterrupt:
             tracker.end_run(parent_run_id, "KILLED")
             raise
