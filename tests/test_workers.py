@@ -272,6 +272,15 @@ def test_four_workers_on_one_sqlite_study_then_promote(tmp_path: Path) -> None:
     r = run_tuner("promote", str(study), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "model registered: models:/lite/1" in r.stdout and "alias champion" in r.stdout
+    # Workers cross-validate like a one-process launch (32 rows: 5 folds), and promotion refits
+    # the cross-validated best trial on all rows before registering it.
+    import optuna
+    from mlflow import MlflowClient
+
+    best = optuna.load_study(study_name="lite", storage=storage).best_trial
+    assert len(best.user_attrs["fold_rmse"]) == 5
+    run = MlflowClient(tracking).get_run(best.user_attrs["mlflow_run_id"])
+    assert run.data.tags["tuner.refit"] == "all 32 rows"
 
 
 @pytest.mark.slow

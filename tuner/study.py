@@ -39,6 +39,7 @@ __all__ = [
     "LaunchSummary",
     "finished_count",
     "best_info",
+    "promote_best",
 ]
 
 FINISHED_STATES_NAMES = ("COMPLETE", "PRUNED")
@@ -530,23 +531,8 @@ def launch(
         finally:
             if bar:
                 bar.close()
-    promotion = None
+    promotion = promote_best(spec, study, tracker, frame, prepared.feature_names, cv, dev) if promote else None
     best = _best_trial(study)
-    if promote and best is not None:
-        if cv.all_rows is not None and not tracker.has_checkpoint(best.user_attrs["mlflow_run_id"]):
-            _refit_champion(best, cv, tracker, dev)
-        promotion = tracker.promote(
-            model_name=spec.model_name,
-            run_id=best.user_attrs["mlflow_run_id"],
-            study_name=spec.name,
-            trial_number=best.number,
-            metric=spec.metric,
-            value=float(best.value),  # type: ignore[arg-type]
-            direction=spec.study_direction,
-            space_hash=spec.space_hash(),
-            # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
-            input_example=frame[prepared.feature_names].head(5),
-        )
     if parent_run_id is not None:
         from tuner.lineage import study_url, write_launch_notes
         from tuner.report import log_launch_report
@@ -584,6 +570,36 @@ def _verdict(spec: StudySpec, best: Any, reference: dict[str, Any], verdict: Cal
         return {}
     beats, text = verdict(spec.metric, spec.study_direction, float(best.value), reference)
     return {"verdict": text, "beats_baselines": beats}
+
+
+def promote_best(
+    spec: StudySpec,
+    study: optuna.Study,
+    tracker: Tracker,
+    frame: pd.DataFrame,
+    feature_names: list[str],
+    cv: CVData,
+    device: Any,
+) -> Promotion | None:
+    """Register the best trial's model (refit on all rows first if it was cross-validated) and
+    move ``champion`` if it beats the current one. The one promotion path of launches and workers."""
+    best = _best_trial(study)
+    if best is None:
+        return None
+    if cv.all_rows is not None and not tracker.has_checkpoint(best.user_attrs["mlflow_run_id"]):
+        _refit_champion(best, cv, tracker, device)
+    return tracker.promote(
+        model_name=spec.model_name,
+        run_id=best.user_attrs["mlflow_run_id"],
+        study_name=spec.name,
+        trial_number=best.number,
+        metric=spec.metric,
+        value=float(best.value),  # type: ignore[arg-type]
+        direction=spec.study_direction,
+        space_hash=spec.space_hash(),
+        # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
+        input_example=frame[feature_names].head(5),
+    )
 
 
 def _refit_champion(best: optuna.trial.FrozenTrial, cv: CVData, tracker: Tracker, device: Any) -> None:

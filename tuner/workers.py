@@ -26,7 +26,7 @@ import tempfile
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, TextIO
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from tuner.data import Prepared
     from tuner.study import LaunchSummary
     from tuner.tracking import Promotion, Tracker
+    from tuner.validation import CVData
 
 __all__ = [
     "StudyLock",
@@ -296,9 +297,11 @@ def run_worker(
     import torch
 
     from tuner.progress import Progress
+    from tuner.replay import provenance
     from tuner.study import Objective, _check_batch_sizes, finished_count, load_data, open_study
     from tuner.tracking import Tracker, import_mlflow
     from tuner.train import resolve_device
+    from tuner.validation import load_folds
 
     started = time.perf_counter()
     total = n_trials or spec.n_trials
@@ -312,7 +315,8 @@ def run_worker(
     index = worker_index if worker_index is not None else _env_index()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     prepared, frame = load_data(spec)
-    _check_batch_sizes(spec, len(prepared.x_train))
+    cv = load_folds(spec, frame)
+    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
     lock = StudyLock(url, spec.name)
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
@@ -324,9 +328,12 @@ def run_worker(
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
     prepared = prepared.to(dev)
+    if cv.folds:
+        cv = replace(cv, folds=[f.to(dev) for f in cv.folds])
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     worker_study = BudgetedStudy(study, total, lock, deadline=deadline)
-    objective = Objective(spec, prepared, tracker, parent, dev)
+    # The same objective as a one-process launch: cross-validated where the study is.
+    objective = Objective(spec, prepared, tracker, parent, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
     name = f"{socket.gethostname()}:{os.getpid()}"
 
     ran: list[int] = []
@@ -352,7 +359,7 @@ def run_worker(
             bar.close()
     promotion = None
     if promote:
-        promotion = _finish_if_done(spec, worker_study, tracker, lock, prepared, frame, total, report)
+        promotion = _finish_if_done(spec, worker_study, tracker, lock, prepared, frame, total, report, cv, dev)
     lock.close()
     return WorkerSummary(
         study_name=spec.name,
@@ -402,6 +409,8 @@ def _finish_if_done(
     frame: pd.DataFrame,
     total: int,
     report: bool,
+    cv: CVData,
+    device: Any,
 ) -> Promotion | None:
     """Promote the best trial and end the parent run, once, when the study is finished."""
     from tuner.study import _best_trial, finished_count
@@ -413,7 +422,7 @@ def _finish_if_done(
         attrs = study.user_attrs
         if attrs.get(PROMOTED_ATTR) == best.number:
             return None  # another worker did it
-        promotion = _promote(spec, study, tracker, frame, prepared.feature_names)
+        promotion = _promote(spec, study, tracker, frame, prepared, cv, device)
         parent = attrs.get(PARENT_ATTR)
         if parent and tracker.run_status(parent) == "RUNNING":
             _end_parent(spec, study, tracker, parent, promotion, prepared=prepared, frame=frame, report=report)
@@ -449,26 +458,13 @@ def _end_parent(
 
 
 def _promote(
-    spec: StudySpec, study: optuna.Study, tracker: Tracker, frame: pd.DataFrame, feature_names: Sequence[str]
+    spec: StudySpec, study: optuna.Study, tracker: Tracker, frame: pd.DataFrame, prepared: Prepared, cv: CVData, device: Any
 ) -> Promotion | None:
-    from tuner.study import _best_trial
+    from tuner.study import _best_trial, promote_best
 
-    best = _best_trial(study)
-    if best is None:
-        return None
-    promotion = tracker.promote(
-        model_name=spec.model_name,
-        run_id=best.user_attrs["mlflow_run_id"],
-        study_name=spec.name,
-        trial_number=best.number,
-        metric=spec.metric,
-        value=float(best.value),  # type: ignore[arg-type]
-        direction=spec.study_direction,
-        space_hash=spec.space_hash(),
-        # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
-        input_example=frame[list(feature_names)].head(5),
-    )
-    study.set_user_attr(PROMOTED_ATTR, best.number)
+    promotion = promote_best(spec, study, tracker, frame, prepared.feature_names, cv, device)
+    if promotion is not None:
+        study.set_user_attr(PROMOTED_ATTR, _best_trial(study).number)  # type: ignore[union-attr]
     return promotion
 
 
@@ -480,17 +476,20 @@ def promote_study(spec: StudySpec, *, storage: str | None = None, tracking_uri: 
     """
     from tuner.study import _best_trial, load_data, open_study
     from tuner.tracking import Tracker
+    from tuner.train import resolve_device
+    from tuner.validation import load_folds
 
     url = storage or spec.storage_url
     study = open_study(spec, url, create=False)
     if _best_trial(study) is None:
         raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` or `tuner worker` first")
     prepared, frame = load_data(spec)
+    cv = load_folds(spec, frame)
     tracker = Tracker(tracking_uri or spec.tracking, spec.name)
     lock = StudyLock(url, spec.name)
     try:
         with lock:
-            promotion = _promote(spec, study, tracker, frame, prepared.feature_names)
+            promotion = _promote(spec, study, tracker, frame, prepared, cv, resolve_device("cpu"))
     finally:
         lock.close()
     assert promotion is not None
@@ -593,6 +592,7 @@ def launch_workers(
     from tuner.study import LaunchSummary, _best_trial, _check_batch_sizes, finished_count, load_data, open_study
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
+    from tuner.validation import load_folds
 
     started = time.perf_counter()
     n = n_workers if n_workers is not None else (len(gpus) or 1)
@@ -615,7 +615,8 @@ def launch_workers(
     tracking = tracking_uri or spec.tracking
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     prepared, frame = load_data(spec)
-    _check_batch_sizes(spec, len(prepared.x_train))
+    cv = load_folds(spec, frame)
+    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
     lock = StudyLock(url, spec.name)
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
@@ -700,7 +701,7 @@ def launch_workers(
         lock = StudyLock(url, spec.name)
         try:
             with lock:
-                promotion = _promote(spec, study, tracker, frame, prepared.feature_names)
+                promotion = _promote(spec, study, tracker, frame, prepared, cv, resolve_device("cpu"))
         finally:
             lock.close()
     if parent is not None:
