@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_study_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("reconcile", help="after a crash: fail stale trials, align MLflow runs and the champion")
+    _add_study_args(p)
+
     p = sub.add_parser("predict", help="predict with a registered model")
     p.add_argument("model", help="NAME@ALIAS, NAME/VERSION or models:/... (e.g. cars-mpg@champion)")
     p.add_argument("--input", required=True, help="CSV with the raw feature columns (others are ignored)")
@@ -160,6 +163,26 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from tuner.reconcile import reconcile
+
+    spec = _spec(args)
+    r = reconcile(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec))
+    for n in r.stale_trials:
+        print(f"trial {n}: heartbeat stopped, RUNNING -> FAIL")
+    for n, run_id, old, new in r.runs:
+        print(f"trial {n}: MLflow run {run_id} {old} -> {new}")
+    for run_id in r.launch_runs:
+        print(f"launch run {run_id}: its process is gone, RUNNING -> FAILED")
+    if r.champion:
+        print(r.champion)
+    for problem in r.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not r.changed:
+        print(f"study {r.study_name}: trials, runs and champion are consistent; nothing to do")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.data import load_table
     from tuner.errors import ModelError
@@ -225,6 +248,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 COMMANDS = {
     "launch": cmd_launch,
     "best": cmd_best,
+    "reconcile": cmd_reconcile,
     "predict": cmd_predict,
     "dashboard": cmd_dashboard,
     "ui": cmd_ui,

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from tuner.model import Checkpoint
 
-__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "WEIGHTS_FILE"]
+__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "LoadedModel", "WEIGHTS_FILE"]
 
 WEIGHTS_FILE = "weights.pt"
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
@@ -192,6 +192,40 @@ class Tracker:
             payload = torch.load(path, weights_only=True, map_location="cpu")
         return Checkpoint.from_payload(payload), digest
 
+    def trial_runs(self, study_name: str) -> list[Any]:
+        """Every trial run of a study (any status), for reconciliation with its Optuna trials."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{_tag('role')}` = 'trial' and tags.`{_tag('study')}` = '{study_name}'",
+            max_results=50000,
+        )
+
+    def running_launch_runs(self, study_name: str) -> list[Any]:
+        """Launch (parent) runs of a study that are still RUNNING."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{_tag('role')}` = 'launch' and tags.`{_tag('study')}` = '{study_name}' "
+                "and attributes.status = 'RUNNING'"
+            ),
+            max_results=10000,
+        )
+
+    def has_checkpoint(self, run_id: str) -> bool:
+        return any(f.path == WEIGHTS_FILE for f in self.client.list_artifacts(run_id))
+
+    def model_versions(self, model_name: str) -> list[Any]:
+        if not self._registered(model_name):
+            return []
+        return self.client.search_model_versions(f"name = '{model_name}'")
+
+    def set_alias(self, model_name: str, alias: str, version: str | None) -> None:
+        """Point ``alias`` at ``version``; None removes the alias."""
+        if version is None:
+            self.client.delete_registered_model_alias(model_name, alias)
+        else:
+            self.client.set_registered_model_alias(model_name, alias, version)
+
     def runs_of(self, parent_run_id: str) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
@@ -236,17 +270,27 @@ class Tracker:
 
                 torch.save(checkpoint.to_payload(), path)
                 digest = _sha256(path)
-                with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the trial's run owns the model
-                    warnings.simplefilter("ignore")  # MLflow's advice on type hints: our schema comes from the example
-                    info = mlflow.pyfunc.log_model(
-                        name="model",
-                        python_model=str(_MODEL_CODE),
-                        artifacts={"checkpoint": str(path)},
-                        code_paths=[str(_PACKAGE_DIR)],
-                        input_example=input_example,
-                        # Explicit requirements: inferring them costs ~5 s per model.
-                        pip_requirements=_requirements(),
-                    )
+                try:
+                    # The trial's run owns the model; MLflow's advice on type hints is silenced: our
+                    # schema comes from the input example.
+                    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        info = mlflow.pyfunc.log_model(
+                            name="model",
+                            python_model=str(_MODEL_CODE),
+                            artifacts={"checkpoint": str(path)},
+                            code_paths=[str(_PACKAGE_DIR)],
+                            input_example=input_example,
+                            # Explicit requirements: inferring them costs ~5 s per model.
+                            pip_requirements=_requirements(),
+                        )
+                except Exception as e:
+                    # start_run's exit marked the trial's run FAILED: it is a COMPLETE trial's run.
+                    self.client.set_terminated(run_id, "FINISHED")
+                    raise TrackingError(
+                        f"cannot register trial {trial_number} of study {study_name!r}: logging its model failed "
+                        f"({_first_line(e)}); the champion alias is unchanged, relaunch to retry"
+                    ) from None
             if not self._registered(model_name):
                 try:
                     self.client.create_registered_model(model_name)
@@ -344,14 +388,40 @@ def resolve_model_uri(ref: str) -> str:
     raise ModelError(f"model reference {ref!r} is not NAME@ALIAS, NAME/VERSION or models:/...; e.g. cars-mpg@champion")
 
 
-def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
-    """Download a registered model, verify its weights' SHA-256 tag, load it without pickle.
+class LoadedModel:
+    """A tuner model rebuilt from its weights alone: no pickle and no stored code runs.
+
+    ``metadata`` is the MLmodel file (signature, input example), parsed as YAML.
+    """
+
+    def __init__(self, net: Any, metadata: Any) -> None:
+        self.net, self.metadata = net, metadata
+
+    def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
+        from tuner.model import predict_frame
+
+        return predict_frame(self.net, frame, proba=bool(params and params.get("proba")))
+
+
+def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
+    """Download a registered model, verify its weights' SHA-256 tag, rebuild it from the weights.
+
+    Only ``torch.load(weights_only=True)`` reads the artifact: a pickle or model code stored in
+    the registry is never executed, whoever registered it.
 
     Returns:
-        ``(pyfunc_model, model_version)``; the version is None for ``runs:/`` URIs.
+        ``(model, model_version)``; the version is None for ``runs:/`` and ``models:/m-`` URIs.
+
+    Raises:
+        ModelError: not found, not a tuner model, weights changed after registration, or not
+            loadable as plain weights.
     """
     import mlflow
+    import torch
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from tuner.model import Checkpoint
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -366,19 +436,31 @@ def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
                 version = client.get_model_version_by_alias(name, rest)
             else:
                 name, _, number = name.partition("/")
-                version = client.get_model_version(name, number) if number != "latest" else None
+                if number == "latest":
+                    versions = client.search_model_versions(f"name = '{name}'")
+                    if not versions:
+                        raise MlflowException(f"registered model {name!r} has no version")
+                    version = max(versions, key=lambda v: int(v.version))
+                else:
+                    version = client.get_model_version(name, number)
+            uri = f"models:/{name}/{version.version}"  # verify and load the very version resolved
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="tuner-model-")))
     except MlflowException as e:
         raise ModelError(
             f"model {ref!r} not found in {redact_url(tracking_uri)}: {_first_line(e)}; "
             "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
         ) from None
-    expected = version.tags.get(_tag("weights_sha256")) if version is not None else None
     checkpoint = local / "artifacts" / "checkpoint.pt"
-    if not checkpoint.is_file():
+    if not checkpoint.is_file() or not (local / "MLmodel").is_file():
         raise ModelError(
             f"model {ref!r} is not a tuner model (no artifacts/checkpoint.pt); tuner only loads its own "
             "pickle-free models"
+        )
+    expected = version.tags.get(_tag("weights_sha256")) if version is not None else None
+    if version is not None and not expected:
+        raise ModelError(
+            f"model {ref!r} (version {version.version}) has no {_tag('weights_sha256')} tag: it was not "
+            "registered by `tuner launch`, so its weights cannot be verified; refusing to load it"
         )
     if expected and _sha256(checkpoint) != expected:
         raise ModelError(
@@ -386,8 +468,12 @@ def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
             "the artifact was changed after registration, refusing to load it"
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return mlflow.pyfunc.load_model(str(local)), version
-    except Exception as e:  # a model that cannot load must never run foreign code: report and stop
-        raise ModelError(f"model {ref!r} cannot be loaded: {_first_line(e)}") from None
+        payload = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        net = Checkpoint.from_payload(payload).build()
+        metadata = Model.load(str(local / "MLmodel"))
+    except Exception as e:  # a pickle with code in it lands here: weights_only refuses it unrun
+        raise ModelError(
+            f"model {ref!r} cannot be loaded as plain weights ({_first_line(e)}); tuner never unpickles "
+            "code, refusing it"
+        ) from None
+    return LoadedModel(net, metadata), version
