@@ -371,6 +371,15 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _weights_error(e: BaseException) -> str:
+    """The reason in torch's weights-only refusal (not its advice to load unsafely)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Please file an issue") and i + 1 < len(lines):
+            return f"torch.load(weights_only=True) refused it: {lines[i + 1][:200]}"
+    return _first_line(e)
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0][:300] if text else type(e).__name__
@@ -468,12 +477,14 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
             "the artifact was changed after registration, refusing to load it"
         )
     try:
-        payload = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            payload = torch.load(checkpoint, weights_only=True, map_location="cpu")
         net = Checkpoint.from_payload(payload).build()
         metadata = Model.load(str(local / "MLmodel"))
     except Exception as e:  # a pickle with code in it lands here: weights_only refuses it unrun
         raise ModelError(
-            f"model {ref!r} cannot be loaded as plain weights ({_first_line(e)}); tuner never unpickles "
+            f"model {ref!r} cannot be loaded as plain weights ({_weights_error(e)}); tuner never unpickles "
             "code, refusing it"
         ) from None
     return LoadedModel(net, metadata), version
