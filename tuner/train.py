@@ -168,9 +168,22 @@ def train(
         dropout=p.dropout,
         classes=data.classes,
     )
-    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+    # Seed init and dropout without touching the caller's global RNG state.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = TabularNet(config)
+        return _fit(p, config, data, dev, seed, on_epoch_end, loader)
+
+
+def _fit(
+    p: TrainParams,
+    config: ModelConfig,
+    data: Prepared,
+    dev: torch.device,
+    seed: int,
+    on_epoch_end: EpochHook | None,
+    loader: Literal["memory", "dataloader"],
+) -> TrainResult:
+    model = TabularNet(config)
     model.set_scaling(data.x_mean_, data.x_std_, data.y_mean_, data.y_std_)
     model.to(dev).train()
     opt = _optimizer(p, model, dev)
