@@ -176,7 +176,7 @@ def open_study(
     """
     import optuna
 
-    from tuner.space import describe_change
+    from tuner.space import describe_change, incompatible_changes
 
     url = storage_url or spec.storage_url
     storage = open_storage(url, spec)
@@ -220,6 +220,12 @@ def open_study(
             raise StorageError(
                 f"study {spec.name!r} was run with another search space ({describe_change(stored, current)}); "
                 "its trials are untouched: use a new study name, or relaunch with --allow-space-change"
+            )
+        incompatible = incompatible_changes(stored, current)
+        if incompatible:
+            raise StorageError(
+                f"study {spec.name!r}: --allow-space-change cannot apply {'; '.join(incompatible)} (Optuna keeps "
+                "one distribution per parameter name in a study; ranges may change); use a new study name"
             )
         study.set_user_attr("space", current)
         study.set_user_attr("space_hash", spec.space_hash())
@@ -598,7 +604,7 @@ def launch(
     from tuner.train import resolve_device
 
     started = time.perf_counter()
-    total = n_trials or spec.n_trials
+    total = spec.n_trials if n_trials is None else n_trials  # --n-trials 0 is refused, not ignored
     if total <= 0:
         raise TunerError(f"n_trials must be > 0 (got {total})")
     try:

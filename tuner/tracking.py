@@ -99,7 +99,7 @@ class Tracker:
             raise
         except Exception as e:  # mlflow raises many types for an unreachable or broken store
             raise TrackingError(
-                f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e)}; "
+                f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e, hide=tracking_uri)}; "
                 "check the URI (--tracking-uri) and that the server is running"
             ) from None
 
@@ -380,9 +380,18 @@ def _weights_error(e: BaseException) -> str:
     return _first_line(e)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+def _first_line(e: BaseException, hide: str = "") -> str:
+    """The first line of an error, with the password of the URL ``hide`` masked (MLflow's errors
+    repeat the URL they failed on, password included)."""
+    from urllib.parse import urlsplit
+
+    lines = str(e).strip().splitlines()
+    text = lines[0][:300] if lines else type(e).__name__
+    try:
+        password = urlsplit(hide).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 # -- reading models back ---------------------------------------------------------------------
@@ -456,7 +465,7 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="tuner-model-")))
     except MlflowException as e:
         raise ModelError(
-            f"model {ref!r} not found in {redact_url(tracking_uri)}: {_first_line(e)}; "
+            f"model {ref!r} not found in {redact_url(tracking_uri)}: {_first_line(e, hide=tracking_uri)}; "
             "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
         ) from None
     checkpoint = local / "artifacts" / "checkpoint.pt"
