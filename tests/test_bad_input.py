@@ -17,11 +17,12 @@ from tuner.errors import StorageError, TrackingError
 
 CARS_TEXT = CARS.read_text()
 
-# name -> (CSV contents, extra study-file text, expected message)
+# name -> (CSV contents, expected message)
 CSV_CASES: dict[str, tuple[str | bytes, str]] = {
     "wrong_delimiter": (
         CARS_TEXT.replace(",", ";"),
-        r"has one column 'model;mpg;cyl;disp;hp;drat;wt;qsec;vs;am;gear;carb'; it looks ';'-separated: save it comma-separated",
+        r"has one column 'model;mpg;cyl;disp;hp;drat;wt;qsec;vs;am;gear;carb'; "
+        r"it looks ';'-separated: save it comma-separated",
     ),
     "undecodable_bytes": (
         CARS_TEXT.encode().replace(b"Mazda RX4 Wag", b"Mazda RX4 W\xe4g"),
@@ -40,7 +41,10 @@ CSV_CASES: dict[str, tuple[str | bytes, str]] = {
         r"column 'hp' is not numeric, e.g. '\?' \(row 6\); fix or drop those values",
     ),
     "single_target_value": (
-        "\n".join([CARS_TEXT.splitlines()[0]] + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]),
+        "\n".join(
+            [CARS_TEXT.splitlines()[0]]
+            + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]
+        ),
         r"target 'mpg' has a single value \(21\) in every row; there is nothing to learn",
     ),
     "empty_validation_split": (
@@ -69,7 +73,7 @@ STUDY_CASES: dict[str, tuple[dict[str, Any], str]] = {
         r"space.lr: log = true needs low > 0 \(got low = 0.0\)",
     ),
     "log_range_negative": (
-        {"space": LR + SPACE.replace('low = 2, high = 8 }', 'low = -4, high = 8, log = true }')},
+        {"space": LR + SPACE.replace("low = 2, high = 8 }", "low = -4, high = 8, log = true }")},
         r"space.hidden_size: log = true needs low > 0 \(got low = -4\)",
     ),
     "n_trials_zero": ({"n_trials": 0}, r"n_trials: Input should be greater than 0"),
@@ -115,7 +119,9 @@ def test_bad_csv_is_refused_in_one_line_before_anything_is_written(tmp_path: Pat
 
 
 @pytest.mark.parametrize("case", sorted(STUDY_CASES))
-def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(tmp_path: Path, capsys: Any, case: str) -> None:
+def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(
+    tmp_path: Path, capsys: Any, case: str
+) -> None:
     kwargs, match = STUDY_CASES[case]
     study = write_study(tmp_path, "bad", **kwargs)
     _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
@@ -123,21 +129,37 @@ def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(tmp_pa
 
 def test_n_trials_zero_on_the_command_line_is_refused_not_ignored(tmp_path: Path, capsys: Any) -> None:
     study = write_study(tmp_path, "bad")
-    _refused(tmp_path, capsys, ["launch", str(study), "--n-trials", "0", *_stores(tmp_path)], r"n_trials must be > 0 \(got 0\)")
+    _refused(
+        tmp_path,
+        capsys,
+        ["launch", str(study), "--n-trials", "0", *_stores(tmp_path)],
+        r"n_trials must be > 0 \(got 0\)",
+    )
 
 
 def test_fewer_rows_than_the_largest_batch_size_clamps_with_a_warning(tmp_path: Path) -> None:
     from tuner.study import _check_batch_sizes
 
     spec = load_spec(write_study(tmp_path, "big", space=LR + SPACE.replace("[8, 16]", "[8, 64]")))
-    with pytest.warns(UserWarning, match=r"batch sizes up to 64 exceed the 26 training rows; those trials use full batches of 26"):
+    with pytest.warns(
+        UserWarning, match=r"batch sizes up to 64 exceed the 26 training rows; those trials use full batches of 26"
+    ):
         _check_batch_sizes(spec, 26)
 
 
 def test_storage_folder_that_does_not_exist(tmp_path: Path, capsys: Any) -> None:
     study = write_study(tmp_path, "s")
-    argv = ["launch", str(study), "--storage", f"sqlite:///{tmp_path / 'nope' / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    _refused(tmp_path, capsys, argv, rf"storage folder '{tmp_path / 'nope'}' does not exist .*; create it or pass --storage")
+    argv = [
+        "launch",
+        str(study),
+        "--storage",
+        f"sqlite:///{tmp_path / 'nope' / 'optuna.db'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    _refused(
+        tmp_path, capsys, argv, rf"storage folder '{tmp_path / 'nope'}' does not exist .*; create it or pass --storage"
+    )
 
 
 def test_read_only_storage_folder(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
@@ -147,16 +169,27 @@ def test_read_only_storage_folder(tmp_path: Path, capsys: Any, monkeypatch: Any)
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
     study = write_study(tmp_path, "s")
-    argv = ["launch", str(study), "--storage", f"sqlite:///{folder / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    argv = [
+        "launch",
+        str(study),
+        "--storage",
+        f"sqlite:///{folder / 'optuna.db'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
     _refused(tmp_path, capsys, argv, r"storage sqlite:///.*/ro/optuna.db is not writable; pass a writable --storage")
 
 
-def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_password_hidden(tmp_path: Path, capsys: Any) -> None:
+def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_password_hidden(
+    tmp_path: Path, capsys: Any
+) -> None:
     study = write_study(tmp_path, "s")
     uri = f"http://alice:Tr4ckPw@127.0.0.1:{free_port()}"
     start = time.monotonic()
     line = _refused(
-        tmp_path, capsys, ["launch", str(study), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", uri],
+        tmp_path,
+        capsys,
+        ["launch", str(study), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", uri],
         r"cannot open MLflow tracking store http://alice:\*\*\*@127.0.0.1:\d+: .*; check the URI",
     )
     assert time.monotonic() - start < 60  # retries are bounded (tuner's MLflow defaults: 2 retries)
@@ -166,7 +199,9 @@ def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_passwor
 def test_unreachable_storage_server_error_hides_the_password(tmp_path: Path) -> None:
     from tuner.study import open_storage
 
-    with pytest.raises(StorageError, match=r"cannot open study storage postgresql://bob:\*\*\*@127.0.0.1:\d+/db: ") as err:
+    with pytest.raises(
+        StorageError, match=r"cannot open study storage postgresql://bob:\*\*\*@127.0.0.1:\d+/db: "
+    ) as err:
         open_storage(f"postgresql://bob:St0rPw@127.0.0.1:{free_port()}/db")
     assert "St0rPw" not in str(err.value)
 
@@ -174,7 +209,10 @@ def test_unreachable_storage_server_error_hides_the_password(tmp_path: Path) -> 
 def test_tracking_store_folder_that_does_not_exist(tmp_path: Path) -> None:
     from tuner.tracking import Tracker
 
-    with pytest.raises(TrackingError, match=r"MLflow store folder '.*/missing' does not exist; create it or pass another --tracking-uri"):
+    with pytest.raises(
+        TrackingError,
+        match=r"MLflow store folder '.*/missing' does not exist; create it or pass another --tracking-uri",
+    ):
         Tracker(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", "s")
 
 
