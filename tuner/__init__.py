@@ -24,6 +24,7 @@ _EXPORTS = {
     "resolve_device": "tuner.train",
     "launch": "tuner.study",
     "open_study": "tuner.study",
+    "reconcile": "tuner.reconcile",
     "TunerError": "tuner.errors",
     "ConfigError": "tuner.errors",
     "DataError": "tuner.errors",

@@ -359,6 +359,7 @@ def run_trials(
 
     deadline = None if timeout is None else time.monotonic() + timeout
     n_run = failed_in_a_row = 0
+    waited = False
     last: list[optuna.trial.FrozenTrial] = []
 
     def claimed(trial: optuna.Trial) -> float:
@@ -373,6 +374,13 @@ def run_trials(
         if state == "done":
             break
         if state == "wait":
+            if not waited:
+                warnings.warn(
+                    "the last trial slots are held by running trials of other workers; waiting for them "
+                    "(a dead worker's trial is failed once its heartbeat is older than the grace period)",
+                    stacklevel=2,
+                )
+                waited = True
             time.sleep(poll_seconds)
             continue
         last.clear()
