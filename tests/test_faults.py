@@ -196,6 +196,29 @@ def test_f5_crash_between_optuna_and_mlflow_is_reconciled(tmp_path: Path, window
         assert champion(spec).version == good.version
 
 
+def test_a_live_trial_failed_by_another_worker_does_not_stop_the_launch(tmp_path: Path, monkeypatch: Any) -> None:
+    import optuna
+
+    import tuner.train
+
+    spec = _spec(tmp_path, "stolen", n_trials=2)
+    original, calls = tuner.train.train, []
+
+    def judged_stale_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:  # what another worker's stale check does to a trial whose heartbeat is late
+            storage = optuna.storages.RDBStorage(spec.storage_url)
+            [trial] = storage.get_all_trials(storage.get_study_id_from_name("stolen"))
+            storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+            storage.engine.dispose()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tuner.train, "train", judged_stale_meanwhile)
+    summary = launch(spec, progress=False)
+    trials, runs = check_consistent(spec)  # the FAIL trial's run was FINISHED by the objective: now FAILED
+    assert summary.n_finished == 2 and [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+
+
 @pytest.mark.slow
 def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(tmp_path: Path) -> None:
     import subprocess
@@ -203,7 +226,16 @@ def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(
 
     from conftest import tuner_env
 
-    spec = _spec(tmp_path, "f4", n_trials=6)
+    # A grace period well above the heartbeat interval: on a loaded machine a 2 s grace lets one
+    # worker fail the other's live trial (tuner survives that, but this test counts trials).
+    path = write_study(
+        tmp_path,
+        "f4",
+        body="[heartbeat]\ninterval = 1\ngrace_period = 60\n",
+        n_trials=6,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    spec = load_spec(path)
     cmd = [sys.executable, "-m", "tuner", "launch", str(spec.source), "--no-progress", "-v"]
     procs = [
         subprocess.Popen(

@@ -362,8 +362,11 @@ def run_trials(
     waited = False
     last: list[optuna.trial.FrozenTrial] = []
 
+    started: list[optuna.Trial] = []
+
     def claimed(trial: optuna.Trial) -> float:
         budget.release()  # the trial exists now: other workers count it as RUNNING
+        started.append(trial)
         return objective(trial)
 
     def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -384,8 +387,17 @@ def run_trials(
             time.sleep(poll_seconds)
             continue
         last.clear()
+        started.clear()
         try:
             study.optimize(claimed, n_trials=1, callbacks=[record, *callbacks], catch=catch, gc_after_trial=False)
+        except ValueError:
+            # "Cannot tell a FAIL trial": another worker judged this live trial stale (its heartbeat
+            # was late, e.g. on an overloaded machine) and failed it; Optuna queued a retry. The
+            # trial stays FAIL and the launch goes on; on_trial_end realigns its MLflow run.
+            stolen = study._storage.get_trial(started[-1]._trial_id) if started else None
+            if stolen is None or stolen.state != TrialState.FAIL:
+                raise
+            last.append(stolen)
         finally:
             budget.release()
         n_run += 1
@@ -657,7 +669,9 @@ def launch(
                 # Out of memory fails the trial, not the launch: the next trial may fit.
                 catch=(torch.cuda.OutOfMemoryError,),
                 poll_seconds=min(1.0, spec.heartbeat.interval),
-                on_trial_end=lambda t: _free_device_memory(dev) if t.state.name == "FAIL" else None,
+                on_trial_end=lambda t: (
+                    _after_failed_trial(dev, study, tracker, spec) if t.state.name == "FAIL" else None
+                ),
             )
         except KeyboardInterrupt:
             tracker.end_run(parent_run_id, "KILLED")
@@ -714,6 +728,13 @@ def _process_tags() -> dict[str, str]:
     import socket
 
     return {"tuner.host": socket.gethostname(), "tuner.pid": str(os.getpid())}
+
+
+def _after_failed_trial(device: Any, study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
+    from tuner.reconcile import reconcile_study
+
+    _free_device_memory(device)
+    reconcile_study(study, tracker, spec)  # e.g. a run FINISHED for a trial another worker failed
 
 
 def _free_device_memory(device: Any) -> None:
