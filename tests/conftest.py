@@ -65,7 +65,9 @@ def run_tuner(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout:
     )
 
 
-def write_study(folder: Path, name: str = "study", *, data: Path | str = CARS, body: str = "", space: str | None = None, **top: Any) -> Path:
+def write_study(
+    folder: Path, name: str = "study", *, data: Path | str = CARS, body: str = "", space: str | None = None, **top: Any
+) -> Path:
     """A small, fast study file in ``folder`` (2-3 epochs), overridable key by key."""
     defaults: dict[str, Any] = {"name": name, "target": "mpg", "n_trials": 3, "seed": 0}
     defaults.update(top)

@@ -202,8 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ModelError(f"prediction failed on {args.input}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     import pandas as pd
 
-    target = (model.metadata.metadata or {}).get("target") or "prediction"
-    out = pd.DataFrame({f"{target}": preds} if getattr(preds, "ndim", 1) == 1 else preds)
+    out = pd.DataFrame({"prediction": preds}) if getattr(preds, "ndim", 1) == 1 else pd.DataFrame(preds)
     if args.output:
         out.to_csv(args.output, index=False)
         print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)

@@ -203,6 +203,7 @@ class StudySpec(_Strict):
 
 def _param_problems(name: str, p: Any) -> list[str]:
     problems: list[str] = []
+    values: list[Any]
     if isinstance(p, (FloatParam, IntParam)):
         if name in _CHOICE_PARAMS:
             return [f"is a choice; use type = 'categorical' with choices from {list(_CHOICE_PARAMS[name])}"]

@@ -64,6 +64,11 @@ class TabularNet(nn.Module):
     in the state dict, so the saved weights alone reproduce the predictions.
     """
 
+    x_mean: torch.Tensor
+    x_std: torch.Tensor
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from tuner.data import Prepared
-    from tuner.tracking import Promotion, Tracker
+    from tuner.tracking import Promotion, RunStatus, Tracker
 
 __all__ = [
     "open_storage",
@@ -86,7 +86,9 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             with storage.engine.connect() as conn:  # WAL persists in the file: readers never block the writer
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        raise StorageError(f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running") from None
+        raise StorageError(
+            f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running"
+        ) from None
     return storage
 
 
@@ -489,7 +491,7 @@ class Objective:
             result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
             # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             reason = fail_reason(e)
             trial.set_user_attr("fail_reason", reason)
             if self.tracker is not None and run_id is not None:
@@ -632,6 +634,9 @@ def launch(
     except ValueError as e:
         raise TunerError(str(e)) from None
     # Everything that can be wrong is checked before the study or a run is written.
+    # Trial results reach the user through the progress line and summary; Optuna's own failure
+    # log would print a traceback for every Ctrl-C.
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
     make_sampler(spec), make_pruner(spec)  # unknown options refused before anything is written
@@ -643,7 +648,6 @@ def launch(
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
     prepared = prepared.to(dev)  # once per launch, not per trial
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
 
     from tuner.reconcile import reconcile_study
 
@@ -693,7 +697,7 @@ def launch(
                     study_name=spec.name,
                     trial_number=best.number,
                     metric=spec.metric,
-                    value=float(best.value),
+                    value=float(best.value),  # type: ignore[arg-type]
                     direction=spec.study_direction,
                     space_hash=spec.space_hash(),
                     # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.

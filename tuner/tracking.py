@@ -281,6 +281,7 @@ class Tracker:
                             artifacts={"checkpoint": str(path)},
                             code_paths=[str(_PACKAGE_DIR)],
                             input_example=input_example,
+                            metadata={"target": checkpoint.config.target, "task": checkpoint.config.task},
                             # Explicit requirements: inferring them costs ~5 s per model.
                             pip_requirements=_requirements(),
                         )
@@ -315,7 +316,7 @@ class Tracker:
                     f"`tuner predict {model_name}@champion --input FILE.csv`."
                 ),
             )
-        alias = "champion" if _better(value, champion, direction) or (
+        alias: Literal["champion", "challenger"] = "champion" if _better(value, champion, direction) or (
             champion is not None and champion.version == version.version
         ) else "challenger"
         self.client.set_registered_model_alias(model_name, alias, version.version)

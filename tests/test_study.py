@@ -1,0 +1,143 @@
+"""The study runner against a real SQLite study and a real SQLite MLflow store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from tests.conftest import write_study
+from tuner.config import load_spec
+from tuner.errors import StorageError, TrackingError
+from tuner.study import launch, open_study
+
+
+def _runs(tracking_uri: str, experiment: str) -> tuple[list, list]:
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("tuner.role") == "launch"]
+    children = [r for r in runs if r.data.tags.get("tuner.role") == "trial"]
+    return parents, children
+
+
+def test_launch_logs_one_child_run_per_trial_and_registers_a_champion(
+    tmp_path: Path, storage_url: str, tracking_uri: str
+) -> None:
+    spec = load_spec(write_study(tmp_path, n_trials=4, registered_model="cars-small"))
+    summary = launch(spec, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+
+    study = optuna.load_study(study_name="study", storage=storage_url)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(finished) == 4 == summary.n_finished == summary.n_run
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    parents, children = _runs(tracking_uri, "study")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(children) == 4
+    by_id = {r.info.run_id: r for r in children}
+    for t in finished:
+        run = by_id[t.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["tuner.trial"] == str(t.number)
+        assert run.info.status == ("FINISHED" if t.state == TrialState.COMPLETE else "KILLED")
+        assert {k: str(v) for k, v in t.params.items()} == run.data.params
+        assert len(MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "rmse")) == len(t.intermediate_values)
+    best = study.best_trial
+    assert by_id[best.user_attrs["mlflow_run_id"]].data.metrics["final_rmse"] == pytest.approx(best.value)
+    version = MlflowClient(tracking_uri).get_model_version_by_alias("cars-small", "champion")
+    assert version.tags["tuner.trial"] == str(best.number)
+    assert version.tags["tuner.study"] == "study"
+    assert float(version.tags["tuner.value"]) == pytest.approx(best.value)
+    assert version.tags["tuner.space_hash"] == spec.space_hash()
+    assert summary.promotion is not None and summary.promotion.alias == "champion"
+    assert set(summary.baselines) == {"mean", "least_squares"}
+
+
+def test_n_trials_is_the_total_of_finished_trials_across_launches(
+    tmp_path: Path, storage_url: str, tracking_uri: str
+) -> None:
+    spec = load_spec(write_study(tmp_path, n_trials=2))
+    first = launch(spec, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+    again = launch(spec, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+    more = launch(spec, n_trials=5, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+    assert (first.n_run, again.n_run, more.n_run) == (2, 0, 3)
+    assert more.n_finished == 5
+    assert again.promotion is not None and not again.promotion.new_version  # nothing new to register
+    parents, children = _runs(tracking_uri, "study")
+    assert len(parents) == 2 and len(children) == 5  # a launch with nothing to run opens no run
+
+
+def test_linear_study_champion_is_the_least_squares_line(workdir: Path, storage_url: str, tracking_uri: str) -> None:
+    """The seed check: cars_linear run to completion lands on least squares (same training rows)."""
+    spec = load_spec(workdir / "studies" / "cars_linear.toml")
+    summary = launch(spec, n_trials=4, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/cars-linear@champion")
+    import pandas as pd
+
+    cars = pd.read_csv(workdir / "data" / "cars.csv")
+    from tuner.study import load_data
+
+    prepared, _ = load_data(spec)
+    rows = cars.iloc[prepared.train_index]
+    (a_ls, b_ls), *_ = np.linalg.lstsq(np.c_[np.ones(len(rows)), rows["wt"]], rows["mpg"], rcond=None)
+    probe = pd.DataFrame({"wt": [0.0, 1.0]})
+    intercept, at_one = model.predict(probe)
+    assert intercept == pytest.approx(a_ls, rel=0.01)
+    assert at_one - intercept == pytest.approx(b_ls, rel=0.01)
+    assert summary.best_params["hidden_size"] == 0
+
+
+def test_changed_search_space_is_refused_and_trials_are_kept(
+    tmp_path: Path, storage_url: str, tracking_uri: str
+) -> None:
+    spec = load_spec(write_study(tmp_path, n_trials=2))
+    launch(spec, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+    changed = load_spec(write_study(tmp_path, n_trials=4, space=(
+        'lr = { type = "float", low = 1e-4, high = 1e-1, log = true }\n'
+        'epochs = { type = "int", low = 2, high = 3 }\n'
+        'batch_size = { type = "categorical", choices = [8, 16] }\n'
+        'hidden_size = { type = "int", low = 2, high = 8 }\n'
+        'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
+    )))
+    with pytest.raises(StorageError, match=r"another search space \(lr: low 0.001 -> 0.0001\).*--allow-space-change"):
+        launch(changed, storage=storage_url, tracking_uri=tracking_uri, progress=False)
+    assert len(optuna.load_study(study_name="study", storage=storage_url).trials) == 2
+    resumed = launch(changed, storage=storage_url, tracking_uri=tracking_uri, progress=False, allow_space_change=True)
+    assert resumed.n_finished == 4
+
+
+def test_storage_in_a_missing_folder_is_refused_before_anything_is_written(tmp_path: Path, tracking_uri: str) -> None:
+    spec = load_spec(write_study(tmp_path))
+    with pytest.raises(StorageError, match=r"storage folder '.*nowhere' does not exist"):
+        launch(spec, storage=f"sqlite:///{tmp_path / 'nowhere' / 'o.db'}", tracking_uri=tracking_uri, progress=False)
+
+
+def test_unreachable_tracking_store_is_refused_before_the_study_is_created(tmp_path: Path, storage_url: str) -> None:
+    spec = load_spec(write_study(tmp_path))
+    with pytest.raises(TrackingError, match=r"MLflow store folder '.*nowhere' does not exist"):
+        launch(spec, storage=storage_url, tracking_uri=f"sqlite:///{tmp_path / 'nowhere' / 'm.db'}", progress=False)
+    assert not (tmp_path / "optuna.db").exists()
+
+
+def test_postgres_url_with_a_closed_port_names_the_host_and_hides_the_password(tmp_path: Path) -> None:
+    spec = load_spec(write_study(tmp_path))
+    with pytest.raises(StorageError) as err:
+        open_study(spec, "postgresql+psycopg://tuner:s3cret@127.0.0.1:1/optuna")
+    text = str(err.value)
+    assert "127.0.0.1" in text and "port 1" in text or ":1/" in text
+    assert "s3cret" not in text and "***" in text
+
+
+def test_shipped_mlp_study_is_resumable_on_its_default_paths(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(workdir)
+    spec = load_spec(workdir / "studies" / "cars_mlp.toml")
+    s = launch(spec, n_trials=2, progress=False)
+    assert (workdir / "studies" / "cars_mlp.db").exists() and (workdir / "mlflow.db").exists()
+    assert (workdir / "mlartifacts").is_dir()
+    assert s.n_finished == 2 and s.storage == f"sqlite:///{workdir / 'studies' / 'cars_mlp.db'}"
