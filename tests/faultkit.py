@@ -10,7 +10,28 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mlflow_uri_restored() -> Iterator[None]:
+    """In-process launches call mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI
+    (and MLFLOW_REGISTRY_URI): put both back, so later tests' subprocesses do not inherit them."""
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
 
 HEARTBEAT = "[heartbeat]\ninterval = 1\ngrace_period = 2\n"
 GRACE = 2.0
@@ -88,6 +109,7 @@ def slow_first_trial(seconds: float = 120) -> Callable[[], None]:
 
     def setup() -> None:
         import tuner.train
+        from tuner import interrupt
 
         original, calls = tuner.train.train, []
 
@@ -95,8 +117,9 @@ def slow_first_trial(seconds: float = 120) -> Callable[[], None]:
             calls.append(1)
             if len(calls) == 1:
                 end = time.monotonic() + seconds
-                while time.monotonic() < end:
+                while time.monotonic() < end:  # "epochs" of 20 ms that honour Ctrl-C/SIGTERM
                     time.sleep(0.02)
+                    interrupt.check()
             return original(*args, **kwargs)
 
         tuner.train.train = slow
@@ -127,9 +150,7 @@ def champion(spec: Any) -> Any | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return MlflowClient(spec.tracking, registry_uri=spec.tracking).get_model_version_by_alias(
-            spec.model_name, "champion"
-        )
+        return MlflowClient(spec.tracking, registry_uri=spec.tracking).get_model_version_by_alias(spec.model_name, "champion")
     except MlflowException:
         return None
 

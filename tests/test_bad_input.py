@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from conftest import CARS, free_port, write_study
+from faultkit import mlflow_uri_restored  # noqa: F401  (autouse fixture)
 
 from tuner.cli import main
 from tuner.config import load_spec
@@ -41,10 +42,7 @@ CSV_CASES: dict[str, tuple[str | bytes, str]] = {
         r"column 'hp' is not numeric, e.g. '\?' \(row 6\); fix or drop those values",
     ),
     "single_target_value": (
-        "\n".join(
-            [CARS_TEXT.splitlines()[0]]
-            + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]
-        ),
+        "\n".join([CARS_TEXT.splitlines()[0]] + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]),
         r"target 'mpg' has a single value \(21\) in every row; there is nothing to learn",
     ),
     "empty_validation_split": (
@@ -119,9 +117,7 @@ def test_bad_csv_is_refused_in_one_line_before_anything_is_written(tmp_path: Pat
 
 
 @pytest.mark.parametrize("case", sorted(STUDY_CASES))
-def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(
-    tmp_path: Path, capsys: Any, case: str
-) -> None:
+def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(tmp_path: Path, capsys: Any, case: str) -> None:
     kwargs, match = STUDY_CASES[case]
     study = write_study(tmp_path, "bad", **kwargs)
     _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
@@ -141,9 +137,7 @@ def test_fewer_rows_than_the_largest_batch_size_clamps_with_a_warning(tmp_path: 
     from tuner.study import _check_batch_sizes
 
     spec = load_spec(write_study(tmp_path, "big", space=LR + SPACE.replace("[8, 16]", "[8, 64]")))
-    with pytest.warns(
-        UserWarning, match=r"batch sizes up to 64 exceed the 26 training rows; those trials use full batches of 26"
-    ):
+    with pytest.warns(UserWarning, match=r"batch sizes up to 64 exceed the 26 training rows; those trials use full batches of 26"):
         _check_batch_sizes(spec, 26)
 
 
@@ -157,9 +151,7 @@ def test_storage_folder_that_does_not_exist(tmp_path: Path, capsys: Any) -> None
         "--tracking-uri",
         f"sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    _refused(
-        tmp_path, capsys, argv, rf"storage folder '{tmp_path / 'nope'}' does not exist .*; create it or pass --storage"
-    )
+    _refused(tmp_path, capsys, argv, rf"storage folder '{tmp_path / 'nope'}' does not exist .*; create it or pass --storage")
 
 
 def test_read_only_storage_folder(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
@@ -180,9 +172,7 @@ def test_read_only_storage_folder(tmp_path: Path, capsys: Any, monkeypatch: Any)
     _refused(tmp_path, capsys, argv, r"storage sqlite:///.*/ro/optuna.db is not writable; pass a writable --storage")
 
 
-def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_password_hidden(
-    tmp_path: Path, capsys: Any
-) -> None:
+def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_password_hidden(tmp_path: Path, capsys: Any) -> None:
     study = write_study(tmp_path, "s")
     uri = f"http://alice:Tr4ckPw@127.0.0.1:{free_port()}"
     start = time.monotonic()
@@ -199,9 +189,7 @@ def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_passwor
 def test_unreachable_storage_server_error_hides_the_password(tmp_path: Path) -> None:
     from tuner.study import open_storage
 
-    with pytest.raises(
-        StorageError, match=r"cannot open study storage postgresql://bob:\*\*\*@127.0.0.1:\d+/db: "
-    ) as err:
+    with pytest.raises(StorageError, match=r"cannot open study storage postgresql://bob:\*\*\*@127.0.0.1:\d+/db: ") as err:
         open_storage(f"postgresql://bob:St0rPw@127.0.0.1:{free_port()}/db")
     assert "St0rPw" not in str(err.value)
 

@@ -8,7 +8,12 @@ import math
 from pathlib import Path
 
 from conftest import write_study
-from faultkit import champion, check_consistent, mlflow_runs
+from faultkit import (
+    champion,
+    check_consistent,
+    mlflow_runs,
+    mlflow_uri_restored,  # noqa: F401  (autouse fixture)
+)
 
 from tuner.config import load_spec
 from tuner.study import launch

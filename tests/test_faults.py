@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import write_study
-from faultkit import (
+from faultkit import (  # mlflow_uri_restored: autouse fixture
     GRACE,
     HEARTBEAT,
     champion,
@@ -22,6 +22,7 @@ from faultkit import (
     fork_cli,
     load_trials,
     mlflow_runs,
+    mlflow_uri_restored,  # noqa: F401
     running_trial_with_run,
     slow_first_trial,
     states,
@@ -34,9 +35,7 @@ from tuner.study import launch
 
 
 def _spec(tmp_path: Path, name: str, n_trials: int = 3, **top: Any) -> Any:
-    path = write_study(
-        tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **top
-    )
+    path = write_study(tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **top)
     return load_spec(path)
 
 
@@ -70,9 +69,7 @@ def test_f1_killed_launch_trial_fails_by_heartbeat_is_retried_and_its_run_reconc
     by_id = {r.info.run_id: r for r in runs}
     orphan = by_id[zombie.user_attrs["mlflow_run_id"]]
     assert orphan.info.status == "FAILED" and "RUNNING" in orphan.data.tags["tuner.reconciled"]
-    launches = sorted(
-        (r.info.status, r.data.tags.get("tuner.reconciled", "")) for r in runs if r.data.tags["tuner.role"] == "launch"
-    )
+    launches = sorted((r.info.status, r.data.tags.get("tuner.reconciled", "")) for r in runs if r.data.tags["tuner.role"] == "launch")
     assert [s for s, _ in launches] == ["FAILED", "FINISHED"] and "is gone" in launches[0][1]
     assert sum(r.data.tags["tuner.role"] == "trial" for r in runs) == len(trials)  # one run per trial
 
@@ -109,9 +106,7 @@ def test_f2_trial_with_live_heartbeat_is_not_stale_however_long_it_runs(tmp_path
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_f3_sigint_and_sigterm_fail_the_trial_kill_its_run_and_the_next_launch_resumes(
-    tmp_path: Path, sig: int
-) -> None:
+def test_f3_sigint_and_sigterm_fail_the_trial_kill_its_run_and_the_next_launch_resumes(tmp_path: Path, sig: int) -> None:
     spec = _spec(tmp_path, "f3", n_trials=2)
     assert _kill_during_first_trial(spec, tmp_path, sig) == 130
     assert "interrupted" in (tmp_path / "child.log").read_text()
@@ -189,10 +184,7 @@ def test_f5_crash_between_optuna_and_mlflow_is_reconciled(tmp_path: Path, window
             spec.model_name, source=good.source, tags={**good.tags, "tuner.trial": "0", "tuner.value": "0.001"}
         )
         client.set_registered_model_alias(spec.model_name, "champion", bad.version)
-        assert (
-            reconcile(spec).champion
-            == f"champion moved from version {bad.version} to {good.version} (trial not COMPLETE)"
-        )
+        assert reconcile(spec).champion == f"champion moved from version {bad.version} to {good.version} (trial not COMPLETE)"
         assert champion(spec).version == good.version
 
 
@@ -238,10 +230,7 @@ def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(
     spec = load_spec(path)
     cmd = [sys.executable, "-m", "tuner", "launch", str(spec.source), "--no-progress", "-v"]
     procs = [
-        subprocess.Popen(
-            cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for _ in range(2)
+        subprocess.Popen(cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -270,9 +259,7 @@ def test_f7_failed_promotion_leaves_the_previous_champion_where_it_was(tmp_path:
 
     monkeypatch.setattr(mlflow.pyfunc, "log_model", broken_log_model)
     second = _spec(tmp_path, "f7b", n_trials=1, registered_model="shared", seed=1)
-    with pytest.raises(
-        TrackingError, match=r"logging its model failed \(No space left on device\); the champion alias is unchanged"
-    ):
+    with pytest.raises(TrackingError, match=r"logging its model failed \(No space left on device\); the champion alias is unchanged"):
         launch(second, progress=False)
 
     client = MlflowClient(first.tracking, registry_uri=first.tracking)
@@ -300,9 +287,7 @@ def _oom(n_failing: int) -> Any:
     return loss
 
 
-def test_b8_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(
-    tmp_path: Path, monkeypatch: Any
-) -> None:
+def test_b8_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(tmp_path: Path, monkeypatch: Any) -> None:
     import tuner.train
 
     monkeypatch.setattr(tuner.train, "_loss", _oom(1))
@@ -316,17 +301,13 @@ def test_b8_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(
     assert run.info.status == "FAILED" and run.data.tags["tuner.fail_reason"] == reason
 
 
-def test_b8_a_launch_whose_every_trial_runs_out_of_memory_stops_with_the_reason(
-    tmp_path: Path, monkeypatch: Any
-) -> None:
+def test_b8_a_launch_whose_every_trial_runs_out_of_memory_stops_with_the_reason(tmp_path: Path, monkeypatch: Any) -> None:
     import tuner.train
     from tuner.study import MAX_FAILED_IN_A_ROW
 
     monkeypatch.setattr(tuner.train, "_loss", _oom(10**6))
     spec = _spec(tmp_path, "b8all", n_trials=2)
-    with pytest.raises(
-        TunerError, match=rf"{MAX_FAILED_IN_A_ROW} trials in a row failed \(last, trial 4: out of memory"
-    ):
+    with pytest.raises(TunerError, match=rf"{MAX_FAILED_IN_A_ROW} trials in a row failed \(last, trial 4: out of memory"):
         launch(spec, progress=False)
     trials, runs = check_consistent(spec)
     assert states(trials) == {"FAIL": MAX_FAILED_IN_A_ROW}
@@ -361,9 +342,7 @@ def test_f6_resident_memory_does_not_grow_per_trial(tmp_path: Path, monkeypatch:
     )
     summary = launch(load_spec(path), progress=False, promote=False)
     assert summary.n_finished == 200 and len(rss) == 200
-    assert rss[199] <= 1.2 * rss[19], (
-        f"RSS grew from {rss[19] / 2**20:.1f} MiB (trial 20) to {rss[199] / 2**20:.1f} MiB"
-    )
+    assert rss[199] <= 1.2 * rss[19], f"RSS grew from {rss[19] / 2**20:.1f} MiB (trial 20) to {rss[199] / 2**20:.1f} MiB"
 
 
 def _rss_bytes() -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CARS, free_port, need, port_open, write_study
+from faultkit import mlflow_uri_restored  # noqa: F401  (autouse fixture)
 
 from tuner.config import load_spec
 from tuner.errors import ModelError
@@ -55,9 +56,7 @@ def _register(registry: dict[str, Any], name: str, model_dir: Path, tags: dict[s
         client.create_registered_model(name)
     except Exception:
         pass
-    version = client.create_model_version(
-        name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=tags
-    )
+    version = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id, tags=tags)
     return f"{name}/{version.version}"
 
 
@@ -124,13 +123,9 @@ def test_s1_stored_model_code_never_runs_and_a_tuner_model_still_predicts(regist
     assert not marker.exists()
 
     # The same numbers as MLflow's own loader gives for the genuine champion.
-    reference = mlflow.pyfunc.load_model(str(registry["model_dir"])).predict(
-        frame[model.metadata.get_input_schema().input_names()]
-    )
+    reference = mlflow.pyfunc.load_model(str(registry["model_dir"])).predict(frame[model.metadata.get_input_schema().input_names()])
     assert predictions.shape == (32,) and np.allclose(predictions, reference, rtol=1e-6)
-    assert (
-        version is not None and version.tags["tuner.weights_sha256"] == registry["version"].tags["tuner.weights_sha256"]
-    )
+    assert version is not None and version.tags["tuner.weights_sha256"] == registry["version"].tags["tuner.weights_sha256"]
 
 
 def test_s2_a_weights_file_changed_after_registration_is_refused(registry: dict[str, Any]) -> None:
@@ -144,9 +139,7 @@ def test_s2_a_weights_file_changed_after_registration_is_refused(registry: dict[
     torch.save(payload, path)
     ref = _register(registry, "sec-tampered", tampered, dict(registry["version"].tags))
     expected = registry["version"].tags["tuner.weights_sha256"]
-    with pytest.raises(
-        ModelError, match=rf"does not match its recorded SHA-256 \({expected[:12]}\.\.\.\); the artifact was changed"
-    ):
+    with pytest.raises(ModelError, match=rf"does not match its recorded SHA-256 \({expected[:12]}\.\.\.\); the artifact was changed"):
         load_model(ref, registry["uri"])
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import warnings
 from typing import Any, Sequence
@@ -62,14 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
-    # Optuna turns KeyboardInterrupt (not SIGTERM) into a FAIL trial: make SIGTERM end the same way.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    from tuner import interrupt
+
+    interrupt.install()  # SIGINT and SIGTERM: KeyboardInterrupt, never lost in a gc callback
     from tuner.errors import TunerError
 
     if not args.debug:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, TextIO
 
+from tuner import interrupt
 from tuner.config import StudySpec, check_options, redact_url
 from tuner.errors import StorageError, TunerError
 
@@ -375,6 +376,7 @@ def run_trials(
         last.append(trial)
 
     while deadline is None or time.monotonic() < deadline:
+        interrupt.check()
         state = budget.claim()
         if state == "done":
             break
@@ -403,6 +405,7 @@ def run_trials(
         finally:
             budget.release()
         n_run += 1
+        interrupt.check()
         trial = last[-1] if last else None
         if on_trial_end is not None and trial is not None:
             on_trial_end(trial)
@@ -484,11 +487,13 @@ class Objective:
         metric = self.spec.metric
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+            interrupt.check()  # Ctrl-C/SIGTERM during this epoch: end the trial here
             trial.report(metrics[metric], epoch)
             return trial.should_prune()
 
         try:
-            result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+            with interrupt.deferred():
+                result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
             # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
             status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
