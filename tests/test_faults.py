@@ -138,13 +138,13 @@ def _kill_after_run_finished() -> None:
 
 def _kill_after_tell() -> None:
     """Crash window 2: Optuna is told COMPLETE; nothing after the tell has run (callbacks first)."""
-    import tuner.study
+    import tuner.progress
 
     def after_tell(self: Any, study: Any, trial: Any) -> None:
         if trial.state.name == "COMPLETE":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    tuner.study.Progress.__call__ = after_tell  # type: ignore[method-assign]
+    tuner.progress.Progress.__call__ = after_tell  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("window", ["run_finished_before_tell", "told_complete"])

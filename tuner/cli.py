@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
+    p.add_argument("--no-report", action="store_true", help="do not log the study report on the launch's MLflow run")
 
     p = sub.add_parser("best", help="best trial, its MLflow run and the champion model")
     _add_study_args(p)
@@ -42,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconcile", help="after a crash: fail stale trials, align MLflow runs and the champion")
     _add_study_args(p)
+
+    p = sub.add_parser("report", help="HTML report (+ PNGs) of a study: Optuna plots, champion, baselines")
+    _add_study_args(p)
+    p.add_argument("--output", help="HTML file to write (default: STUDYNAME-report.html here); PNGs go beside it")
 
     p = sub.add_parser("predict", help="predict with a registered model")
     p.add_argument("model", help="NAME@ALIAS, NAME/VERSION or models:/... (e.g. cars-mpg@champion)")
@@ -58,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--workers", type=int, help="server worker processes (default: MLflow's, 4)")
     return parser
 
 
@@ -116,6 +122,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         verbose=args.verbose,
+        report=not args.no_report,
     )
     print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
     if s.best_number is None:
@@ -156,6 +163,18 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(f"champion: {c['model_uri']} (version {c['version']}, trial {c['trial']}, {info['metric']} {c['value']})")
     else:
         print("champion: none registered")
+    for key, label in (
+        ("mlflow_run_url", "mlflow run link"),
+        ("mlflow_launch_run_url", "mlflow launch run (report)"),
+        ("mlflow_experiment_url", "mlflow experiment"),
+        ("champion_url", "champion model version"),
+        ("dashboard_trial_url", "dashboard trial"),
+        ("dashboard_study_url", "dashboard study"),
+    ):
+        if info.get(key):
+            print(f"{label}: {info[key]}")
+    if info.get("champion_tags"):
+        print("champion tags: " + ", ".join(f"{k}={v}" for k, v in info["champion_tags"].items()))
     return 0
 
 
@@ -207,6 +226,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tuner.report import build_report
+
+    spec = _spec(args)
+    files = build_report(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec), output=args.output)
+    print(f"wrote {files.html} and {len(files.pngs)} PNGs beside it ({files.seconds:.1f}s)")
+    for key, why in files.skipped.items():
+        print(f"  {key}: not drawn ({why})")
+    return 0
+
+
 def _warn_if_public(host: str) -> None:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {host}: anyone who can reach this address can read the studies", file=sys.stderr)
@@ -234,6 +264,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if uri.startswith("sqlite:///"):
         cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
     print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execv(sys.executable, cmd)
@@ -244,6 +276,7 @@ COMMANDS = {
     "launch": cmd_launch,
     "best": cmd_best,
     "reconcile": cmd_reconcile,
+    "report": cmd_report,
     "predict": cmd_predict,
     "dashboard": cmd_dashboard,
     "ui": cmd_ui,

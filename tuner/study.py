@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -569,41 +568,6 @@ class LaunchSummary:
     train_seconds: float
 
 
-class Progress:
-    """Trials done/total and the best value: one redrawn line on a TTY, a line per trial in logs."""
-
-    def __init__(self, n_trials: int, stream: TextIO = sys.stderr, verbose: bool = False) -> None:
-        self.n_trials, self.stream, self.verbose = n_trials, stream, verbose
-        self.tty = stream.isatty()
-        self.start = time.perf_counter()
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        from optuna.trial import TrialState
-
-        trials = study.get_trials(deepcopy=False)
-        counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-        done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
-        try:
-            best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no complete trial yet"
-        elapsed = time.perf_counter() - self.start
-        line = (
-            f"[{done}/{self.n_trials}] {best} | pruned {counts[TrialState.PRUNED]} failed {counts[TrialState.FAIL]} "
-            f"running {counts[TrialState.RUNNING]} | {elapsed:.1f}s"
-        )
-        if self.tty and not self.verbose:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(f"{line} | trial {trial.number} {trial.state.name} {trial.value if trial.value is not None else ''}\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty and not self.verbose:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 def launch(
     spec: StudySpec,
     *,
@@ -615,6 +579,7 @@ def launch(
     progress: bool = True,
     verbose: bool = False,
     promote: bool = True,
+    report: bool = True,
 ) -> LaunchSummary:
     """Run the study until it holds ``n_trials`` finished (complete + pruned) trials, log every
     trial to MLflow, and register the best trial's model.
@@ -627,6 +592,7 @@ def launch(
     import torch
 
     from tuner.baselines import baselines
+    from tuner.progress import Progress
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
 
@@ -640,8 +606,8 @@ def launch(
         raise TunerError(str(e)) from None
     # Everything that can be wrong is checked before the study or a run is written.
     # Trial results reach the user through the progress line and summary; Optuna's own failure
-    # log would print a traceback for every Ctrl-C.
-    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
+    # log would print a traceback for every Ctrl-C. Per-trial lines (-v) come from tuner.progress.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared, frame = load_data(spec)
     _check_batch_sizes(spec, len(prepared.x_train))
     make_sampler(spec), make_pruner(spec)  # unknown options refused before anything is written
@@ -667,7 +633,7 @@ def launch(
             {"tuner.storage": redact_url(url), "tuner.space_hash": spec.space_hash(), **_process_tags()},
         )
         objective.parent_run_id = parent_run_id
-        bar = Progress(total, verbose=verbose) if progress else None
+        bar = Progress(total, n_done_before=total - remaining, verbose=verbose) if progress else None
         try:
             n_run = run_trials(
                 study,
@@ -712,8 +678,17 @@ def launch(
             if parent_run_id is not None:
                 tracker.end_run(parent_run_id, "FAILED")
             raise
+    reference = baselines(prepared.to("cpu"))
     if parent_run_id is not None:
+        from tuner.lineage import study_url, write_launch_notes
+        from tuner.report import log_launch_report
+
+        # Lineage and report in one pass after the trials: no per-trial cost.
+        write_launch_notes(study, parent_run_id, spec=spec, tracker=tracker, promotion=promotion)
+        if report:
+            log_launch_report(study, spec, tracker, parent_run_id, prepared=prepared, frame=frame, baselines=reference)
         tags = {"tuner.best_trial": str(best.number)} if best is not None else {}
+        tags["tuner.dashboard_url"] = study_url(study)
         tracker.end_run(parent_run_id, "FINISHED", tags)
     return LaunchSummary(
         study_name=spec.name,
@@ -724,7 +699,7 @@ def launch(
         best_number=best.number if best else None,
         best_params=dict(best.params) if best else {},
         best_metrics={k: v for k, v in best.user_attrs.items() if isinstance(v, float)} if best else {},
-        baselines=baselines(prepared.to("cpu")),
+        baselines=reference,
         promotion=promotion,
         parent_run_id=parent_run_id,
         wall_seconds=time.perf_counter() - started,
@@ -792,5 +767,8 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
             "trial": champion.tags.get("tuner.trial"),
             "value": champion.tags.get("tuner.value"),
         }
+    from tuner.lineage import best_links
+
+    info.update(best_links(study, best, spec=spec, tracker=tracker))
     return info
 

@@ -27,9 +27,19 @@ if TYPE_CHECKING:
 
     from tuner.model import Checkpoint
 
-__all__ = ["Tracker", "Promotion", "resolve_model_uri", "load_model", "LoadedModel", "WEIGHTS_FILE"]
+__all__ = [
+    "Tracker",
+    "Promotion",
+    "resolve_model_uri",
+    "load_model",
+    "LoadedModel",
+    "ui_base",
+    "WEIGHTS_FILE",
+    "REPORT_DIR",
+]
 
 WEIGHTS_FILE = "weights.pt"
+REPORT_DIR = "report"  # artifact folder of the launch (parent) run that holds the study report
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 _MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 _PACKAGE_DIR = Path(__file__).parent
@@ -49,6 +59,14 @@ def _quiet() -> None:
 
 def _tag(name: str) -> str:
     return f"tuner.{name}"
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where a browser finds the MLflow UI of a store: the tracking server itself for http(s)
+    URIs, else ``$TUNER_MLFLOW_UI_URL`` or the address ``tuner ui`` serves by default."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return os.environ.get("TUNER_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -226,6 +244,29 @@ class Tracker:
         else:
             self.client.set_registered_model_alias(model_name, alias, version)
 
+    # -- links and reports ----------------------------------------------------------------
+
+    def experiment_url(self) -> str:
+        return f"{ui_base(self.tracking_uri)}/#/experiments/{self.experiment_id}"
+
+    def run_url(self, run_id: str) -> str:
+        return f"{self.experiment_url()}/runs/{run_id}"
+
+    def model_version_url(self, model_name: str, version: str | int) -> str:
+        return f"{ui_base(self.tracking_uri)}/#/models/{model_name}/versions/{version}"
+
+    def parent_of(self, run_id: str) -> str | None:
+        """The launch (parent) run of a trial run, or None."""
+        return self.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+
+    def log_report(self, run_id: str, folder: Path) -> None:
+        """Log a report folder (HTML + PNGs) under ``report/`` of a run (the launch's parent run)."""
+        self.client.log_artifacts(run_id, str(folder), artifact_path=REPORT_DIR)
+
+    def report_files(self, run_id: str) -> list[str]:
+        """Artifact paths of the report logged on a run (empty when none)."""
+        return sorted(f.path for f in self.client.list_artifacts(run_id, REPORT_DIR))
+
     def runs_of(self, parent_run_id: str) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
@@ -310,10 +351,17 @@ class Tracker:
                     _tag("space_hash"): space_hash,
                     _tag("weights_sha256"): digest,
                 },
+            )
+            # The description names the version itself, so it is written once the version exists.
+            uri = f"models:/{model_name}/{version.version}"
+            self.client.update_model_version(
+                model_name,
+                version.version,
                 description=(
-                    f"Trial {trial_number} of study {study_name!r} ({metric} = {value:.6g}). Reload with "
-                    f"mlflow.pyfunc.load_model('models:/{model_name}/<version>') or "
-                    f"`tuner predict {model_name}@champion --input FILE.csv`."
+                    f"Trial {trial_number} of study `{study_name}` ({metric} = {value:.6g}, search space "
+                    f"`{space_hash}`). Reload with `mlflow.pyfunc.load_model('{uri}')`, "
+                    f"`tuner predict {model_name}/{version.version} --input FILE.csv`, or serve with "
+                    f"`mlflow models serve -m {uri} --env-manager local`."
                 ),
             )
         alias: Literal["champion", "challenger"] = "champion" if _better(value, champion, direction) or (

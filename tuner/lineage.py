@@ -1,0 +1,143 @@
+"""Links between a study's trials, their MLflow runs and the registered model.
+
+optuna-dashboard shows a Markdown note per trial and per study (``optuna_dashboard.save_note``):
+tuner writes each trial's MLflow run link, state and validation metric there, and the study's
+note links the MLflow experiment and the champion. The notes are written in one pass at the end
+of a launch, not inside the objective, so a trial pays nothing for them.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    import optuna
+
+    from tuner.config import StudySpec
+    from tuner.tracking import Promotion, Tracker
+
+__all__ = [
+    "dashboard_base",
+    "study_url",
+    "trial_url",
+    "trial_note",
+    "write_notes",
+    "write_launch_notes",
+    "read_note",
+    "best_links",
+]
+
+
+def dashboard_base() -> str:
+    """Where a browser finds optuna-dashboard: ``$TUNER_DASHBOARD_URL`` or what ``tuner dashboard`` serves."""
+    return os.environ.get("TUNER_DASHBOARD_URL", "http://127.0.0.1:8080").rstrip("/")
+
+
+def study_url(study: optuna.Study) -> str:
+    return f"{dashboard_base()}/dashboard/studies/{study._study_id}"
+
+
+def trial_url(study: optuna.Study, number: int) -> str:
+    return f"{study_url(study)}/trials?numbers={number}"
+
+
+def _note_target(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Any:
+    # save_note/get_note read only .storage, .study._study_id and ._trial_id of a live Trial;
+    # building a real optuna.Trial for a finished one would call the sampler's before_trial.
+    return SimpleNamespace(storage=study._storage, study=study, _trial_id=trial._trial_id)
+
+
+def trial_note(trial: optuna.trial.FrozenTrial, metric: str, run_url: str | None) -> str:
+    """The Markdown note of one finished trial."""
+    lines = [f"**{trial.state.name}**"]
+    value = trial.user_attrs.get(metric, trial.value)
+    if value is not None:
+        lines[0] += f" · validation {metric} = {float(value):.6g}"
+    if run_url:
+        lines.append(f"MLflow run: [{trial.user_attrs.get('mlflow_run_id', 'run')}]({run_url})")
+    reason = trial.user_attrs.get("stop_reason")
+    if reason:
+        lines.append(f"Stopped: {reason}")
+    return "\n\n".join(lines)
+
+
+def write_notes(
+    study: optuna.Study,
+    trials: Iterable[optuna.trial.FrozenTrial],
+    *,
+    spec: StudySpec,
+    tracker: Tracker,
+    promotion: Promotion | None = None,
+) -> int:
+    """Write the note of each given trial and the study's note; returns the trial notes written."""
+    from optuna_dashboard import save_note
+
+    n = 0
+    for t in trials:
+        run_id = t.user_attrs.get("mlflow_run_id")
+        save_note(_note_target(study, t), trial_note(t, spec.metric, tracker.run_url(run_id) if run_id else None))
+        n += 1
+    lines = [
+        f"MLflow experiment: [{spec.name}]({tracker.experiment_url()})",
+        f"Search space hash: `{spec.space_hash()}`",
+    ]
+    if promotion is not None:
+        url = tracker.model_version_url(promotion.model_name, promotion.version)
+        lines.append(
+            f"Best trial {promotion.trial_number} ({spec.metric} = {promotion.value:.6g}) is registered as "
+            f"[{promotion.model_name} version {promotion.version}]({url}), alias `{promotion.alias}`: "
+            f"`tuner predict {promotion.model_name}@{promotion.alias} --input FILE.csv`"
+        )
+    save_note(study, "\n\n".join(lines))
+    return n
+
+
+def read_note(study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> str:
+    """A trial's note (or the study's with ``trial=None``); empty when none was written."""
+    from optuna_dashboard import get_note
+
+    return str(get_note(study if trial is None else _note_target(study, trial)))
+
+
+def write_launch_notes(
+    study: optuna.Study, parent_run_id: str, *, spec: StudySpec, tracker: Tracker, promotion: Promotion | None
+) -> int:
+    """Notes for exactly the trials this launch ran (its parent run's children), and the study's.
+
+    A failure here is a warning, not a failed launch: the trials and the model are already stored.
+    """
+    import warnings
+
+    try:
+        ran = {r.info.run_id for r in tracker.runs_of(parent_run_id)}
+        trials = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("mlflow_run_id") in ran]
+        return write_notes(study, trials, spec=spec, tracker=tracker, promotion=promotion)
+    except Exception as e:  # storage hiccup after the work is done
+        warnings.warn(f"could not write the optuna-dashboard notes: {e}", stacklevel=2)
+        return 0
+
+
+def best_links(
+    study: optuna.Study, best: optuna.trial.FrozenTrial, *, spec: StudySpec, tracker: Tracker
+) -> dict[str, Any]:
+    """Every link of the best trial: dashboard pages, MLflow run and experiment, the champion
+    version's page and lineage tags. Keys are added to ``tuner best``'s JSON."""
+    links: dict[str, Any] = {
+        "dashboard_study_url": study_url(study),
+        "dashboard_trial_url": trial_url(study, best.number),
+        "mlflow_experiment_url": tracker.experiment_url(),
+    }
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id:
+        links["mlflow_run_url"] = tracker.run_url(run_id)
+        parent = tracker.parent_of(run_id)
+        if parent:
+            links["mlflow_launch_run_url"] = tracker.run_url(parent)
+    champion = tracker.champion(spec.model_name)
+    if champion is not None:
+        links["champion_url"] = tracker.model_version_url(spec.model_name, champion.version)
+        links["champion_tags"] = {k: v for k, v in sorted(champion.tags.items()) if k.startswith("tuner.")}
+        links["champion_run_url"] = tracker.run_url(champion.run_id) if champion.run_id else None
+    return links
