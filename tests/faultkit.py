@@ -10,28 +10,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
-
-import pytest
-
-
-@pytest.fixture(autouse=True, scope="module")
-def mlflow_uri_restored() -> Iterator[None]:
-    """In-process launches call mlflow.set_tracking_uri, which also exports MLFLOW_TRACKING_URI
-    (and MLFLOW_REGISTRY_URI): put both back, so later tests' subprocesses do not inherit them."""
-    import mlflow
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {name: os.environ.get(name) for name in names}
-    yield
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-
+from typing import Any, Callable, Sequence
 
 HEARTBEAT = "[heartbeat]\ninterval = 1\ngrace_period = 2\n"
 GRACE = 2.0

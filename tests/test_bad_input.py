@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from conftest import CARS, free_port, write_study
-from faultkit import mlflow_uri_restored  # noqa: F401  (autouse fixture)
 
 from tuner.cli import main
 from tuner.config import load_spec

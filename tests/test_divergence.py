@@ -12,7 +12,6 @@ from faultkit import (
     champion,
     check_consistent,
     mlflow_runs,
-    mlflow_uri_restored,  # noqa: F401  (autouse fixture)
 )
 
 from tuner.config import load_spec

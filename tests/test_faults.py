@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from conftest import write_study
-from faultkit import (  # mlflow_uri_restored: autouse fixture
+from faultkit import (
     GRACE,
     HEARTBEAT,
     champion,
@@ -22,7 +22,6 @@ from faultkit import (  # mlflow_uri_restored: autouse fixture
     fork_cli,
     load_trials,
     mlflow_runs,
-    mlflow_uri_restored,  # noqa: F401
     running_trial_with_run,
     slow_first_trial,
     states,

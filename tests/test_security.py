@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import CARS, free_port, need, port_open, write_study
-from faultkit import mlflow_uri_restored  # noqa: F401  (autouse fixture)
 
 from tuner.config import load_spec
 from tuner.errors import ModelError
