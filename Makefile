@@ -28,4 +28,4 @@ lint: install
 	$(VENV)/bin/mypy tuner
 
 clean:
-	rm -rf $(VENV) studies/*.db studies/*.db-* mlflow.db mlartifacts .pytest_cache
+	rm -rf $(VENV) studies/*.db studies/*.db-* studies/*.db.lock mlflow.db mlartifacts .pytest_cache

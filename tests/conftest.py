@@ -47,6 +47,9 @@ def port_open(host: str, port: int) -> bool:
 def tuner_env(**extra: str) -> dict[str, str]:
     """Environment for a `python -m tuner` subprocess that imports this checkout's package."""
     env = dict(os.environ)
+    # mlflow.set_tracking_uri() in an in-process test also sets this variable: a subprocess must
+    # not inherit another test's store (pass it in ``extra`` where a test means it).
+    env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # An in-process launch of an earlier test ran mlflow.set_tracking_uri, which exports these:
@@ -101,6 +104,27 @@ def _toml(v: Any) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_toml(x) for x in v) + "]"
     return str(v)
+
+
+_MLFLOW_URIS_AT_START = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_mlflow_uris() -> Iterator[None]:
+    """tuner calls mlflow.set_tracking_uri/set_registry_uri in-process: process-global state that
+    MLflow also writes to MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI. Reset both after every test so
+    no later test (or its subprocesses) reads another test's store."""
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+        mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+    for key, value in _MLFLOW_URIS_AT_START.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture

@@ -55,7 +55,7 @@ def test_launch_logs_one_child_run_per_trial_and_registers_a_champion(
     assert float(version.tags["tuner.value"]) == pytest.approx(best.value)
     assert version.tags["tuner.space_hash"] == spec.space_hash()
     assert summary.promotion is not None and summary.promotion.alias == "champion"
-    assert set(summary.baselines) == {"mean", "least_squares"}
+    assert set(summary.baselines) == {"mean", "least_squares", "least_squares_wt"}  # wt: the best single feature
 
 
 def test_n_trials_is_the_total_of_finished_trials_across_launches(

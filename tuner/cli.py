@@ -18,7 +18,11 @@ __all__ = ["main"]
 
 def _add_study_args(p: argparse.ArgumentParser, *, tracking: bool = True) -> None:
     p.add_argument("study", help="study file, e.g. studies/cars_mlp.toml")
-    p.add_argument("--storage", help="Optuna storage URL (default: SQLite file next to the study file)")
+    p.add_argument(
+        "--storage",
+        default=os.environ.get("TUNER_STORAGE"),
+        help="Optuna storage URL (default: $TUNER_STORAGE, else a SQLite file next to the study file)",
+    )
     if tracking:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
 
@@ -36,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--no-report", action="store_true", help="do not log the study report on the launch's MLflow run")
+    p.add_argument("--workers", type=int, help="run N worker processes on the study (one progress line)")
+    p.add_argument("--gpus", help="comma-separated GPU indices: one worker per GPU via CUDA_VISIBLE_DEVICES")
+
+    p = sub.add_parser("worker", help="run one worker on a shared study until it has n_trials finished trials")
+    _add_study_args(p)
+    p.add_argument("--n-trials", type=int, help="the study's total finished trials (overrides the study file)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
+    p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
+    p.add_argument("--no-promote", action="store_true", help="leave promotion to the launch (or `tuner promote`)")
+    p.add_argument("--no-report", action="store_true", help="do not log the study report on the parent run")
+    p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
+    p.add_argument("--no-progress", action="store_true", help="no progress line")
+
+    p = sub.add_parser("promote", help="register the study's best trial and move the champion alias if it is better")
+    _add_study_args(p)
 
     p = sub.add_parser("best", help="best trial, its MLflow run and the champion model")
     _add_study_args(p)
@@ -52,7 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="NAME@ALIAS, NAME/VERSION or models:/... (e.g. cars-mpg@champion)")
     p.add_argument("--input", required=True, help="CSV with the raw feature columns (others are ignored)")
     p.add_argument("--output", help="CSV to write (default: stdout)")
+    p.add_argument("--proba", action="store_true", help="class probabilities, one column per class (classifiers)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+
+    p = sub.add_parser("replay", help="retrain one stored trial from its params and seed; compare the metric")
+    _add_study_args(p, tracking=False)
+    p.add_argument("--trial", type=int, required=True, help="trial number (see `tuner best` or the dashboard)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the study file's)")
 
     p = sub.add_parser("dashboard", help="optuna-dashboard for a study's storage")
     _add_study_args(p, tracking=False)
@@ -113,6 +138,23 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from tuner.study import launch
 
     spec = _spec(args)
+    if args.workers is not None or args.gpus:
+        from tuner.workers import launch_workers, parse_gpus
+
+        s = launch_workers(
+            spec,
+            n_workers=args.workers,
+            gpus=parse_gpus(args.gpus),
+            n_trials=args.n_trials,
+            storage=args.storage,
+            tracking_uri=_tracking_uri(args, spec),
+            allow_space_change=args.allow_space_change,
+            device=args.device,
+            progress=not args.no_progress,
+            verbose=args.verbose,
+            report=not args.no_report,
+        )
+        return _print_launch(s)
     s = launch(
         spec,
         n_trials=args.n_trials,
@@ -124,21 +166,68 @@ def cmd_launch(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         report=not args.no_report,
     )
+    return _print_launch(s)
+
+
+def _print_launch(s: Any) -> int:
     print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
+    if s.task_note:
+        print(f"{s.task_note} (set task in the study file to override)")
+    if s.validation:
+        print(f"validation: {s.validation}")
     if s.best_number is None:
         print("no complete trial: nothing to register")
         return 0
     print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
     metrics = [k for k in ("rmse", "mae", "r2", "accuracy", "log_loss", "f1_macro") if k in s.best_metrics]
-    print(f"{'validation':<16}" + "".join(f"{m:>10}" for m in metrics))
-    print(f"{'tuned model':<16}" + "".join(f"{s.best_metrics[m]:>10.4f}" for m in metrics))
+    w = max([16, *(len(n) + 2 for n in s.baselines)])
+    print(f"{'validation':<{w}}" + "".join(f"{m:>10}" for m in metrics))
+    print(f"{'tuned model':<{w}}" + "".join(f"{s.best_metrics[m]:>10.4f}" for m in metrics))
     for name, values in s.baselines.items():
-        print(f"{name:<16}" + "".join(f"{values[m]:>10.4f}" if m in values else f"{'':>10}" for m in metrics))
+        print(f"{name:<{w}}" + "".join(f"{values[m]:>10.4f}" if m in values else f"{'':>10}" for m in metrics))
+    if s.verdict:
+        print(("" if s.beats_baselines else "WARNING: ") + s.verdict)
     if s.promotion is not None:
         p = s.promotion
         state = "registered" if p.new_version else "already registered"
         print(f"model {state}: {p.model_uri} -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from tuner.workers import run_worker
+
+    spec = _spec(args)
+    s = run_worker(
+        spec,
+        n_trials=args.n_trials,
+        storage=args.storage,
+        tracking_uri=_tracking_uri(args, spec),
+        device=args.device,
+        allow_space_change=args.allow_space_change,
+        promote=not args.no_promote,
+        report=not args.no_report,
+        progress=not args.no_progress,
+        verbose=args.verbose,
+    )
+    print(f"worker: ran {s.n_run} trials; study {s.study_name}: {s.n_finished}/{s.n_trials} finished in {s.storage}")
+    if s.promotion is not None:
+        _print_promotion(s.promotion)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from tuner.workers import promote_study
+
+    spec = _spec(args)
+    _print_promotion(promote_study(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec)))
+    return 0
+
+
+def _print_promotion(p: Any) -> None:
+    state = "registered" if p.new_version else "already registered"
+    alias_uri = f"models:/{p.model_name}@{p.alias}"
+    print(f"model {state}: {p.model_uri} (trial {p.trial_number}) -> alias {p.alias} ({alias_uri})")
 
 
 def _fmt(v: Any) -> str:
@@ -158,6 +247,12 @@ def cmd_best(args: argparse.Namespace) -> int:
     print("params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info["params"].items()))
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in info["metrics"].items()))
     print(f"mlflow run: {info['mlflow_run_id']}")
+    if info.get("validation"):
+        print(f"validation: {info['validation']}")
+    for name, values in info.get("baselines", {}).items():
+        print(f"baseline {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    if info.get("verdict"):
+        print(("" if info["beats_baselines"] else "WARNING: ") + info["verdict"])
     if "champion" in info:
         c = info["champion"]
         print(f"champion: {c['model_uri']} (version {c['version']}, trial {c['trial']}, {info['metric']} {c['value']})")
@@ -201,7 +296,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.data import load_table
     from tuner.errors import ModelError
-    from tuner.tracking import load_model
+    from tuner.tracking import conform_input, load_model
 
     frame = load_table(args.input)
     model, _ = load_model(args.model, _tracking_uri(args))
@@ -212,17 +307,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            preds = model.predict(frame[features])
+            preds = model.predict(conform_input(model, frame), params={"proba": True} if args.proba else None)
     except Exception as e:
         raise ModelError(f"prediction failed on {args.input}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     import pandas as pd
 
+    if args.proba and getattr(preds, "ndim", 1) == 1:
+        raise ModelError(f"model {args.model!r} is a regression model: --proba needs a classifier")
     out = pd.DataFrame({"prediction": preds}) if getattr(preds, "ndim", 1) == 1 else pd.DataFrame(preds)
     if args.output:
         out.to_csv(args.output, index=False)
         print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
     else:
         out.to_csv(sys.stdout, index=False)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tuner.replay import replay
+
+    r = replay(_spec(args), args.trial, storage=args.storage, device=args.device)
+    params = ", ".join(f"{k}={_fmt(v)}" for k, v in r.params.items())
+    print(f"study {r.study} trial {r.trial} ({r.state}), seed {r.seed}: {params}")
+    for note in r.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    print(f"{'':<10}{r.metric + ' at epoch ' + str(r.epoch):>24}")
+    print(f"{'original':<10}{r.original!r:>24}")
+    print(f"{'replayed':<10}{r.replayed!r:>24}")
+    if r.fold_metrics:
+        print("replayed folds: " + ", ".join(f"{v:.4f}" for v in r.fold_metrics))
+    print("identical" if r.identical else f"differs by {r.difference:.3g}")
     return 0
 
 
@@ -274,10 +388,13 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "launch": cmd_launch,
+    "worker": cmd_worker,
+    "promote": cmd_promote,
     "best": cmd_best,
     "reconcile": cmd_reconcile,
     "report": cmd_report,
     "predict": cmd_predict,
+    "replay": cmd_replay,
     "dashboard": cmd_dashboard,
     "ui": cmd_ui,
 }

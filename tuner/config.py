@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -101,6 +102,18 @@ Param = Annotated[Union[FloatParam, IntParam, CategoricalParam, FixedParam], Fie
 class Validation(_Strict):
     fraction: float = Field(0.2, gt=0.0, lt=1.0)  # share of rows held out for validation
     seed: int | None = None  # None: the study's seed
+    # k-fold cross-validation instead of one split (tuner.validation); neither set: 5-fold
+    # under 200 rows, else the split above.
+    folds: int | None = Field(None, ge=2)
+    repeats: int = Field(1, ge=1)  # cross-validation repeated with reshuffled folds
+
+    @model_validator(mode="after")
+    def _one_scheme(self) -> Validation:
+        if self.folds is not None and "fraction" in self.model_fields_set:
+            raise ValueError("set either fraction (one split) or folds (cross-validation), not both")
+        if self.folds is None and "repeats" in self.model_fields_set:
+            raise ValueError("repeats needs folds, e.g. validation = { folds = 5, repeats = 2 }")
+        return self
 
 
 class SamplerSpec(_Strict):
@@ -127,11 +140,11 @@ class StudySpec(_Strict):
     data: Path
     target: str
     features: list[str] | None = None  # None: every numeric column but the target
-    task: Literal["regression", "classification"] = "regression"
+    task: Literal["regression", "classification"] = "regression"  # load_spec infers it when unset
     n_trials: int = Field(50, gt=0)  # finished (complete + pruned) trials the study should reach
     timeout: float | None = Field(None, gt=0)  # seconds for one launch
     seed: int = 0
-    metric: str = "rmse"
+    metric: str = "rmse"  # unset: rmse (regression) or accuracy (classification)
     direction: Literal["minimize", "maximize"] | None = None  # None: the metric's own
     registered_model: str | None = None  # None: the study name
     storage: str | None = None  # None: a SQLite file next to the study file
@@ -143,6 +156,7 @@ class StudySpec(_Strict):
     heartbeat: Heartbeat = Heartbeat()
     space: dict[str, Param]
     source: Path | None = None  # the study file this spec came from
+    task_note: str | None = None  # set by tuner: why the task was inferred from the data
 
     @field_validator("space")
     @classmethod
@@ -166,7 +180,10 @@ class StudySpec(_Strict):
     def _check_metric(self) -> StudySpec:
         allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
         if self.metric not in allowed:
-            raise ValueError(f"metric {self.metric!r} does not fit task {self.task!r}; choose one of {list(allowed)}")
+            why = f" ({self.task_note}; set task to override)" if self.task_note else ""
+            raise ValueError(
+                f"metric {self.metric!r} does not fit task {self.task!r}{why}; choose one of {list(allowed)}"
+            )
         return self
 
     @property
@@ -190,7 +207,8 @@ class StudySpec(_Strict):
 
     @property
     def tracking(self) -> str:
-        return self.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        # The environment as MLflow reads it: containers and remote workers point at a server.
+        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
     def space_dict(self) -> dict[str, Any]:
         """The search space as plain JSON-able data (what the space hash is taken over)."""
@@ -269,12 +287,21 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read study file {str(path)!r}: {e}") from None
     raw.setdefault("name", path.stem)
-    if "source" in raw:
-        raise ConfigError(f"{path}: 'source' is set by tuner, not by the study file; remove it")
+    for key in ("source", "task_note"):
+        if key in raw:
+            raise ConfigError(f"{path}: {key!r} is set by tuner, not by the study file; remove it")
     raw["source"] = path.resolve()
     if isinstance(raw.get("data"), str):
         raw["data"] = (path.parent / raw["data"]).resolve()
     raw.update({k: v for k, v in overrides.items() if v is not None})
+    if "task" not in raw and isinstance(raw.get("target"), str) and isinstance(raw.get("data"), Path):
+        from tuner.tasks import infer_task
+
+        inferred = infer_task(raw["data"], raw["target"])  # None: data unreadable, reported later
+        if inferred is not None:
+            raw["task"], raw["task_note"] = inferred
+    if "metric" not in raw and raw.get("task") == "classification":
+        raw["metric"] = "accuracy"
     try:
         return StudySpec.model_validate(raw)
     except ValidationError as e:

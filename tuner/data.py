@@ -62,12 +62,18 @@ def load_table(path: str | Path) -> pd.DataFrame:
 
 
 def select_columns(
-    frame: pd.DataFrame, target: str, features: Sequence[str] | None, *, source: str = "data"
+    frame: pd.DataFrame,
+    target: str,
+    features: Sequence[str] | None,
+    *,
+    source: str = "data",
+    task: Literal["regression", "classification"] = "regression",
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pick the target and feature columns as float arrays, collecting every problem first.
 
     Returns:
-        ``(x, y, feature_names)``: x is ``(rows, features)`` float64, y is ``(rows,)``.
+        ``(x, y, feature_names)``: x is ``(rows, features)`` float64, y is ``(rows,)``: float64
+        for regression, the column's own values (labels of any type) for classification.
     """
     import pandas as pd
 
@@ -86,7 +92,8 @@ def select_columns(
     if target in features:
         raise DataError(f"target {target!r} is also listed as a feature; remove it from `features`")
     problems = []
-    for name in [*features, target]:
+    # Class labels may be text: only a regression target must be numeric.
+    for name in [*features, target] if task == "regression" else features:
         col = frame[name]
         if not pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col):
             bad = pd.to_numeric(col, errors="coerce").isna() & col.notna()
@@ -96,16 +103,32 @@ def select_columns(
             if isinstance(example, str) and re.fullmatch(r"[-+]?\d{1,3}([,.' ]\d{3})+([.,]\d+)?", example.strip()):
                 where += " (thousands separators? write 1234.5, not 1,234.5)"
             problems.append(f"column {name!r} is not numeric, e.g. {example!r}{where}")
+    if task == "regression" and any(f"column {target!r} " in p for p in problems):
+        problems.append("set task = \"classification\" in the study file if the target holds class labels")
     if problems:
         raise DataError(f"{source}: " + "; ".join(problems) + "; fix or drop those values, or leave the column out of `features`")
-    values = frame[[*features, target]].to_numpy(dtype=np.float64)
+    if task == "classification":
+        labels = frame[target]
+        if labels.isna().any():
+            row = int(np.flatnonzero(labels.isna().to_numpy())[0]) + 2
+            raise DataError(
+                f"{source}: target {target!r} has {int(labels.isna().sum())} empty label(s) (first at row {row}); "
+                "drop or fill those rows"
+            )
+        if labels.nunique() < 2:
+            only = labels.iloc[0].item() if isinstance(labels.iloc[0], np.generic) else labels.iloc[0]
+            raise DataError(f"{source}: target {target!r} has one class {only!r}; there is nothing to classify")
+    numeric = [*features, target] if task == "regression" else list(features)
+    values = frame[numeric].to_numpy(dtype=np.float64)
     bad_rows = ~np.isfinite(values)
     if bad_rows.any():
-        cols = [n for n, b in zip([*features, target], bad_rows.any(axis=0)) if b]
+        cols = [n for n, b in zip(numeric, bad_rows.any(axis=0)) if b]
         n_rows = int(bad_rows.any(axis=1).sum())
         raise DataError(
             f"{source}: NaN or infinite values in column(s) {cols} ({n_rows} row(s)); drop or fill those rows"
         )
+    if task == "classification":
+        return values, frame[target].to_numpy(), list(features)
     return values[:, :-1], values[:, -1], list(features)
 
 
@@ -179,15 +202,19 @@ def prepare(
     fraction: float,
     seed: int,
     task: Literal["regression", "classification"] = "regression",
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Prepared:
     """Split rows with a seeded permutation and standardise with train-only statistics.
+
+    ``split`` = ``(train_index, val_index)`` replaces the permutation (a cross-validation fold,
+    or all rows twice to refit a champion); ``fraction`` and ``seed`` are then unused.
 
     Raises:
         DataError: too few rows for the split, or a target with one distinct value.
     """
     n = len(x)
     n_val = max(1, int(round(fraction * n)))
-    n_train = n - n_val
+    n_train = n - n_val if split is None else len(split[0])
     if n_train < 2:
         need = next(m for m in range(3, 10_000) if m - max(1, int(round(fraction * m))) >= 2)
         raise DataError(
@@ -196,8 +223,11 @@ def prepare(
         )
     if task == "regression" and np.ptp(y) == 0:
         raise DataError(f"target {target!r} has a single value ({y[0]:g}) in every row; there is nothing to learn")
-    order = np.random.default_rng(seed).permutation(n)
-    train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
+    if split is not None:
+        train_index, val_index = np.sort(split[0]), np.sort(split[1])
+    else:
+        order = np.random.default_rng(seed).permutation(n)
+        train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
     x_train, x_val = x[train_index], x[val_index]
     # Fit the standardiser on the training rows only: no leakage from validation. ddof=1
     # matches pandas' DataFrame.std().

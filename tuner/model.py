@@ -150,4 +150,5 @@ def predict_frame(net: TabularNet, frame: Any, *, proba: bool = False) -> Any:
     probabilities = torch.softmax(out, dim=-1).numpy()
     if proba:
         return pd.DataFrame(probabilities, columns=[str(c) for c in config.classes or []])
-    return np.asarray(config.classes, dtype=object)[probabilities.argmax(axis=1)]
+    # The labels as the training CSV had them (ints stay ints, strings stay strings).
+    return np.asarray(config.classes)[probabilities.argmax(axis=1)]

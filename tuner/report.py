@@ -188,6 +188,8 @@ def _champion(
         label = f"best trial {best.number} (not registered as champion)"
     checkpoint, _ = tracker.load_checkpoint(run_id)
     net = checkpoint.build()
+    if "cross-validation" in str(study.user_attrs.get("validation", "")):
+        label += "; refit on all rows, so these rows are in-sample"
     rows = frame.iloc[prepared.val_index]
     x = torch.as_tensor(rows[checkpoint.config.feature_names].to_numpy(dtype=np.float32))
     with torch.inference_mode():
@@ -349,7 +351,9 @@ def build_report(
     prepared, frame = load_data(spec)
     tracker = Tracker(tracking_uri or spec.tracking, spec.name)
     out = Path(output) if output else Path.cwd() / f"{spec.name}-report.html"
-    return write_report(study, spec, out, prepared=prepared, frame=frame, tracker=tracker)
+    # The baselines the launch computed (on the study's own folds or split), when it stored them.
+    stored = study.user_attrs.get("baselines") or None
+    return write_report(study, spec, out, prepared=prepared, frame=frame, tracker=tracker, baselines=stored)
 
 
 def log_launch_report(

@@ -11,7 +11,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, TextIO
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from tuner.data import Prepared
     from tuner.tracking import Promotion, RunStatus, Tracker
+    from tuner.validation import CVData
 
 __all__ = [
     "open_storage",
@@ -429,9 +430,7 @@ def load_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
     from tuner.data import load_table, prepare, select_columns
 
     frame = load_table(spec.data)
-    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data))
-    if spec.task == "classification":
-        y = frame[spec.target].to_numpy()
+    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data), task=spec.task)
     prepared = prepare(
         x,
         y,
@@ -468,17 +467,22 @@ class Objective:
     parent_run_id: str | None
     device: Any
     train_seconds: list[float] = field(default_factory=list)
+    cv: CVData | None = None  # cross-validation folds; None: train on ``data``'s one split
+    provenance: dict[str, Any] = field(default_factory=dict)  # versions, device, data hash
 
     def __call__(self, trial: optuna.Trial) -> float:
         import optuna
 
         from tuner.model import Checkpoint
         from tuner.space import sample
-        from tuner.train import train
+        from tuner.train import TrainResult, train
+        from tuner.validation import CVResult, cross_validate
 
         params = sample(trial, self.spec.space)
         seed = self.spec.seed + trial.number
         trial.set_user_attr("seed", seed)
+        if self.provenance:
+            trial.set_user_attr("provenance", self.provenance)
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
@@ -490,9 +494,15 @@ class Objective:
             trial.report(metrics[metric], epoch)
             return trial.should_prune()
 
+        result: TrainResult | CVResult
         try:
             with interrupt.deferred():
-                result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+                if self.cv is not None and self.cv.folds:
+                    result = cross_validate(
+                        params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=on_epoch_end
+                    )
+                else:
+                    result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
             # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
             status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
@@ -503,24 +513,30 @@ class Objective:
                 self.tracker.end_trial(run_id, status=status, params=params, tags=tags)
             raise
         self.train_seconds.append(result.seconds)
-        tags = {"tuner.state": "COMPLETE"}
+        tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
+        fold_metrics: dict[str, float] = {}
+        if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
+            trial.set_user_attr("fold_seeds", result.seeds)
+            tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
+            trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
+            fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
         if result.diverged or result.stop_reason:
             pruned = True
             reason = result.stop_reason or "pruned"
             trial.set_user_attr("stop_reason", reason)
-            tags = {"tuner.state": "PRUNED", "tuner.stop_reason": reason}
+            tags = {**tags, "tuner.state": "PRUNED", "tuner.stop_reason": reason}
         else:
             pruned = False
         if self.tracker is not None and run_id is not None:
             checkpoint = None
-            if not pruned:
+            if not pruned and result.model is not None:  # cross-validated: the champion is refit later
                 checkpoint = Checkpoint(result.model.config, {k: v.cpu() for k, v in result.model.state_dict().items()})
             self.tracker.end_trial(
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
                 params=params,
                 history=result.history,
-                metrics=result.metrics,
+                metrics={**result.metrics, **fold_metrics},
                 tags=tags,
                 checkpoint=checkpoint,
             )
@@ -566,6 +582,11 @@ class LaunchSummary:
     parent_run_id: str | None
     wall_seconds: float
     train_seconds: float
+    task: str = "regression"
+    task_note: str | None = None  # why the task was inferred; None: set in the study file
+    validation: str = ""  # the validation scheme in words
+    verdict: str = ""  # tuned model vs the best baseline, in words
+    beats_baselines: bool = True
 
 
 def launch(
@@ -591,10 +612,12 @@ def launch(
     import optuna
     import torch
 
-    from tuner.baselines import baselines
+    from tuner.baselines import baselines, cv_baselines, verdict
     from tuner.progress import Progress
+    from tuner.replay import provenance
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
+    from tuner.validation import load_folds
 
     started = time.perf_counter()
     total = spec.n_trials if n_trials is None else n_trials  # --n-trials 0 is refused, not ignored
@@ -609,7 +632,8 @@ def launch(
     # log would print a traceback for every Ctrl-C. Per-trial lines (-v) come from tuner.progress.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     prepared, frame = load_data(spec)
-    _check_batch_sizes(spec, len(prepared.x_train))
+    cv = load_folds(spec, frame)
+    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
     make_sampler(spec), make_pruner(spec)  # unknown options refused before anything is written
     url = storage or spec.storage_url
     check_storage_url(url)
@@ -618,14 +642,27 @@ def launch(
         study = open_study(spec, storage, allow_space_change=allow_space_change)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
+    reference = cv_baselines(cv.folds) if cv.folds else baselines(prepared)  # still on the CPU here
     prepared = prepared.to(dev)  # once per launch, not per trial
+    if cv.folds:
+        cv = replace(cv, folds=[f.to(dev) for f in cv.folds])
+    before = study.user_attrs.get("validation")
+    if before is not None and before != cv.plan.describe() and study.trials:
+        warnings.warn(
+            f"study {spec.name!r} was validated with {before}; its earlier trials do not compare with "
+            f"{cv.plan.describe()}: use a new study name for a fair comparison",
+            stacklevel=2,
+        )
+    for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task}.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
 
     from tuner.reconcile import reconcile_study
 
     reconcile_study(study, tracker, spec)  # leftovers of a crashed launch: stale trials, orphaned runs
     remaining = total - finished_count(study)
     parent_run_id = None
-    objective = Objective(spec, prepared, tracker, None, dev)
+    objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
     n_run = 0
     if remaining > 0:
         parent_run_id = tracker.start_parent(
@@ -662,6 +699,8 @@ def launch(
     if promote and best is not None:
         try:
             with study_lock(url):  # two workers finishing together register the best trial once
+                if cv.all_rows is not None and not tracker.has_checkpoint(best.user_attrs["mlflow_run_id"]):
+                    _refit_champion(best, cv, tracker, dev)
                 promotion = tracker.promote(
                     model_name=spec.model_name,
                     run_id=best.user_attrs["mlflow_run_id"],
@@ -678,7 +717,6 @@ def launch(
             if parent_run_id is not None:
                 tracker.end_run(parent_run_id, "FAILED")
             raise
-    reference = baselines(prepared.to("cpu"))
     if parent_run_id is not None:
         from tuner.lineage import study_url, write_launch_notes
         from tuner.report import log_launch_report
@@ -704,6 +742,10 @@ def launch(
         parent_run_id=parent_run_id,
         wall_seconds=time.perf_counter() - started,
         train_seconds=sum(objective.train_seconds),
+        task=spec.task,
+        task_note=spec.task_note,
+        validation=cv.plan.describe(),
+        **_verdict(spec, best, reference, verdict),
     )
 
 
@@ -730,6 +772,26 @@ def _free_device_memory(device: Any) -> None:
     gc.collect()
     if getattr(device, "type", None) == "cuda":
         torch.cuda.empty_cache()
+
+
+def _verdict(spec: StudySpec, best: Any, reference: dict[str, Any], verdict: Callable[..., Any]) -> dict[str, Any]:
+    if best is None:
+        return {}
+    beats, text = verdict(spec.metric, spec.study_direction, float(best.value), reference)
+    return {"verdict": text, "beats_baselines": beats}
+
+
+def _refit_champion(best: optuna.trial.FrozenTrial, cv: CVData, tracker: Tracker, device: Any) -> None:
+    """A cross-validated trial has no single model: train its params on all rows through
+    ``train()`` and store the weights in the trial's run, where promotion looks for them."""
+    from tuner.model import Checkpoint
+    from tuner.validation import refit
+
+    result = refit(best.params, cv, device=device, seed=int(best.user_attrs.get("seed", 0)))
+    state = {k: v.cpu() for k, v in result.model.state_dict().items()}
+    run_id = best.user_attrs["mlflow_run_id"]
+    tracker.save_checkpoint(run_id, Checkpoint(result.model.config, state))
+    tracker.end_run(run_id, "FINISHED", {"tuner.refit": f"all {len(cv.all_rows.x_train) if cv.all_rows else 0} rows"})
 
 
 def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
@@ -759,7 +821,15 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "params": dict(best.params),
         "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
         "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+        "validation": study.user_attrs.get("validation"),
+        "baselines": study.user_attrs.get("baselines", {}),
     }
+    if info["baselines"]:
+        from tuner.baselines import verdict
+
+        info["beats_baselines"], info["verdict"] = verdict(
+            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
+        )
     if champion is not None:
         info["champion"] = {
             "model_uri": f"models:/{spec.model_name}@champion",

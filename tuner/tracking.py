@@ -33,6 +33,8 @@ __all__ = [
     "resolve_model_uri",
     "load_model",
     "LoadedModel",
+    "conform_input",
+    "import_mlflow",
     "ui_base",
     "WEIGHTS_FILE",
     "REPORT_DIR",
@@ -55,6 +57,11 @@ def _quiet() -> None:
     """MLflow configures its loggers on import: lower them afterwards (store creation chatter)."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def import_mlflow() -> None:
+    """Import mlflow now (1-2 s), e.g. before taking a lock that ``Tracker()`` is then created under."""
+    import mlflow  # noqa: F401
 
 
 def _tag(name: str) -> str:
@@ -198,6 +205,10 @@ class Tracker:
             torch.save(checkpoint.to_payload(), path)
             self.client.log_artifact(run_id, str(path))
 
+    def has_checkpoint(self, run_id: str) -> bool:
+        """Whether the run holds a weights file (a cross-validated trial has none until refit)."""
+        return any(f.path == WEIGHTS_FILE for f in self.client.list_artifacts(run_id))
+
     def load_checkpoint(self, run_id: str) -> tuple[Checkpoint, str]:
         """A trial's weights (read with ``weights_only=True``) and the file's SHA-256."""
         import torch
@@ -229,9 +240,6 @@ class Tracker:
             max_results=10000,
         )
 
-    def has_checkpoint(self, run_id: str) -> bool:
-        return any(f.path == WEIGHTS_FILE for f in self.client.list_artifacts(run_id))
-
     def model_versions(self, model_name: str) -> list[Any]:
         if not self._registered(model_name):
             return []
@@ -243,6 +251,15 @@ class Tracker:
             self.client.delete_registered_model_alias(model_name, alias)
         else:
             self.client.set_registered_model_alias(model_name, alias, version)
+
+    def run_status(self, run_id: str) -> str | None:
+        """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None if there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except MlflowException:
+            return None
 
     # -- links and reports ----------------------------------------------------------------
 
@@ -321,7 +338,11 @@ class Tracker:
                             python_model=str(_MODEL_CODE),
                             artifacts={"checkpoint": str(path)},
                             code_paths=[str(_PACKAGE_DIR)],
-                            input_example=input_example,
+                            # A classifier takes params={"proba": True}: the example's params become the
+                            # signature's params schema, without which MLflow drops them before predict.
+                            input_example=(input_example, {"proba": False})
+                            if checkpoint.config.task == "classification"
+                            else input_example,
                             metadata={"target": checkpoint.config.target, "task": checkpoint.config.task},
                             # Explicit requirements: inferring them costs ~5 s per model.
                             pip_requirements=_requirements(),
@@ -342,6 +363,7 @@ class Tracker:
                 model_name,
                 source=info.model_uri,
                 run_id=run_id,
+                model_id=info.model_id,  # a tracking server refuses a models:/m-... source without it
                 tags={
                     _tag("study"): study_name,
                     _tag("trial"): str(trial_number),
@@ -546,3 +568,23 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
             "code, refusing it"
         ) from None
     return LoadedModel(net, metadata), version
+
+
+def conform_input(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's feature columns of ``frame``, cast to its signature's number types where that
+    loses nothing: a CSV whose ``disp`` happens to hold whole numbers reads as int64, which MLflow
+    refuses for a double column (and a whole-valued float column for a long one)."""
+    import numpy as np
+    import pandas as pd
+
+    schema = model.metadata.get_input_schema()
+    out = frame[schema.input_names()].copy()
+    for name, kind in zip(schema.input_names(), schema.input_types()):
+        kind = getattr(kind, "name", str(kind))
+        col = out[name]
+        if kind in ("double", "float") and pd.api.types.is_integer_dtype(col):
+            out[name] = col.astype(np.float64 if kind == "double" else np.float32)
+        elif kind in ("long", "integer") and pd.api.types.is_float_dtype(col) and col.notna().all():
+            if bool((col % 1 == 0).all()):
+                out[name] = col.astype(np.int64 if kind == "long" else np.int32)
+    return out

@@ -1,0 +1,348 @@
+"""Cross-validation: seeded (stratified) k-fold splits and a trial trained on every fold.
+
+On small data one split is mostly noise (the cars data validates on 6 of 32 rows), so a study
+file may ask for ``validation = { folds = k, repeats = r }``, and data under 200 rows gets 5-fold
+by default. Every fold is trained by the one shared ``train()``.
+
+Folds run in lockstep, epoch by epoch: fold 0 trains epoch e, then fold 1 trains epoch e, ...,
+then the mean of the folds' epoch-e metrics is reported. So the value a trial reports at step e
+*is* the cross-validated estimate after e epochs: the pruner compares like with like across
+trials, its options (``n_warmup_steps``...) keep meaning epochs as with one split, the dashboard
+shows ordinary learning curves, and a pruned trial stops all k folds at once. (Running fold by
+fold and reporting a running mean would report each step more than once, which Optuna ignores,
+or report per fold, which leaves epoch-based pruner settings meaningless.)
+
+Each fold's ``train()`` runs in its own thread, but a baton lets exactly one of them (or the
+coordinating caller) run at a time, always in the same order, and each fold takes its own global
+RNG state (dropout) with it across the hand-overs: every fold computes exactly what ``train()``
+on that fold alone computes, bit for bit, and Optuna is only ever called from the caller's thread.
+The threads are only a way to pause ``train()`` at its epoch hook: ``train()`` stays the one plain
+function that every other path (one split, refit, replay) calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+import numpy as np
+
+from tuner.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from tuner.config import StudySpec, Validation
+    from tuner.data import Prepared
+    from tuner.train import EpochHook, TrainParams
+
+__all__ = [
+    "DEFAULT_FOLDS",
+    "CV_BELOW_ROWS",
+    "ValidationPlan",
+    "CVData",
+    "CVResult",
+    "plan_validation",
+    "kfold_indices",
+    "load_folds",
+    "fold_seeds",
+    "cross_validate",
+    "refit",
+]
+
+DEFAULT_FOLDS = 5
+CV_BELOW_ROWS = 200  # data with fewer rows is cross-validated unless the study file says otherwise
+
+
+@dataclass(frozen=True)
+class ValidationPlan:
+    """How trials are validated: one seeded split, or k folds repeated r times."""
+
+    kind: Literal["holdout", "cv"]
+    folds: int  # 1 for holdout
+    repeats: int
+    fraction: float  # holdout share (unused for cv)
+    seed: int
+    stratified: bool
+    reason: str  # why this scheme: "set in the study file" or the default rule
+
+    @property
+    def n_fits(self) -> int:
+        return self.folds * self.repeats
+
+    def describe(self) -> str:
+        if self.kind == "holdout":
+            return f"one split, {self.fraction:.0%} of rows held out (seed {self.seed}; {self.reason})"
+        rep = f" x {self.repeats} repeats" if self.repeats > 1 else ""
+        strat = ", stratified" if self.stratified else ""
+        return f"{self.folds}-fold cross-validation{rep}{strat} (seed {self.seed}; {self.reason})"
+
+
+def plan_validation(
+    validation: Validation, n_rows: int, *, seed: int, task: Literal["regression", "classification"] = "regression"
+) -> ValidationPlan:
+    """The scheme a study uses: the study file's choice, else 5-fold under 200 rows."""
+    stratified = task == "classification"
+    if validation.folds is not None:
+        return ValidationPlan("cv", validation.folds, validation.repeats, validation.fraction, seed, stratified,
+                              "set in the study file")
+    if "fraction" in validation.model_fields_set:
+        return ValidationPlan("holdout", 1, 1, validation.fraction, seed, False, "set in the study file")
+    if n_rows < CV_BELOW_ROWS:
+        folds = max(2, min(DEFAULT_FOLDS, n_rows))
+        return ValidationPlan("cv", folds, 1, validation.fraction, seed, stratified,
+                              f"default for data under {CV_BELOW_ROWS} rows; this has {n_rows}")
+    return ValidationPlan("holdout", 1, 1, validation.fraction, seed, False,
+                          f"default for data of {CV_BELOW_ROWS} rows or more")
+
+
+def kfold_indices(
+    y: np.ndarray, folds: int, *, repeats: int = 1, seed: int = 0, stratify: bool = False
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(train_index, val_index)`` for each fold of each repeat; every row is validated once per
+    repeat. Stratified: each class is dealt round-robin over the folds, so every fold holds the
+    classes in about their overall proportions.
+
+    Raises:
+        DataError: more folds than rows, or too few rows left to train on.
+    """
+    n = len(y)
+    if folds > n or n - (n + folds - 1) // folds < 2:
+        raise DataError(
+            f"{folds}-fold cross-validation needs at least {max(folds, 3)} rows (2 to train per fold); "
+            f"the data has {n}: lower validation.folds"
+        )
+    splits = []
+    for r in range(repeats):
+        rng = np.random.default_rng([seed, r])
+        assign = np.empty(n, dtype=np.int64)
+        if stratify:
+            _, codes = np.unique(y, return_inverse=True)
+            dealt = 0
+            for c in range(int(codes.max()) + 1):
+                rows = rng.permutation(np.flatnonzero(codes == c))
+                # Continue dealing where the previous class stopped: fold sizes differ by <= 1.
+                assign[rows] = (np.arange(len(rows)) + dealt) % folds
+                dealt += len(rows)
+        else:
+            assign[rng.permutation(n)] = np.arange(n) % folds
+        for f in range(folds):
+            splits.append((np.flatnonzero(assign != f), np.flatnonzero(assign == f)))
+    return splits
+
+
+@dataclass(frozen=True)
+class CVData:
+    """The folds of a cross-validated study and all rows prepared once more for the refit."""
+
+    plan: ValidationPlan
+    folds: list[Prepared]
+    all_rows: Prepared | None  # None for holdout: its champion is the trial's own model
+
+
+def load_folds(spec: StudySpec, frame: pd.DataFrame) -> CVData:
+    """Plan the study's validation on its table and, for cross-validation, prepare every fold
+    (standardiser fitted on each fold's training rows only)."""
+    from tuner.data import prepare, select_columns
+
+    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data), task=spec.task)
+    plan = plan_validation(spec.validation, len(y), seed=spec.validation_seed, task=spec.task)
+    if plan.kind == "holdout":
+        return CVData(plan, [], None)
+    if plan.stratified:
+        _, counts = np.unique(y, return_counts=True)
+        if counts.min() < plan.folds:
+            warnings.warn(
+                f"the smallest class of {spec.target!r} has {counts.min()} rows, fewer than the {plan.folds} folds: "
+                "some folds validate without it",
+                stacklevel=2,
+            )
+    common = dict(feature_names=names, target=spec.target, fraction=spec.validation.fraction, seed=plan.seed,
+                  task=spec.task)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant column warns once below, not once per fold
+        folds = [
+            prepare(x, y, split=s, **common)  # type: ignore[arg-type]
+            for s in kfold_indices(y, plan.folds, repeats=plan.repeats, seed=plan.seed, stratify=plan.stratified)
+        ]
+    everything = np.arange(len(y))
+    all_rows = prepare(x, y, split=(everything, everything), **common)  # type: ignore[arg-type]
+    return CVData(plan, folds, all_rows)
+
+
+def fold_seeds(seed: int, n: int) -> list[int]:
+    """Independent training seeds for the folds of a trial whose seed is ``seed``."""
+    return [int(s) for s in np.random.SeedSequence(seed).generate_state(n)]
+
+
+@dataclass
+class CVResult:
+    """A trial over all folds; quacks like ``TrainResult`` (without a model)."""
+
+    history: list[dict[str, float]]  # per epoch: the mean over folds of each metric
+    metrics: dict[str, float]  # the last epoch's mean over folds
+    fold_metrics: list[dict[str, float]]  # each fold's last-epoch metrics
+    seeds: list[int]
+    stop_reason: str | None = None
+    diverged: bool = False
+    n_steps: int = 0
+    seconds: float = 0.0
+    model: None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.history)
+
+    def spread(self, metric: str) -> float:
+        """Standard deviation of ``metric`` over the folds (ddof=1)."""
+        values = [m[metric] for m in self.fold_metrics if metric in m]
+        return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+class _Fold(threading.Thread):
+    """One fold's ``train()``, running only while it holds the baton."""
+
+    def __init__(self, index: int, run: Any, back: threading.Semaphore, device: torch.device) -> None:
+        super().__init__(name=f"tuner-fold-{index}", daemon=True)
+        self.run_fold, self.back, self.device = run, back, device
+        self.turn = threading.Semaphore(0)
+        self.pending: tuple[int, dict[str, float]] | None = None
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.stop = False
+
+    def hook(self, epoch: int, metrics: dict[str, float]) -> bool:
+        self.pending = (epoch, dict(metrics))
+        rng = _rng_state(self.device)  # this fold's dropout stream, which the other folds move on
+        self.back.release()  # baton to the coordinator
+        self.turn.acquire()  # wait for the next turn
+        _set_rng_state(self.device, rng)
+        return self.stop
+
+    def run(self) -> None:
+        self.turn.acquire()
+        try:
+            self.result = self.run_fold(self.hook)
+        except BaseException as e:  # handed to the coordinator, re-raised there
+            self.error = e
+        finally:
+            self.done = True
+            self.back.release()
+
+
+def cross_validate(
+    params: TrainParams | Mapping[str, Any],
+    folds: list[Prepared],
+    *,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    on_epoch_end: EpochHook | None = None,
+) -> CVResult:
+    """Train ``params`` on every fold through ``train()``, in lockstep (see the module doc).
+
+    ``on_epoch_end(epoch, mean_metrics)`` sees the mean over folds; returning True stops every
+    fold. A fold whose loss diverges stops them all (``diverged=True``).
+    """
+    import torch
+
+    from tuner.train import resolve_device, train
+
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    seeds = fold_seeds(seed, len(folds))
+    back = threading.Semaphore(0)
+    workers: list[_Fold] = []
+    for i, data in enumerate(folds):
+        def run_fold(hook: EpochHook, data: Prepared = data, s: int = seeds[i]) -> Any:
+            return train(params, data, device=dev, seed=s, on_epoch_end=hook)
+
+        workers.append(_Fold(i, run_fold, back, dev))
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    # The folds' hand-overs set the global RNG state: leave the caller's as it was.
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        history, stop_reason = _lockstep(workers, back, on_epoch_end)
+    for w in workers:
+        if w.error is not None:
+            raise w.error
+    results = [w.result for w in workers]
+    diverged = next((r for r in results if r.diverged), None)
+    if diverged is not None:
+        stop_reason = diverged.stop_reason
+    return CVResult(
+        history=history,
+        metrics=dict(history[-1]) if history else {},
+        fold_metrics=[dict(r.metrics) for r in results],
+        seeds=seeds,
+        stop_reason=stop_reason,
+        diverged=diverged is not None,
+        n_steps=sum(r.n_steps for r in results),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _lockstep(
+    workers: list[_Fold], back: threading.Semaphore, on_epoch_end: EpochHook | None
+) -> tuple[list[dict[str, float]], str | None]:
+    """Hand the baton round the folds, one epoch per round; report each round's mean."""
+    history: list[dict[str, float]] = []
+    stop_reason: str | None = None
+    stopping = False
+    try:
+        while not all(w.done for w in workers):
+            rows: list[tuple[int, dict[str, float]]] = []
+            for w in workers:
+                if w.done:
+                    continue
+                w.pending, w.stop = None, stopping
+                w.turn.release()
+                back.acquire()  # until this fold reaches its next epoch end, or finishes
+                if w.pending is not None:
+                    rows.append(w.pending)
+                elif w.error is not None or w.result.diverged:  # the others stop at their next epoch end
+                    stopping = True
+            if stopping or not rows:
+                continue
+            epoch = rows[0][0]
+            mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
+            history.append(mean)
+            if on_epoch_end is not None and on_epoch_end(epoch, mean):
+                stopping = True
+                stop_reason = f"stopped by the epoch hook after epoch {epoch}"
+    finally:
+        if not all(w.done for w in workers):  # interrupted: every fold stops at its next epoch end
+            for w in workers:
+                w.stop = True
+                w.turn.release()
+    return history, stop_reason
+
+
+def refit(params: Mapping[str, Any], data: CVData, *, device: torch.device | str = "cpu", seed: int = 0) -> Any:
+    """The champion of a cross-validated study: its params trained on all rows through
+    ``train()``, seeded from the trial's seed. Returns the ``TrainResult``; its metrics are
+    in-sample, so the cross-validated value stays the one promotion compares."""
+    from tuner.train import train
+
+    if data.all_rows is None:
+        raise ValueError("refit needs cross-validation data (all_rows)")
+    return train(params, data.all_rows, device=device, seed=seed)
+
+
+def _rng_state(device: torch.device) -> tuple[Any, Any]:
+    import torch
+
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Any, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
