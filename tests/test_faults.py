@@ -315,15 +315,15 @@ def test_b8_a_launch_whose_every_trial_runs_out_of_memory_stops_with_the_reason(
 
 @pytest.mark.slow
 def test_f6_resident_memory_does_not_grow_per_trial(tmp_path: Path, monkeypatch: Any) -> None:
-    import tuner.train
+    import tuner.study
 
-    original, rss = tuner.train.train, []
+    original, rss = tuner.study.Objective.__call__, []
 
-    def measured(*args: Any, **kwargs: Any) -> Any:
+    def measured(self: Any, trial: Any) -> Any:  # at the start of every trial
         rss.append(_rss_bytes())
-        return original(*args, **kwargs)
+        return original(self, trial)
 
-    monkeypatch.setattr(tuner.train, "train", measured)
+    monkeypatch.setattr(tuner.study.Objective, "__call__", measured)
     space = (
         'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
         'epochs = { type = "fixed", value = 1 }\n'
