@@ -88,7 +88,7 @@ def slow_first_trial(seconds: float = 120) -> Callable[[], None]:
 
     def setup() -> None:
         import tuner.train
-        from tuner import interrupt
+        from tuner import interrupts
 
         original, calls = tuner.train.train, []
 
@@ -98,7 +98,7 @@ def slow_first_trial(seconds: float = 120) -> Callable[[], None]:
                 end = time.monotonic() + seconds
                 while time.monotonic() < end:  # "epochs" of 20 ms that honour Ctrl-C/SIGTERM
                     time.sleep(0.02)
-                    interrupt.check()
+                    interrupts.check()
             return original(*args, **kwargs)
 
         tuner.train.train = slow

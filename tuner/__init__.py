@@ -20,6 +20,7 @@ _EXPORTS = {
     "TabularNet": "tuner.model",
     "ModelConfig": "tuner.model",
     "train": "tuner.train",
+    "train_many": "tuner.fused",
     "TrainResult": "tuner.train",
     "resolve_device": "tuner.train",
     "cross_validate": "tuner.validation",

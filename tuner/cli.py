@@ -94,10 +94,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tuner import interrupt
-
-    interrupt.install()  # SIGINT and SIGTERM: KeyboardInterrupt, never lost in a gc callback
+    from tuner import interrupts
     from tuner.errors import TunerError
+
+    interrupts.install()  # SIGINT/SIGTERM -> KeyboardInterrupt that a weakref callback cannot swallow
 
     if not args.debug:
         warnings.filterwarnings("ignore", module="mlflow")

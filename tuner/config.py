@@ -150,6 +150,14 @@ class StudySpec(_Strict):
     storage: str | None = None  # None: a SQLite file next to the study file
     tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
     device: str = "auto"
+    # auto: fused (K trials as one batched model, tuner/fused.py) where a calibration at launch
+    # measures it cheaper per trial-step than one trial at a time; else sequential.
+    execution: Literal["auto", "sequential", "fused"] = "auto"
+    # Epochs 0, k, 2k, ... (and a trial's last) are reported: Optuna intermediate values (the
+    # pruner's steps) and MLflow metric rows. One grid for every trial, so the pruner compares
+    # equal steps, at 1/k of the writes (each report, pruning check and metric row costs a
+    # database round trip or ORM object). 1 = every epoch; the shipped studies use 10.
+    report_every: int = Field(1, ge=1)
     validation: Validation = Validation()
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()

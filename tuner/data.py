@@ -227,12 +227,19 @@ def prepare(
         train_index, val_index = np.sort(split[0]), np.sort(split[1])
     else:
         order = np.random.default_rng(seed).permutation(n)
-        train_index, val_index = np.sort(order[:n_train]), np.sort(order[n_train:])
-    x_train, x_val = x[train_index], x[val_index]
+        is_val = np.zeros(n, dtype=bool)
+        is_val[order[n_train:]] = True
+        # Sorted row numbers, O(n) (the same arrays as sorting the two parts of the permutation).
+        train_index, val_index = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+        del is_val
     # Fit the standardiser on the training rows only: no leakage from validation. ddof=1
-    # matches pandas' DataFrame.std().
+    # matches pandas' DataFrame.std(). Done in place on the one float64 copy of the training
+    # rows, with the same operations as numpy's std (x - mean, squared, summed): the same bits,
+    # without whole-array temporaries (large CSVs).
+    x_train = x[train_index]
     x_mean = x_train.mean(axis=0)
-    x_std = x_train.std(axis=0, ddof=1)
+    x_train -= x_mean
+    x_std = np.sqrt(np.add.reduce(np.multiply(x_train, x_train), axis=0) / (n_train - 1))
     constant = [name for name, s in zip(feature_names, x_std) if not s > 0]
     if constant:
         warnings.warn(
@@ -241,6 +248,14 @@ def prepare(
             stacklevel=2,
         )
     x_std = np.where(x_std > 0, x_std, 1.0)
+    x_train /= x_std
+    x_train_t = torch.from_numpy(x_train.astype(np.float32))
+    del x_train
+    x_val = x[val_index]
+    x_val -= x_mean
+    x_val /= x_std
+    x_val_t = torch.from_numpy(x_val.astype(np.float32))
+    del x_val
     classes = None
     if task == "classification":
         classes_arr, y_idx = np.unique(y, return_inverse=True)
@@ -257,9 +272,9 @@ def prepare(
         feature_names=list(feature_names),
         target=target,
         task=task,
-        x_train=torch.as_tensor((x_train - x_mean) / x_std, dtype=torch.float32),
+        x_train=x_train_t,
         y_train=y_train_t,
-        x_val=torch.as_tensor((x_val - x_mean) / x_std, dtype=torch.float32),
+        x_val=x_val_t,
         y_val_raw=y_val_t,
         x_mean_=x_mean,
         x_std_=x_std,

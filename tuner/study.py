@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import sqlite3
+import sys
 import time
 import warnings
 from contextlib import contextmanager
@@ -15,9 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, TextIO
 
-from tuner import interrupt
+from tuner import interrupts
 from tuner.config import StudySpec, check_options, redact_url
-from tuner.errors import StorageError, TunerError
+from tuner.errors import ConfigError, StorageError, TunerError
 
 if TYPE_CHECKING:
     import optuna
@@ -25,7 +27,8 @@ if TYPE_CHECKING:
 
     from tuner.data import Prepared
     from tuner.tracking import Promotion, RunStatus, Tracker
-    from tuner.validation import CVData
+    from tuner.train import TrainResult
+    from tuner.validation import CVData, CVResult
 
 __all__ = [
     "open_storage",
@@ -65,7 +68,7 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
     check_storage_url(url)
     if url.startswith("sqlite:///"):
         # A busy timeout lets a second worker or the dashboard wait for the lock instead of failing.
-        engine_kwargs["connect_args"] = {"timeout": 30}
+        engine_kwargs["connect_args"] = {"timeout": 30, "factory": _SynchronousNormal}
     elif url.startswith("postgresql"):
         # Pre-ping: a pooled connection to a restarted server is replaced, not used and failed.
         engine_kwargs = {"pool_pre_ping": True, "connect_args": {"connect_timeout": 10}}
@@ -109,6 +112,17 @@ def check_storage_url(url: str) -> None:
         )
     if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise StorageError(f"storage {shown} is not writable; pass a writable --storage")
+
+
+class _SynchronousNormal(sqlite3.Connection):
+    """SQLite connections with ``synchronous=NORMAL``: in WAL mode a commit then appends to the
+    log without an fsync (the log is synced at checkpoints). The file cannot be corrupted; a power
+    cut may lose the last commits, i.e. a trial that is then re-run. A trial commits ~30 times
+    (ask, params, reports, user attrs, tell): an fsync each cost 2-7 ms on a busy disk."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA synchronous=NORMAL")
 
 
 def _first_line(e: BaseException, hide: str = "") -> str:
@@ -376,7 +390,7 @@ def run_trials(
         last.append(trial)
 
     while deadline is None or time.monotonic() < deadline:
-        interrupt.check()
+        interrupts.check()
         state = budget.claim()
         if state == "done":
             break
@@ -405,7 +419,7 @@ def run_trials(
         finally:
             budget.release()
         n_run += 1
-        interrupt.check()
+        interrupts.check()
         trial = last[-1] if last else None
         if on_trial_end is not None and trial is not None:
             on_trial_end(trial)
@@ -471,12 +485,43 @@ class Objective:
     provenance: dict[str, Any] = field(default_factory=dict)  # versions, device, data hash
 
     def __call__(self, trial: optuna.Trial) -> float:
-        import optuna
+        from tuner import interrupts
+        from tuner.train import train
+        from tuner.validation import cross_validate
 
-        from tuner.model import Checkpoint
+        params, seed, run_id = self.begin(trial)
+        metric = self.spec.metric
+        every = self.spec.report_every
+        prunes = self.spec.pruner.name != "none"
+        final_epoch = int(params["epochs"]) - 1
+        reported: list[int] = []  # the epochs in Optuna, and the metric rows MLflow gets
+
+        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
+            interrupts.check()  # a Ctrl-C that landed in a callback and was swallowed ends here
+            on_grid = epoch % every == 0
+            if not on_grid and epoch != final_epoch:  # off the shared grid: no storage round trip
+                return False
+            trial.report(metrics[metric], epoch)
+            reported.append(epoch)
+            # The last epoch is reported for the curve, not judged: training is over anyway.
+            return on_grid and prunes and trial.should_prune()
+
+        result: TrainResult | CVResult
+        try:
+            if self.cv is not None and self.cv.folds:
+                result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+            else:
+                result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
+        except BaseException as e:
+            trial.set_user_attr("fail_reason", fail_reason(e))
+            self.abort(params, run_id, e)
+            raise
+        self.train_seconds.append(result.seconds)
+        return self.finish(trial, params, seed, run_id, result, reported)
+
+    def begin(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str | None]:
+        """Sample the trial's params, fix its seed, open its MLflow run: ``(params, seed, run_id)``."""
         from tuner.space import sample
-        from tuner.train import TrainResult, train
-        from tuner.validation import CVResult, cross_validate
 
         params = sample(trial, self.spec.space)
         seed = self.spec.seed + trial.number
@@ -487,32 +532,35 @@ class Objective:
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
             trial.set_user_attr("mlflow_run_id", run_id)
+        return params, seed, run_id
+
+    def abort(self, params: dict[str, Any], run_id: str | None, e: BaseException) -> None:
+        """Close the run of a trial that raised: Ctrl-C / SIGTERM KILLED, anything else FAILED.
+        Optuna marks the trial FAIL."""
+        status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        if self.tracker is not None and run_id is not None:
+            tags = {"tuner.error": repr(e)[:500], "tuner.fail_reason": fail_reason(e)}
+            self.tracker.end_trial(run_id, status=status, params=params, tags=tags)
+
+    def finish(
+        self,
+        trial: optuna.Trial,
+        params: dict[str, Any],
+        seed: int,
+        run_id: str | None,
+        result: TrainResult | CVResult,
+        reported: list[int] | None = None,
+    ) -> float:
+        """Log the trained trial and return its value; raise TrialPruned if it stopped early.
+
+        ``reported``: the epochs that went to Optuna (MLflow gets the same rows); None: all.
+        """
+        import optuna
+
+        from tuner.model import Checkpoint
+        from tuner.validation import CVResult
+
         metric = self.spec.metric
-
-        def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
-            interrupt.check()  # Ctrl-C/SIGTERM during this epoch: end the trial here
-            trial.report(metrics[metric], epoch)
-            return trial.should_prune()
-
-        result: TrainResult | CVResult
-        try:
-            with interrupt.deferred():
-                if self.cv is not None and self.cv.folds:
-                    result = cross_validate(
-                        params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=on_epoch_end
-                    )
-                else:
-                    result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
-        except BaseException as e:
-            # Ctrl-C / SIGTERM: KILLED; anything else: FAILED. Optuna marks the trial FAIL.
-            status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-            reason = fail_reason(e)
-            trial.set_user_attr("fail_reason", reason)
-            if self.tracker is not None and run_id is not None:
-                tags = {"tuner.error": repr(e)[:500], "tuner.fail_reason": reason}
-                self.tracker.end_trial(run_id, status=status, params=params, tags=tags)
-            raise
-        self.train_seconds.append(result.seconds)
         tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
         fold_metrics: dict[str, float] = {}
         if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
@@ -520,6 +568,8 @@ class Objective:
             tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
             trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
             fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
+        if reported is None:
+            reported = list(range(len(result.history)))
         if result.diverged or result.stop_reason:
             pruned = True
             reason = result.stop_reason or "pruned"
@@ -535,7 +585,7 @@ class Objective:
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
                 params=params,
-                history=result.history,
+                history={e: result.history[e] for e in reported if e < len(result.history)},
                 metrics={**result.metrics, **fold_metrics},
                 tags=tags,
                 checkpoint=checkpoint,
@@ -661,6 +711,19 @@ def launch(
 
     reconcile_study(study, tracker, spec)  # leftovers of a crashed launch: stale trials, orphaned runs
     remaining = total - finished_count(study)
+    if remaining > 0:
+        from tuner.fused_runner import choose_execution, run_fused
+
+        if cv.folds:  # fused trials train one split; a cross-validated trial trains its folds in lockstep
+            if spec.execution == "fused":
+                raise ConfigError(
+                    f"execution = 'fused' trains one validation split, but this study uses {cv.plan.describe()}; "
+                    "set validation.fraction (e.g. 0.2) or execution = 'sequential'"
+                )
+            execution, why = "sequential", f"{spec.execution}: {cv.plan.describe()} runs sequentially"
+        else:
+            execution, why = choose_execution(spec, prepared, dev, remaining)
+        print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
     objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
     n_run = 0
@@ -672,19 +735,27 @@ def launch(
         objective.parent_run_id = parent_run_id
         bar = Progress(total, n_done_before=total - remaining, verbose=verbose) if progress else None
         try:
-            n_run = run_trials(
-                study,
-                objective,
-                TrialBudget(study, total, url),
-                timeout=spec.timeout,
-                callbacks=[bar] if bar else [],
-                # Out of memory fails the trial, not the launch: the next trial may fit.
-                catch=(torch.cuda.OutOfMemoryError,),
-                poll_seconds=min(1.0, spec.heartbeat.interval),
-                on_trial_end=lambda t: (
-                    _after_failed_trial(dev, study, tracker, spec) if t.state.name == "FAIL" else None
-                ),
-            )
+            if execution == "fused":  # run_fused keeps its own trial budget
+                n_before = len(study.trials)
+                fused_callbacks: list[Any] = [bar] if bar else []
+                run_fused(
+                    study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
+                )
+                n_run = len(study.trials) - n_before
+            else:
+                n_run = run_trials(
+                    study,
+                    objective,
+                    TrialBudget(study, total, url),
+                    timeout=spec.timeout,
+                    callbacks=[bar] if bar else [],
+                    # Out of memory fails the trial, not the launch: the next trial may fit.
+                    catch=(torch.cuda.OutOfMemoryError,),
+                    poll_seconds=min(1.0, spec.heartbeat.interval),
+                    on_trial_end=lambda t: (
+                        _after_failed_trial(dev, study, tracker, spec) if t.state.name == "FAIL" else None
+                    ),
+                )
         except KeyboardInterrupt:
             tracker.end_run(parent_run_id, "KILLED")
             raise

@@ -127,6 +127,8 @@ class Tracker:
                 f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e, hide=tracking_uri)}; "
                 "check the URI (--tracking-uri) and that the server is running"
             ) from None
+        if tracking_uri.startswith("sqlite:///"):
+            _sqlite_wal(Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]))
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -165,18 +167,20 @@ class Tracker:
         *,
         status: RunStatus,
         params: Mapping[str, Any] | None = None,
-        history: Iterable[Mapping[str, float]] = (),
+        history: Iterable[Mapping[str, float]] | Mapping[int, Mapping[str, float]] = (),
         metrics: Mapping[str, float] | None = None,
         tags: Mapping[str, str] | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
-        """Write everything of one trial in one batch, store its weights, close the run."""
+        """Write everything of one trial in one batch, store its weights, close the run.
+
+        ``history``: one metrics row per epoch, or ``{epoch: row}`` for a subset of the epochs.
+        """
         from mlflow.entities import Metric, Param, RunTag
 
         now = int(time.time() * 1000)
-        metric_rows = [
-            Metric(key, float(value), now, epoch) for epoch, row in enumerate(history) for key, value in row.items()
-        ]
+        rows = history.items() if isinstance(history, Mapping) else enumerate(history)
+        metric_rows = [Metric(key, float(value), now, epoch) for epoch, row in rows for key, value in row.items()]
         metric_rows += [Metric(f"final_{k}", float(v), now, 0) for k, v in (metrics or {}).items()]
         param_rows = [Param(k, str(v)) for k, v in (params or {}).items()]
         tag_rows = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
@@ -430,6 +434,19 @@ def _better(value: float, champion: Any | None, direction: str) -> bool:
     except (KeyError, ValueError):
         return True  # a champion without our tags: a finished study may replace it
     return value < current if direction == "minimize" else value > current
+
+
+def _sqlite_wal(db: Path) -> None:
+    """Switch MLflow's SQLite file to WAL (it persists in the file): a commit then syncs one log
+    instead of a rollback journal plus the database, and readers (``tuner ui``) do not block the
+    writer. Best effort: a store that is busy right now keeps its mode."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(db, timeout=5) as conn:
+            conn.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error:
+        pass
 
 
 def _requirements() -> list[str]:

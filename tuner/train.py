@@ -16,7 +16,18 @@ import torch.nn.functional as F
 from tuner.data import BatchDataset, Prepared, batches, loader_batches
 from tuner.model import ModelConfig, TabularNet
 
-__all__ = ["TrainParams", "TrainResult", "train", "evaluate", "resolve_device", "EpochHook"]
+__all__ = [
+    "TrainParams",
+    "TrainResult",
+    "train",
+    "evaluate",
+    "resolve_device",
+    "EpochHook",
+    "task_loss",
+    "output_metrics",
+    "epoch_record",
+    "cosine_factor",
+]
 
 # Called after every epoch with (epoch, metrics); returning True stops training (pruning).
 EpochHook = Callable[[int, dict[str, float]], bool]
@@ -97,11 +108,17 @@ def _optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device
     raise ValueError(f"Unknown optimizer {params.optimizer!r}; choose one of ['adam', 'adamw', 'sgd']")
 
 
+def task_loss(
+    out: torch.Tensor, y: torch.Tensor, task: str, reduction: Literal["mean", "none"] = "mean"
+) -> torch.Tensor:
+    """The training loss of a task: MSE on the standardised target, or cross-entropy on logits."""
+    if task == "regression":
+        return F.mse_loss(out, y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
 def _loss(model: TabularNet, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    out = model.core_output(xb)
-    if model.config.task == "regression":
-        return F.mse_loss(out, yb)
-    return F.cross_entropy(out, yb)
+    return task_loss(model.core_output(xb), yb, model.config.task)
 
 
 @torch.inference_mode()
@@ -110,25 +127,58 @@ def evaluate(model: TabularNet, x_std: torch.Tensor, y_raw: torch.Tensor) -> dic
     was_training = model.training
     model.eval()
     out = model.core_output(x_std)
-    if model.config.task == "regression":
-        pred = out * model.y_std + model.y_mean
-        err = pred - y_raw
-        sse = (err * err).sum()
-        sst = ((y_raw - y_raw.mean()) ** 2).sum()
-        values = torch.stack([(sse / len(y_raw)).sqrt(), err.abs().mean(), 1 - sse / sst.clamp_min(1e-12)])
-        names = ("rmse", "mae", "r2")
-    else:
-        n_classes = out.shape[-1]
-        pred = out.argmax(-1)
-        onehot_true = F.one_hot(y_raw, n_classes).float()
-        onehot_pred = F.one_hot(pred, n_classes).float()
-        tp = (onehot_true * onehot_pred).sum(0)
-        f1 = 2 * tp / (onehot_true.sum(0) + onehot_pred.sum(0)).clamp_min(1e-12)
-        present = (onehot_true.sum(0) + onehot_pred.sum(0)) > 0
-        values = torch.stack([(pred == y_raw).float().mean(), F.cross_entropy(out, y_raw), f1[present].mean()])
-        names = ("accuracy", "log_loss", "f1_macro")
+    names, values = output_metrics(out, y_raw, model.config.task, model.y_mean, model.y_std)
     model.train(was_training)
     return dict(zip(names, values.tolist()))
+
+
+def output_metrics(
+    out: torch.Tensor, y_raw: torch.Tensor, task: str, y_mean: torch.Tensor, y_std: torch.Tensor
+) -> tuple[tuple[str, ...], torch.Tensor]:
+    """Validation metrics from network outputs, over the row dimension.
+
+    ``out`` is ``(..., rows)`` (regression, standardised) or ``(..., rows, classes)`` (logits);
+    leading dimensions (one per fused trial) are kept, so the values are ``(..., 3)``.
+    """
+    if task == "regression":
+        pred = out * y_std + y_mean
+        err = pred - y_raw
+        sse = (err * err).sum(-1)
+        sst = ((y_raw - y_raw.mean()) ** 2).sum()
+        values = torch.stack([(sse / y_raw.shape[-1]).sqrt(), err.abs().mean(-1), 1 - sse / sst.clamp_min(1e-12)], -1)
+        return ("rmse", "mae", "r2"), values
+    n_classes = out.shape[-1]
+    pred = out.argmax(-1)
+    y = y_raw.expand(pred.shape)
+    onehot_true = F.one_hot(y, n_classes).float()
+    onehot_pred = F.one_hot(pred, n_classes).float()
+    tp = (onehot_true * onehot_pred).sum(-2)
+    f1 = 2 * tp / (onehot_true.sum(-2) + onehot_pred.sum(-2)).clamp_min(1e-12)
+    present = (onehot_true.sum(-2) + onehot_pred.sum(-2)) > 0
+    f1_macro = (f1 * present).sum(-1) / present.sum(-1)
+    log_loss = F.cross_entropy(out.reshape(-1, n_classes), y.reshape(-1), reduction="none").view(y.shape).mean(-1)
+    values = torch.stack([(pred == y).float().mean(-1), log_loss, f1_macro], -1)
+    return ("accuracy", "log_loss", "f1_macro"), values
+
+
+def epoch_record(
+    epoch: int, train_loss: float, metrics: dict[str, float], *, task: str, y_std: float, lr: float
+) -> tuple[dict[str, float] | None, str | None]:
+    """One epoch's history row, or ``(None, reason)`` when training diverged (the early stop)."""
+    if not math.isfinite(train_loss):
+        return None, f"non-finite training loss at epoch {epoch} (lr={lr:g}); the learning rate is too high"
+    if not all(math.isfinite(v) for v in metrics.values()):
+        return None, f"non-finite validation metric at epoch {epoch} (lr={lr:g}); the model diverged"
+    if task == "regression":
+        metrics["train_rmse"] = math.sqrt(train_loss) * y_std
+    else:
+        metrics["train_loss"] = train_loss
+    return metrics, None
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """The cosine schedule's multiplier of the learning rate at optimizer step ``step``."""
+    return 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
 def train(
@@ -215,7 +265,7 @@ def _fit(
         loss_sum = torch.zeros((), device=dev)
         for xb, yb in step_iter:
             if p.schedule == "cosine":
-                lr = p.lr * 0.5 * (1 + math.cos(math.pi * n_steps / total_steps))
+                lr = p.lr * cosine_factor(n_steps, total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
             loss = _loss(model, xb, yb)
@@ -226,19 +276,18 @@ def _fit(
             loss_sum += loss.detach() * len(xb)
             n_steps += 1
         train_loss = (loss_sum / n).item()  # the one sync per epoch
-        if not math.isfinite(train_loss):
-            stop_reason = f"non-finite training loss at epoch {epoch} (lr={p.lr:g}); the learning rate is too high"
+        record, stop_reason = epoch_record(
+            epoch,
+            train_loss,
+            evaluate(model, x_val, y_val) if math.isfinite(train_loss) else {},
+            task=data.task,
+            y_std=data.y_std_,
+            lr=p.lr,
+        )
+        if record is None:
             diverged = True
             break
-        epoch_metrics = evaluate(model, x_val, y_val)
-        if not all(math.isfinite(v) for v in epoch_metrics.values()):
-            stop_reason = f"non-finite validation metric at epoch {epoch} (lr={p.lr:g}); the model diverged"
-            diverged = True
-            break
-        if data.task == "regression":
-            epoch_metrics["train_rmse"] = math.sqrt(train_loss) * data.y_std_
-        else:
-            epoch_metrics["train_loss"] = train_loss
+        epoch_metrics = record
         history.append(epoch_metrics)
         metrics = epoch_metrics
         if on_epoch_end is not None and on_epoch_end(epoch, epoch_metrics):

@@ -1,0 +1,236 @@
+"""Fused trials vs one trial at a time, side by side, reported as ratios.
+
+    python benchmarks/fused.py                  # both parts, cars MLP study with 40 trials
+    python benchmarks/fused.py --n-trials 50    # the study's own budget
+    python benchmarks/fused.py --part steps     # model-steps/s only (seconds)
+
+Part "study": the cars MLP study (studies/cars_mlp.toml), same trial budget and seeds, launched
+once with execution = "sequential" (baseline) and once with execution = "fused", each on fresh
+SQLite stores (Optuna + MLflow). trials/s is taken over the trial loop (first trial start to
+last trial end, from Optuna's timestamps) and over the whole launch. Quality guard: the fused
+study's best validation RMSE must be within 10% of the sequential one's (or better).
+
+Part "steps": model-steps/s of K small MLPs on the cars data: the naive loop (one model at a
+time, torch DataLoader over a TensorDataset, nn.Module + Adam, hidden 16, batch 8; the baseline),
+tuner's train() (one model at a time, in-memory batches), and train_many (K at once) on the same
+uniform shape, and on shapes drawn from the cars space (also against train() on such shapes). Per-process CPU time is
+used, so the ratio holds on a machine shared with other work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from tuner.data import Prepared  # noqa: E402
+from tuner.fused import Job, train_many  # noqa: E402
+from tuner.train import TrainParams, train  # noqa: E402
+
+
+def cars() -> Prepared:
+    from tuner.config import load_spec
+    from tuner.study import load_data
+
+    return load_data(load_spec(ROOT / "studies" / "cars_mlp.toml"))[0]
+
+
+# -- part "steps" -------------------------------------------------------------------------
+
+
+def naive_loop(data: Prepared, params: TrainParams, seed: int, device: torch.device) -> int:
+    """The textbook loop: DataLoader(TensorDataset, shuffle=True), nn.Sequential, Adam. Returns steps."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(seed)
+    n_in = data.n_features
+    model = nn.Sequential(nn.Linear(n_in, params.hidden_size), nn.ReLU(), nn.Linear(params.hidden_size, 1)).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=params.lr)
+    loader = DataLoader(TensorDataset(data.x_train, data.y_train), batch_size=params.batch_size, shuffle=True)
+    steps = 0
+    for _ in range(params.epochs):
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            loss = nn.functional.mse_loss(model(xb).squeeze(-1), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            steps += 1
+    return steps
+
+
+def uniform_jobs(k: int, epochs: int) -> list[Job]:
+    """K trials of one shape (hidden 16, relu, batch 8) with their own lr and seed."""
+    return [Job(TrainParams(lr=10 ** (-3 + 2 * i / max(k - 1, 1)), epochs=epochs, batch_size=8, hidden_size=16), i)
+            for i in range(k)]
+
+
+def mixed_jobs(k: int, epochs: int, seed: int = 0) -> list[Job]:
+    """K trials drawn from the cars MLP space (widths 2-64, depths 1-3, five activations)."""
+    rng = random.Random(seed)
+    return [
+        Job(
+            TrainParams(
+                lr=10 ** rng.uniform(-3, -0.5),
+                epochs=epochs,
+                batch_size=rng.choice([4, 8, 16, 32]),
+                hidden_size=int(round(2 ** rng.uniform(1, 6))),
+                activation=rng.choice(["relu", "tanh", "sigmoid", "gelu", "leaky_relu"]),
+                n_layers=rng.randint(1, 3),
+                weight_decay=10 ** rng.uniform(-6, -1),
+            ),
+            i,
+        )
+        for i in range(k)
+    ]
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return time.perf_counter()  # the GPU works while the process waits: wall time
+    return time.process_time()
+
+
+def steps_per_second(
+    data: Prepared, device: torch.device, k_values: list[int], epochs: int = 10, n_sequential: int = 4
+) -> list[dict[str, Any]]:
+    """Rows of (arm, K, model-steps/s, ratio to the naive loop)."""
+    data = data.to(device)
+    rows: list[dict[str, Any]] = []
+    jobs = uniform_jobs(n_sequential, epochs)
+    naive_loop(data, jobs[0].params, 0, device)  # warm-up
+    start = _clock(device)
+    steps = sum(naive_loop(data, j.params, j.seed, device) for j in jobs)
+    naive = steps / (_clock(device) - start)
+    rows.append({"arm": "naive DataLoader loop (baseline)", "K": 1, "steps_s": naive})
+    start = _clock(device)
+    steps = sum(train(j.params, data, device=device, seed=j.seed).n_steps for j in jobs)
+    rows.append({"arm": "train(), one at a time", "K": 1, "steps_s": steps / (_clock(device) - start)})
+    same = {"uniform": rows[-1]["steps_s"]}
+    mixed = mixed_jobs(2 * n_sequential, epochs, seed=1)
+    start = _clock(device)
+    steps = sum(train(j.params, data, device=device, seed=j.seed).n_steps for j in mixed)
+    same["mixed"] = steps / (_clock(device) - start)
+    rows.append({"arm": "train(), one at a time, mixed shapes", "K": 1, "steps_s": same["mixed"]})
+    for kind, make in (("uniform", uniform_jobs), ("mixed", mixed_jobs)):
+        for k in k_values:
+            # Mixed: 4K jobs through K slots, refilled as trials end (as in a study); without
+            # refill the slots of short trials would idle until the longest one ends.
+            jobs_k = make(k if kind == "uniform" else 4 * k, epochs)
+            train_many(make(min(k, 4), 1), data, device=device, width=k)  # warm-up
+            start = _clock(device)
+            results = train_many(jobs_k, data, device=device, width=k)
+            elapsed = _clock(device) - start
+            arm = f"train_many, {kind} shapes" + (", refill" if kind == "mixed" else "")
+            steps_s = sum(r.n_steps for r in results) / elapsed
+            rows.append({"arm": arm, "K": k, "steps_s": steps_s, "vs_train": steps_s / same[kind]})
+    for row in rows:
+        row["ratio"] = row["steps_s"] / naive
+    return rows
+
+
+# -- part "study" -------------------------------------------------------------------------
+
+
+def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dict[str, Any]:
+    import io
+    from contextlib import redirect_stderr
+
+    from tuner.config import load_spec
+    from tuner.study import launch, open_study
+
+    spec = load_spec(
+        ROOT / "studies" / "cars_mlp.toml",
+        n_trials=n_trials,
+        execution=execution,
+        seed=seed,
+        storage=f"sqlite:///{folder / 'optuna.db'}",
+        tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
+    )
+    cpu = time.process_time()
+    err = io.StringIO()
+    with redirect_stderr(err):
+        summary = launch(spec, progress=False, promote=False)
+    cpu = time.process_time() - cpu
+    trials = open_study(spec, create=False).trials
+    loop = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    states = [t.state.name for t in trials]
+    values = sorted(t.value for t in trials if t.state.name == "COMPLETE")
+    return {
+        "execution": execution,
+        "seed": seed,
+        "top5": sum(values[:5]) / max(len(values[:5]), 1),
+        "chosen": next((line for line in err.getvalue().splitlines() if line.startswith("execution:")), ""),
+        "trials": len(trials),
+        "pruned": states.count("PRUNED"),
+        "loop_s": loop,
+        "launch_s": summary.wall_seconds,
+        "cpu_s": cpu,
+        "best": summary.best_metrics.get("rmse", math.nan),
+        "best_trial": summary.best_number,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["study", "steps", "both"], default="both")
+    ap.add_argument("--n-trials", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seeds", type=int, default=1, help="study seeds 0..N-1 (each also changes the split)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # as launch() does for tiny models on CPU
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
+    if args.part in ("steps", "both"):
+        print("\nmodel-steps/s (per-process CPU time), cars data, 10 epochs:")
+        for row in steps_per_second(cars(), device, [16, 64, 256]):
+            vs = f"  {row['vs_train']:5.1f}x vs train() on the same shapes" if "vs_train" in row else ""
+            print(f"  {row['arm']:<36} K={row['K']:<4} {row['steps_s']:>10.0f} steps/s  {row['ratio']:6.1f}x{vs}")
+    if args.part in ("study", "both"):
+        print(f"\ncars MLP study, {args.n_trials} trials, seeds 0-{args.seeds - 1}, fresh SQLite stores per run:")
+        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "fused": []}
+        for seed in range(args.seeds):
+            for execution in ("sequential", "fused"):
+                with tempfile.TemporaryDirectory() as tmp:
+                    r = run_study(execution, args.n_trials, Path(tmp), seed)
+                runs[execution].append(r)
+                print(
+                    f"  seed {seed} {r['execution']:<10} loop {r['loop_s']:6.1f}s "
+                    f"({r['trials'] / r['loop_s']:.2f} trials/s)  launch {r['launch_s']:6.1f}s  cpu {r['cpu_s']:6.1f}s  "
+                    f"pruned {r['pruned']:>2}  best rmse {r['best']:.3f} (trial {r['best_trial']})  "
+                    f"mean of 5 best {r['top5']:.3f}",
+                    flush=True,
+                )
+                if r["chosen"]:
+                    print(f"    {r['chosen']}")
+
+        def total(execution: str, key: str) -> float:
+            return sum(r[key] for r in runs[execution])
+
+        n = args.n_trials * args.seeds
+        ratio = (n / total("fused", "loop_s")) / (n / total("sequential", "loop_s"))
+        print(f"  fused / sequential trials/s over the trial loops: {ratio:.1f}x; launch wall "
+              f"{total('sequential', 'launch_s') / total('fused', 'launch_s'):.1f}x; "
+              f"process CPU {total('sequential', 'cpu_s') / total('fused', 'cpu_s'):.1f}x")
+        seq_best, fused_best = total("sequential", "best") / args.seeds, total("fused", "best") / args.seeds
+        guard = fused_best <= seq_best * 1.10
+        print(f"  quality guard: mean best rmse fused {fused_best:.3f} vs sequential {seq_best:.3f} "
+              f"(must be within 10%): {'PASS' if guard else 'FAIL'}; mean of 5 best: "
+              f"{total('fused', 'top5') / args.seeds:.3f} vs {total('sequential', 'top5') / args.seeds:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Per-trial orchestration overhead: tuner vs the tutorial-style baseline (issue 2, "Speed").
+
+    python -m benchmarks.overhead                      # tuner 30 trials, baseline 10 trials
+    python -m benchmarks.overhead --baseline-trials 30 # the same count on both sides (~6 min)
+
+Both run the mtcars MLP study (studies/cars_mlp.toml) in fresh SQLite stores, one after the
+other in this process. Overhead of a trial = its share of the wall time minus the time inside
+the training function (see ``benchmarks._arms.overhead``). Printed: median overhead per trial
+(wall, and this process's CPU time: on a machine shared with other jobs the wall time also
+counts waiting for a core), the mean (wall minus training over trials: start-up and the final
+registration included), start-up, for both arms, and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+from benchmarks._arms import CARS_MLP, overhead, run_tuner
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=30, help="tuner trials (default 30)")
+    ap.add_argument("--baseline-trials", type=int, default=10, help="baseline trials (default 10: ~12 s each)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    warnings.filterwarnings("ignore")
+    import mlflow.pytorch  # noqa: F401  (warm imports: neither arm pays for them)
+    import optuna
+
+    import tuner.study  # noqa: F401
+    import tuner.tracking  # noqa: F401
+    from benchmarks.baselines import plain_optuna_mlflow as plain
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="tuner-overhead-") as tmp:
+        t = run_tuner(CARS_MLP, n_trials=args.trials, seed=args.seed, workdir=Path(tmp) / "tuner")
+        b = plain.run(CARS_MLP, n_trials=args.baseline_trials, seed=args.seed, workdir=Path(tmp) / "plain")
+    to, bo = overhead(t), overhead(b)
+    print(f"{'arm':<22}{'trials':>7}{'wall s':>9}{'train s':>9}{'median ms':>11}{'CPU ms':>8}{'mean ms':>10}"
+          f"{'start-up s':>12}{'best rmse':>11}")
+    for name, r, o in (("tuner", t, to), ("plain_optuna_mlflow", b, bo)):
+        print(f"{name:<22}{o['n_trials']:>7}{o['wall_s']:>9.1f}{o['train_s']:>9.1f}{o['median_ms']:>11.0f}"
+              f"{o['median_cpu_ms']:>8.0f}{o['mean_ms']:>10.0f}{o['startup_s']:>12.1f}{r['best_value']:>11.3f}")
+    print(f"overhead ratio (median per trial, baseline/tuner): {bo['median_ms'] / to['median_ms']:.0f}x "
+          "(goal: tuner <= 50 ms, >= 50x less than the baseline)")
+    load = os.getloadavg()
+    print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The benchmark harness runs end to end in its smallest mode and writes a complete report.
+
+No timing is asserted here (speed is reported by ``python -m benchmarks.compare``, not tested):
+the test checks that every metric is present and finite, and that the quality guard holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, tuner_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.compare", "--smoke", "--out", str(out)],
+        cwd=ROOT,
+        env=tuner_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "compare-smoke.md").read_text().startswith("| metric | measured | goal |")
+    return json.loads((out / "compare-smoke.json").read_text())
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_report_has_every_metric_with_finite_values(smoke_report: dict) -> None:
+    m = smoke_report["metrics"]
+    assert set(m) == {"m1_m5", "m3", "m4", "m2", "cli"}
+    for key in ("m1_ratio", "m5_ratio", "m5_tuner_median_ms", "m5_baseline_median_ms", "m5_tuner_median_cpu_ms"):
+        assert _finite(m["m1_m5"][key]) and m["m1_m5"][key] > 0, key
+    assert len(m["m1_m5"]["tuner"]["wall_s"]) == len(m["m1_m5"]["baseline"]["wall_s"]) == 2
+    for key in ("m3_cars_ratio", "m3_large_ratio"):
+        assert _finite(m["m3"][key]) and m["m3"][key] > 0, key
+    csv = m["m3"]["csv"]
+    assert csv["rows"] == 20_000 and _finite(csv["csv_time_ratio"]) and _finite(csv["csv_peak_ratio"])
+    assert _finite(m["m4"]["m4_ratio"]) and m["m4"]["target_rmse"] > 0
+    assert m["m2"]["status"] == "ok", m["m2"]
+    assert 1 <= m["m2"]["m2_trials"] <= 51
+    assert _finite(m["cli"]["cli_help_s"])
+    assert smoke_report["machine"]["cpus"] >= 1
+    # every row of the table states a goal and a verdict
+    rows = smoke_report["table"].splitlines()[2:]
+    assert len(rows) == 10 and all(r.rstrip().endswith(("met |", "n/a |")) for r in rows)
+
+
+def test_quality_guard_holds(smoke_report: dict) -> None:
+    """tuner's best validation RMSE is not worse than the baseline's beyond the seed spread, and
+    pruning does not cost quality beyond it either."""
+    for name in ("m1_m5", "m4"):
+        guard = smoke_report["metrics"][name]["quality_guard"]
+        assert guard["ok"], (name, guard)
+        assert _finite(guard["tuner"]["median"]) and _finite(guard["baseline"]["median"])
+

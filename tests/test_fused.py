@@ -1,0 +1,215 @@
+"""Fused trials: train_many against train(), the masks, refill, and the fused study runner."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import write_study
+from tuner.config import load_spec
+from tuner.data import prepare
+from tuner.errors import ConfigError
+from tuner.fused import Job, _Bank, train_many
+from tuner.fused_runner import choose_execution
+from tuner.study import load_data
+from tuner.train import TrainParams, train
+
+RTOL = 1e-4  # float32 rounding, summed in another order, over a few dozen steps
+
+
+@pytest.fixture(scope="module")
+def cars(tmp_path_factory: pytest.TempPathFactory):
+    spec = load_spec(write_study(tmp_path_factory.mktemp("cars")))
+    return load_data(spec)[0]
+
+
+# A mixed group: lr, hidden sizes (padded in one width group and across groups), depths,
+# activations, batch sizes (26 training rows: 7, 4, 2 and 1 steps per epoch), epochs,
+# optimizers, schedules, the linear model; trial 0 is stopped by the hook after epoch 1.
+MIXED = [
+    TrainParams(lr=0.01, epochs=5, batch_size=4, hidden_size=8, activation="relu"),
+    TrainParams(lr=0.05, epochs=3, batch_size=16, hidden_size=3, activation="sigmoid", n_layers=2),
+    TrainParams(lr=0.002, epochs=6, batch_size=32, hidden_size=20, activation="tanh", n_layers=3, weight_decay=1e-3),
+    TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=0),
+    TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=5, activation="gelu", optimizer="adamw", weight_decay=0.1),
+    TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=5, activation="leaky_relu", optimizer="sgd"),
+    TrainParams(lr=0.03, epochs=5, batch_size=7, hidden_size=7, activation="elu", schedule="constant"),
+    TrainParams(lr=0.01, epochs=2, batch_size=4, hidden_size=4, activation="silu", n_layers=2),
+]
+
+
+def _prune_first(index: int, epoch: int, metrics: dict[str, float]) -> bool:
+    return index == 0 and epoch == 1
+
+
+def _assert_same(ref, got) -> None:
+    assert got.stop_reason == ref.stop_reason
+    assert got.diverged == ref.diverged
+    assert got.n_steps == ref.n_steps
+    assert len(got.history) == len(ref.history)
+    for a, b in zip(ref.history, got.history):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-5), key
+    ref_sd, got_sd = ref.model.state_dict(), got.model.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    for key in ref_sd:
+        torch.testing.assert_close(got_sd[key], ref_sd[key], rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_widths", [False, True], ids=["one-padded-group", "width-groups"])
+def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(cars, group_widths) -> None:
+    jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
+    expected = [
+        train(j.params, cars, device="cpu", seed=j.seed, on_epoch_end=lambda e, m, i=i: _prune_first(i, e, m))
+        for i, j in enumerate(jobs)
+    ]
+    seen: list[tuple[int, int]] = []
+
+    def hook(index: int, epoch: int, metrics: dict[str, float]) -> bool:
+        seen.append((index, epoch))
+        return _prune_first(index, epoch, metrics)
+
+    got = train_many(jobs, cars, device="cpu", on_epoch_end=hook, width=3, group_widths=group_widths)  # 8 jobs, 3 slots
+    assert got[0].stop_reason == "stopped by the epoch hook after epoch 1"
+    assert len(got[0].history) == 2
+    for ref, res in zip(expected, got):
+        _assert_same(ref, res)
+    assert sorted(seen) == sorted((i, e) for i, r in enumerate(expected) for e in range(len(r.history)))
+
+
+def test_fused_classification_matches_train() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 3))
+    y = np.where(x[:, 0] + 0.5 * x[:, 1] > 0, "a", np.where(x[:, 2] > 0.5, "b", "c"))
+    data = prepare(x, y, feature_names=["x0", "x1", "x2"], target="y", fraction=0.25, seed=0, task="classification")
+    params = [
+        TrainParams(lr=0.03, epochs=3, batch_size=8, hidden_size=6, activation="tanh"),
+        TrainParams(lr=0.01, epochs=2, batch_size=16, hidden_size=3, activation="relu", n_layers=2),
+        TrainParams(lr=0.05, epochs=3, batch_size=45, hidden_size=0),
+    ]
+    expected = [train(p, data, device="cpu", seed=i) for i, p in enumerate(params)]
+    got = train_many([Job(p, i) for i, p in enumerate(params)], data, device="cpu")
+    assert set(got[0].metrics) == {"accuracy", "log_loss", "f1_macro", "train_loss"}
+    for ref, res in zip(expected, got):
+        _assert_same(ref, res)
+
+
+def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
+    bank = _Bank(cars, torch.device("cpu"), linear=False, sgd=False, width=8)
+    configs = []
+    for i, p in enumerate([TrainParams(lr=0.1, epochs=3, batch_size=4, hidden_size=3, activation="sigmoid"),
+                           TrainParams(lr=0.1, epochs=3, batch_size=8, hidden_size=8, n_layers=3, weight_decay=0.1)]):
+        from tuner.model import ModelConfig
+
+        configs.append(ModelConfig(cars.feature_names, cars.target, hidden_size=p.hidden_size,
+                                   n_layers=p.n_layers, activation=p.activation))
+        bank.add(i, Job(p, i), configs[-1])
+    for _ in range(10):
+        bank.step()
+    flat, mask = bank.tensors["flat"], bank.tensors["pmask"]
+    assert mask.sum() < mask.numel()  # something is padded: width 8 and depth 3 for a 3-unit 1-layer trial
+    assert torch.count_nonzero(flat[mask == 0]) == 0
+    assert torch.count_nonzero(bank.tensors["m"][mask == 0]) == 0  # no gradient ever reached them
+    assert torch.count_nonzero(flat[mask == 1]) == int(mask.sum())  # the real weights did train
+
+
+def test_a_slot_is_refilled_only_after_the_finished_trial_was_handed_back(cars) -> None:
+    events: list[str] = []
+
+    def jobs():
+        for i in range(4):
+            events.append(f"ask {i}")
+            yield Job(TrainParams(lr=0.01, epochs=1 + i % 2, batch_size=32, hidden_size=4), i)
+
+    train_many(jobs(), cars, device="cpu", width=2, on_trial_end=lambda i, r: events.append(f"end {i}"))
+    assert events[:2] == ["ask 0", "ask 1"]
+    assert events.index("end 0") < events.index("ask 2")
+    assert sorted(e for e in events if e.startswith("end")) == ["end 0", "end 1", "end 2", "end 3"]
+
+
+def test_dropout_cannot_be_fused(cars) -> None:
+    with pytest.raises(ValueError, match=r"cannot fuse a trial with dropout=0.2 .*train\(\)"):
+        train_many([{"lr": 0.01, "epochs": 1, "batch_size": 8, "hidden_size": 4, "dropout": 0.2}], cars, device="cpu")
+
+
+def test_execution_choice_is_stated_and_refuses_fused_dropout(tmp_path: Path, cars) -> None:
+    dev = torch.device("cpu")
+    spec = load_spec(write_study(tmp_path, execution="sequential"))
+    assert choose_execution(spec, cars, dev, 50) == ("sequential", "execution = 'sequential' in the study file")
+    spec = load_spec(write_study(tmp_path))
+    assert spec.execution == "auto"
+    execution, why = choose_execution(spec, cars, dev, 3)
+    assert (execution, why) == ("sequential", "auto: 3 trial(s) to run; under 8 do not pay to fuse")
+    execution, why = choose_execution(spec, cars, dev, 50)
+    assert execution in ("fused", "sequential") and why.startswith(("auto: measured", "auto: fused measured"))
+    space = (
+        'lr = { type = "fixed", value = 0.01 }\nepochs = { type = "fixed", value = 2 }\n'
+        'batch_size = { type = "fixed", value = 8 }\nhidden_size = { type = "fixed", value = 4 }\n'
+        'activation = { type = "fixed", value = "relu" }\ndropout = { type = "float", low = 0.0, high = 0.5 }\n'
+    )
+    spec = load_spec(write_study(tmp_path, name="drop", execution="fused", space=space))
+    with pytest.raises(ConfigError, match="execution = 'fused' but the space samples dropout > 0"):
+        choose_execution(spec, cars, dev, 50)
+    with pytest.raises(ConfigError, match="execution: 'turbo' is not allowed"):
+        load_spec(write_study(tmp_path, name="bad", execution="turbo"))
+
+
+@pytest.mark.slow
+def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same study, same seeds: the fused launch holds the same params and values per trial as
+    the sequential one (TPE's random start-up draws in trial order), with the same MLflow runs."""
+    # mlflow.set_tracking_uri writes these into os.environ: keep them out of later subprocess tests.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from tuner.study import launch
+    from tuner.tracking import Tracker, load_model
+
+    body = '[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n'
+    results = {}
+    for execution in ("sequential", "fused"):
+        folder = tmp_path / execution
+        folder.mkdir()
+        spec = load_spec(write_study(folder, n_trials=4, execution=execution, body=body))
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        summary = launch(spec, tracking_uri=uri, progress=False)
+        from tuner.study import open_study
+
+        study = open_study(spec, create=False)
+        results[execution] = (study.trials, summary, uri)
+    seq, fused = results["sequential"][0], results["fused"][0]
+    assert [t.state.name for t in fused] == ["COMPLETE"] * 4
+    for a, b in zip(seq, fused):
+        assert a.params == b.params
+        assert b.value == pytest.approx(a.value, rel=RTOL)
+        assert b.intermediate_values.keys() == a.intermediate_values.keys()
+        assert b.user_attrs["seed"] == a.user_attrs["seed"]
+        assert math.isclose(b.user_attrs["r2"], a.user_attrs["r2"], rel_tol=RTOL, abs_tol=1e-5)
+    summary, uri = results["fused"][1], results["fused"][2]
+    assert summary.promotion is not None and summary.promotion.alias == "champion"
+    tracker = Tracker(uri, "study")
+    runs = tracker.runs_of(summary.parent_run_id)
+    assert sorted(r.data.tags["tuner.trial"] for r in runs) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" and r.data.params["lr"] for r in runs)
+    model, version = load_model("study@champion", uri)
+    import pandas as pd
+
+    frame = pd.read_csv(Path(__file__).resolve().parents[1] / "data" / "cars.csv")
+    preds = model.predict(frame.drop(columns=["mpg"]).head(3))
+    assert len(preds) == 3 and np.isfinite(np.asarray(preds, dtype=float)).all()
+
+
+def test_cross_validated_study_refuses_fused_and_auto_runs_sequentially(tmp_path: Path) -> None:
+    from tuner.errors import ConfigError
+    from tuner.study import launch
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    spec = load_spec(write_study(tmp_path, n_trials=8, execution="fused"))  # 32 rows: 5-fold CV by default
+    with pytest.raises(ConfigError, match=r"execution = 'fused' trains one validation split, but this study uses 5-fold"):
+        launch(spec, tracking_uri=uri, progress=False)
