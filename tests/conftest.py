@@ -52,6 +52,10 @@ def tuner_env(**extra: str) -> dict[str, str]:
     env.pop("MLFLOW_TRACKING_URI", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # An in-process launch of an earlier test ran mlflow.set_tracking_uri, which exports these:
+    # a subprocess must not inherit that test's (deleted) store.
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_REGISTRY_URI", None)
     env.update(extra)
     return env
 
@@ -139,3 +143,22 @@ def tracking_uri(tmp_path: Path) -> str:
 @pytest.fixture
 def storage_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def mlflow_uri_restored() -> Iterator[None]:
+    """In-process launches call mlflow.set_tracking_uri/set_registry_uri: process-wide, and also
+    exported as MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI. Put both back after each module, so a
+    later module's MlflowClient (without registry_uri) or subprocess does not use a deleted store."""
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

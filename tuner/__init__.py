@@ -29,6 +29,7 @@ _EXPORTS = {
     "replay": "tuner.replay",
     "launch": "tuner.study",
     "open_study": "tuner.study",
+    "reconcile": "tuner.reconcile",
     "run_worker": "tuner.workers",
     "launch_workers": "tuner.workers",
     "promote_study": "tuner.workers",

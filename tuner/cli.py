@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_study_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("reconcile", help="after a crash: fail stale trials, align MLflow runs and the champion")
+    _add_study_args(p)
+
     p = sub.add_parser("report", help="HTML report (+ PNGs) of a study: Optuna plots, champion, baselines")
     _add_study_args(p)
     p.add_argument("--output", help="HTML file to write (default: STUDYNAME-report.html here); PNGs go beside it")
@@ -270,6 +273,26 @@ def cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from tuner.reconcile import reconcile
+
+    spec = _spec(args)
+    r = reconcile(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec))
+    for n in r.stale_trials:
+        print(f"trial {n}: heartbeat stopped, RUNNING -> FAIL")
+    for n, run_id, old, new in r.runs:
+        print(f"trial {n}: MLflow run {run_id} {old} -> {new}")
+    for run_id in r.launch_runs:
+        print(f"launch run {run_id}: its process is gone, RUNNING -> FAILED")
+    if r.champion:
+        print(r.champion)
+    for problem in r.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not r.changed:
+        print(f"study {r.study_name}: trials, runs and champion are consistent; nothing to do")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.data import load_table
     from tuner.errors import ModelError
@@ -368,6 +391,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "promote": cmd_promote,
     "best": cmd_best,
+    "reconcile": cmd_reconcile,
     "report": cmd_report,
     "predict": cmd_predict,
     "replay": cmd_replay,

@@ -7,6 +7,7 @@ that names the column (and an example value) and the fix.
 from __future__ import annotations
 
 import csv
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -80,7 +81,9 @@ def select_columns(
     if target not in columns:
         raise DataError(f"target column {target!r} is not in {source}; columns are {columns}")
     if features is None:
-        features = [c for c in columns if c != target and pd.api.types.is_numeric_dtype(frame[c])]
+        # A column that is numbers but for a few bad cells ('?', '1,234') is a broken feature,
+        # not a text column: keep it, so the check below names the cell instead of dropping it.
+        features = [c for c in columns if c != target and (pd.api.types.is_numeric_dtype(frame[c]) or _mostly_numeric(frame[c]))]
         if not features:
             raise DataError(f"{source} has no numeric column besides the target {target!r}; columns are {columns}")
     missing = [c for c in features if c not in columns]
@@ -97,6 +100,8 @@ def select_columns(
             example = col[bad].iloc[0] if bad.any() else col.dropna().iloc[0] if col.notna().any() else None
             row = int(np.flatnonzero(bad.to_numpy())[0]) + 2 if bad.any() else None  # +2: header, 1-based
             where = f" (row {row})" if row else ""
+            if isinstance(example, str) and re.fullmatch(r"[-+]?\d{1,3}([,.' ]\d{3})+([.,]\d+)?", example.strip()):
+                where += " (thousands separators? write 1234.5, not 1,234.5)"
             problems.append(f"column {name!r} is not numeric, e.g. {example!r}{where}")
     if task == "regression" and any(f"column {target!r} " in p for p in problems):
         problems.append("set task = \"classification\" in the study file if the target holds class labels")
@@ -125,6 +130,17 @@ def select_columns(
     if task == "classification":
         return values, frame[target].to_numpy(), list(features)
     return values[:, :-1], values[:, -1], list(features)
+
+
+def _mostly_numeric(col: pd.Series) -> bool:
+    import pandas as pd
+
+    values = col.dropna()
+    if values.empty:
+        return False
+    as_text = values.astype(str).str.strip()
+    parsed = pd.to_numeric(as_text.str.replace(r"(?<=\d)[,' ](?=\d{3})", "", regex=True), errors="coerce")
+    return bool(parsed.notna().mean() >= 0.5)
 
 
 @dataclass(frozen=True)

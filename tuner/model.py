@@ -12,7 +12,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "TabularNet", "make_activation"]
+__all__ = ["ModelConfig", "TabularNet", "make_activation", "predict_frame"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -129,3 +129,26 @@ class Checkpoint:
         net = TabularNet(self.config)
         net.load_state_dict(self.state_dict)
         return net.eval()
+
+
+def predict_frame(net: TabularNet, frame: Any, *, proba: bool = False) -> Any:
+    """Raw feature columns (a DataFrame; extra columns ignored) -> predictions in the target's
+    units, class labels, or (``proba``) a DataFrame of class probabilities."""
+    import numpy as np
+    import pandas as pd
+
+    config = net.config
+    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+    missing = [c for c in config.feature_names if c not in frame.columns]
+    if missing:
+        raise ValueError(f"input lacks feature column(s) {missing}; the model needs {config.feature_names}")
+    x = torch.from_numpy(np.array(frame[config.feature_names], dtype=np.float32))
+    with torch.inference_mode():
+        out = net(x)
+    if config.task == "regression":
+        return out.numpy().astype(np.float64)
+    probabilities = torch.softmax(out, dim=-1).numpy()
+    if proba:
+        return pd.DataFrame(probabilities, columns=[str(c) for c in config.classes or []])
+    # The labels as the training CSV had them (ints stay ints, strings stay strings).
+    return np.asarray(config.classes)[probabilities.argmax(axis=1)]

@@ -27,24 +27,9 @@ class TunerModel(PythonModel):
 
     # A DataFrame hint: MLflow accepts it (no warning) and takes the column schema from the input example.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
-        import numpy as np
-        import torch
+        from tuner.model import predict_frame
 
-        config = self.net.config
-        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
-        missing = [c for c in config.feature_names if c not in frame.columns]
-        if missing:
-            raise ValueError(f"input lacks feature column(s) {missing}; the model needs {config.feature_names}")
-        x = torch.from_numpy(np.array(frame[config.feature_names], dtype=np.float32))
-        with torch.inference_mode():
-            out = self.net(x)
-        if config.task == "regression":
-            return out.numpy().astype(np.float64)
-        proba = torch.softmax(out, dim=-1).numpy()
-        if params and params.get("proba"):
-            return pd.DataFrame(proba, columns=[str(c) for c in config.classes or []])
-        # The labels as the training CSV had them (ints stay ints, strings stay strings).
-        return np.asarray(config.classes)[proba.argmax(axis=1)]
+        return predict_frame(self.net, model_input, proba=bool(params and params.get("proba")))
 
 
 mlflow.models.set_model(TunerModel())

@@ -9,7 +9,7 @@ from tuner.config import CategoricalParam, FixedParam, FloatParam, IntParam
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["sample", "describe_change"]
+__all__ = ["sample", "describe_change", "incompatible_changes"]
 
 
 def sample(trial: optuna.Trial, space: Mapping[str, Any]) -> dict[str, Any]:
@@ -45,3 +45,25 @@ def describe_change(stored: Mapping[str, Any], current: Mapping[str, Any]) -> st
             changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
             parts.append(f"{name}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
     return "; ".join(parts)
+
+
+def incompatible_changes(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Changes Optuna cannot take within one study (one distribution per parameter name): another
+    kind (float/int/choice), another log setting, other choices. Ranges may move; names may come
+    and go."""
+
+    def distribution(p: Mapping[str, Any]) -> tuple[str, Any]:
+        if p["type"] == "fixed":
+            return "choice", [p["value"]]
+        if p["type"] == "categorical":
+            return "choice", list(p["choices"])
+        return p["type"], bool(p.get("log"))
+
+    problems = []
+    for name in sorted(set(stored) & set(current)):
+        (old_kind, old), (new_kind, new) = distribution(stored[name]), distribution(current[name])
+        if old_kind != new_kind:
+            problems.append(f"{name} changed from {old_kind} to {new_kind}")
+        elif old != new:
+            problems.append(f"{name} {'choices' if old_kind == 'choice' else 'log'} changed from {old!r} to {new!r}")
+    return problems

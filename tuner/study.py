@@ -12,10 +12,12 @@ import sqlite3
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, TextIO
 
+from tuner import interrupts
 from tuner.config import StudySpec, check_options, redact_url
 from tuner.errors import ConfigError, StorageError, TunerError
 
@@ -40,6 +42,10 @@ __all__ = [
     "finished_count",
     "best_info",
     "promote_best",
+    "check_storage_url",
+    "study_lock",
+    "TrialBudget",
+    "run_trials",
 ]
 
 FINISHED_STATES_NAMES = ("COMPLETE", "PRUNED")
@@ -60,12 +66,8 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
 
     shown = redact_url(url)
     engine_kwargs: dict[str, Any] = {}
+    check_storage_url(url)
     if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///").split("?")[0])
-        if not path.parent.is_dir():
-            raise StorageError(f"storage folder {str(path.parent)!r} does not exist (from {shown}); create it or pass --storage")
-        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-            raise StorageError(f"storage {shown} is not writable; pass a writable --storage")
         # A busy timeout lets a second worker or the dashboard wait for the lock instead of failing.
         engine_kwargs["connect_args"] = {"timeout": 30, "factory": _SynchronousNormal}
     elif url.startswith("postgresql"):
@@ -93,6 +95,24 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             f"cannot open study storage {shown}: {_first_line(e, hide=url)}; check the URL and that the database server is running"
         ) from None
     return storage
+
+
+def check_storage_url(url: str) -> None:
+    """Refuse a SQLite path whose folder is missing or not writable, before anything is written.
+
+    Raises:
+        StorageError: the message names the folder (the URL's password hidden) and the fix.
+    """
+    if not url.startswith("sqlite:///"):
+        return
+    shown = redact_url(url)
+    path = Path(url.removeprefix("sqlite:///").split("?")[0])
+    if not path.parent.is_dir():
+        raise StorageError(
+            f"storage folder {str(path.parent)!r} does not exist (from {shown}); create it or pass --storage"
+        )
+    if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise StorageError(f"storage {shown} is not writable; pass a writable --storage")
 
 
 class _SynchronousNormal(sqlite3.Connection):
@@ -174,7 +194,7 @@ def open_study(
     """
     import optuna
 
-    from tuner.space import describe_change
+    from tuner.space import describe_change, incompatible_changes
 
     url = storage_url or spec.storage_url
     storage = open_storage(url, spec)
@@ -219,6 +239,12 @@ def open_study(
                 f"study {spec.name!r} was run with another search space ({describe_change(stored, current)}); "
                 "its trials are untouched: use a new study name, or relaunch with --allow-space-change"
             )
+        incompatible = incompatible_changes(stored, current)
+        if incompatible:
+            raise StorageError(
+                f"study {spec.name!r}: --allow-space-change cannot apply {'; '.join(incompatible)} (Optuna keeps "
+                "one distribution per parameter name in a study; ranges may change); use a new study name"
+            )
         study.set_user_attr("space", current)
         study.set_user_attr("space_hash", spec.space_hash())
     return study
@@ -228,6 +254,187 @@ def finished_count(study: optuna.Study) -> int:
     from optuna.trial import TrialState
 
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+# -- trial budget: exactly n_trials finished trials, however many workers ------------------
+
+# A launch stops after this many failed trials in a row (e.g. out of memory on every trial)
+# instead of failing forever; failed trials never count towards n_trials.
+MAX_FAILED_IN_A_ROW = 5
+
+
+@contextmanager
+def study_lock(url: str) -> Iterator[None]:
+    """Serialise the workers of one SQLite study on this host (a lock file beside the database).
+
+    Used to create the schema and study once, to claim trial slots and to promote. Other storages
+    get no lock here: PostgreSQL workers rely on the budget's count alone (see TrialBudget).
+    """
+    path = _lock_path(url)
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _lock_path(url: str) -> Path | None:
+    if not url.startswith("sqlite:///"):
+        return None
+    return Path(url.removeprefix("sqlite:///").split("?")[0] + ".lock")
+
+
+class TrialBudget:
+    """Claims one trial slot at a time so that every worker together stops at exactly
+    ``n_trials`` finished (COMPLETE + PRUNED) trials.
+
+    ``claim()`` takes the study lock, fails stale trials (their heartbeat stopped), and counts
+    finished and RUNNING trials; it returns ``"run"`` with the lock still held, and the caller
+    releases it (``release()``) once the new trial exists in the storage, so two workers can never
+    both take the last slot. FAIL trials free their slot; a WAITING retry of a stale trial is what
+    the next ``study.ask()`` runs. ``"wait"``: other workers' running trials may still fill the
+    budget; ``"done"``: it is full.
+    """
+
+    def __init__(self, study: optuna.Study, n_trials: int, url: str) -> None:
+        self.study, self.n_trials = study, n_trials
+        self._path = _lock_path(url)
+        self._file: TextIO | None = None
+
+    def claim(self) -> Literal["run", "wait", "done"]:
+        from optuna.trial import TrialState
+
+        self._acquire()
+        try:
+            _fail_stale_trials(self.study)
+            trials = self.study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+            )
+            n_running = sum(t.state == TrialState.RUNNING for t in trials)
+            n_finished = len(trials) - n_running
+        except BaseException:
+            self.release()
+            raise
+        if n_finished >= self.n_trials or n_finished + n_running >= self.n_trials:
+            self.release()
+            return "done" if n_finished >= self.n_trials else "wait"
+        return "run"
+
+    def _acquire(self) -> None:
+        if self._path is None or self._file is not None:
+            return
+        import fcntl
+
+        self._file = self._path.open("a")
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        """Let other workers claim; safe to call when nothing is held."""
+        if self._file is None:
+            return
+        import fcntl
+
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """FAIL the RUNNING trials whose heartbeat stopped (a no-op without heartbeat)."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # experimental API
+        optuna.storages.fail_stale_trials(study)
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], float],
+    budget: TrialBudget,
+    *,
+    timeout: float | None = None,
+    callbacks: Sequence[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = (),
+    catch: tuple[type[Exception], ...] = (),
+    poll_seconds: float = 1.0,
+    on_trial_end: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+) -> int:
+    """Run trials until the budget is full (or ``timeout`` seconds pass); return how many ran.
+
+    Trials that fail with an exception in ``catch`` (e.g. out of memory) free their slot and the
+    loop goes on; after ``MAX_FAILED_IN_A_ROW`` such failures in a row it stops.
+
+    Raises:
+        TunerError: too many failed trials in a row; the message has the last reason.
+    """
+    from optuna.trial import TrialState
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    n_run = failed_in_a_row = 0
+    waited = False
+    last: list[optuna.trial.FrozenTrial] = []
+
+    started: list[optuna.Trial] = []
+
+    def claimed(trial: optuna.Trial) -> float:
+        budget.release()  # the trial exists now: other workers count it as RUNNING
+        started.append(trial)
+        return objective(trial)
+
+    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        last.append(trial)
+
+    while deadline is None or time.monotonic() < deadline:
+        interrupts.check()
+        state = budget.claim()
+        if state == "done":
+            break
+        if state == "wait":
+            if not waited:
+                warnings.warn(
+                    "the last trial slots are held by running trials of other workers; waiting for them "
+                    "(a dead worker's trial is failed once its heartbeat is older than the grace period)",
+                    stacklevel=2,
+                )
+                waited = True
+            time.sleep(poll_seconds)
+            continue
+        last.clear()
+        started.clear()
+        try:
+            study.optimize(claimed, n_trials=1, callbacks=[record, *callbacks], catch=catch, gc_after_trial=False)
+        except ValueError:
+            # "Cannot tell a FAIL trial": another worker judged this live trial stale (its heartbeat
+            # was late, e.g. on an overloaded machine) and failed it; Optuna queued a retry. The
+            # trial stays FAIL and the launch goes on; on_trial_end realigns its MLflow run.
+            stolen = study._storage.get_trial(started[-1]._trial_id) if started else None
+            if stolen is None or stolen.state != TrialState.FAIL:
+                raise
+            last.append(stolen)
+        finally:
+            budget.release()
+        n_run += 1
+        interrupts.check()
+        trial = last[-1] if last else None
+        if on_trial_end is not None and trial is not None:
+            on_trial_end(trial)
+        if trial is not None and trial.state == TrialState.FAIL:
+            failed_in_a_row += 1
+            if failed_in_a_row >= MAX_FAILED_IN_A_ROW:
+                reason = trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason", "unknown")
+                raise TunerError(
+                    f"{failed_in_a_row} trials in a row failed (last, trial {trial.number}: {reason}); "
+                    "fix the cause (e.g. a smaller batch_size/hidden_size range) and relaunch"
+                )
+        else:
+            failed_in_a_row = 0
+    return n_run
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -307,6 +514,7 @@ class Objective:
             else:
                 result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=on_epoch_end)
         except BaseException as e:
+            trial.set_user_attr("fail_reason", fail_reason(e))
             self.abort(params, run_id, e)
             raise
         self.train_seconds.append(result.seconds)
@@ -332,7 +540,8 @@ class Objective:
         Optuna marks the trial FAIL."""
         status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         if self.tracker is not None and run_id is not None:
-            self.tracker.end_trial(run_id, status=status, params=params, tags={"tuner.error": repr(e)[:500]})
+            tags = {"tuner.error": repr(e)[:500], "tuner.fail_reason": fail_reason(e)}
+            self.tracker.end_trial(run_id, status=status, params=params, tags=tags)
 
     def finish(
         self,
@@ -394,6 +603,18 @@ class Objective:
         return value
 
 
+def fail_reason(e: BaseException) -> str:
+    """One line on why a trial failed, with the fix where there is one."""
+    import torch
+
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return f"out of memory on the device ({first}); lower the batch_size or hidden_size range"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C or SIGTERM); relaunch to continue the study"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 # -- launch ----------------------------------------------------------------------------------
 
 
@@ -450,7 +671,7 @@ def launch(
     from tuner.validation import load_folds
 
     started = time.perf_counter()
-    total = n_trials or spec.n_trials
+    total = spec.n_trials if n_trials is None else n_trials  # --n-trials 0 is refused, not ignored
     if total <= 0:
         raise TunerError(f"n_trials must be > 0 (got {total})")
     try:
@@ -464,8 +685,12 @@ def launch(
     prepared, frame = load_data(spec)
     cv = load_folds(spec, frame)
     _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
-    study = open_study(spec, storage, allow_space_change=allow_space_change)
+    make_sampler(spec), make_pruner(spec)  # unknown options refused before anything is written
+    url = storage or spec.storage_url
+    check_storage_url(url)
+    with study_lock(url):  # workers started together: one creates the schemas and the study
+        tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+        study = open_study(spec, storage, allow_space_change=allow_space_change)
     if dev.type == "cpu":
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
     reference = cv_baselines(cv.folds) if cv.folds else baselines(prepared)  # still on the CPU here
@@ -483,6 +708,9 @@ def launch(
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
 
+    from tuner.reconcile import reconcile_study
+
+    reconcile_study(study, tracker, spec)  # leftovers of a crashed launch: stale trials, orphaned runs
     remaining = total - finished_count(study)
     if remaining > 0:
         from tuner.fused_runner import choose_execution, run_fused
@@ -499,28 +727,35 @@ def launch(
         print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
     objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
-    n_before = len(study.trials)
+    n_run = 0
     if remaining > 0:
         parent_run_id = tracker.start_parent(
             spec.name,
-            {"tuner.storage": redact_url(storage or spec.storage_url), "tuner.space_hash": spec.space_hash()},
+            {"tuner.storage": redact_url(url), "tuner.space_hash": spec.space_hash(), **_process_tags()},
         )
         objective.parent_run_id = parent_run_id
         bar = Progress(total, n_done_before=total - remaining, verbose=verbose) if progress else None
-        callbacks: list[Any] = [
-            optuna.study.MaxTrialsCallback(total, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
-        ]
-        if bar:
-            callbacks.append(bar)
         try:
-            if execution == "fused":  # MaxTrialsCallback stops study.optimize only; run_fused counts itself
+            if execution == "fused":  # run_fused keeps its own trial budget
+                n_before = len(study.trials)
                 fused_callbacks: list[Any] = [bar] if bar else []
                 run_fused(
                     study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
                 )
+                n_run = len(study.trials) - n_before
             else:
-                study.optimize(
-                    objective, n_trials=remaining, timeout=spec.timeout, callbacks=callbacks, gc_after_trial=False
+                n_run = run_trials(
+                    study,
+                    objective,
+                    TrialBudget(study, total, url),
+                    timeout=spec.timeout,
+                    callbacks=[bar] if bar else [],
+                    # Out of memory fails the trial, not the launch: the next trial may fit.
+                    catch=(torch.cuda.OutOfMemoryError,),
+                    poll_seconds=min(1.0, spec.heartbeat.interval),
+                    on_trial_end=lambda t: (
+                        _after_failed_trial(dev, study, tracker, spec) if t.state.name == "FAIL" else None
+                    ),
                 )
         except KeyboardInterrupt:
             tracker.end_run(parent_run_id, "KILLED")
@@ -531,8 +766,16 @@ def launch(
         finally:
             if bar:
                 bar.close()
-    promotion = promote_best(spec, study, tracker, frame, prepared.feature_names, cv, dev) if promote else None
+    promotion = None
     best = _best_trial(study)
+    if promote and best is not None:
+        try:
+            with study_lock(url):  # two workers finishing together register the best trial once
+                promotion = promote_best(spec, study, tracker, frame, prepared.feature_names, cv, dev)
+        except BaseException:
+            if parent_run_id is not None:
+                tracker.end_run(parent_run_id, "FAILED")
+            raise
     if parent_run_id is not None:
         from tuner.lineage import study_url, write_launch_notes
         from tuner.report import log_launch_report
@@ -546,10 +789,10 @@ def launch(
         tracker.end_run(parent_run_id, "FINISHED", tags)
     return LaunchSummary(
         study_name=spec.name,
-        storage=redact_url(storage or spec.storage_url),
+        storage=redact_url(url),
         n_finished=finished_count(study),
         n_trials=total,
-        n_run=len(study.trials) - n_before,
+        n_run=n_run,
         best_number=best.number if best else None,
         best_params=dict(best.params) if best else {},
         best_metrics={k: v for k, v in best.user_attrs.items() if isinstance(v, float)} if best else {},
@@ -563,6 +806,31 @@ def launch(
         validation=cv.plan.describe(),
         **_verdict(spec, best, reference, verdict),
     )
+
+
+def _process_tags() -> dict[str, str]:
+    """Who runs a launch: lets `tuner reconcile` tell a dead launch's run from a live one."""
+    import socket
+
+    return {"tuner.host": socket.gethostname(), "tuner.pid": str(os.getpid())}
+
+
+def _after_failed_trial(device: Any, study: optuna.Study, tracker: Tracker, spec: StudySpec) -> None:
+    from tuner.reconcile import reconcile_study
+
+    _free_device_memory(device)
+    reconcile_study(study, tracker, spec)  # e.g. a run FINISHED for a trial another worker failed
+
+
+def _free_device_memory(device: Any) -> None:
+    """After a failed trial (e.g. out of memory): drop its tensors and return cached blocks."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if getattr(device, "type", None) == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _verdict(spec: StudySpec, best: Any, reference: dict[str, Any], verdict: Callable[..., Any]) -> dict[str, Any]:

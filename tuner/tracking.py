@@ -28,8 +28,16 @@ if TYPE_CHECKING:
     from tuner.model import Checkpoint
 
 __all__ = [
-    "Tracker", "Promotion", "resolve_model_uri", "load_model", "conform_input", "import_mlflow", "ui_base",
-    "WEIGHTS_FILE", "REPORT_DIR",
+    "Tracker",
+    "Promotion",
+    "resolve_model_uri",
+    "load_model",
+    "LoadedModel",
+    "conform_input",
+    "import_mlflow",
+    "ui_base",
+    "WEIGHTS_FILE",
+    "REPORT_DIR",
 ]
 
 WEIGHTS_FILE = "weights.pt"
@@ -116,7 +124,7 @@ class Tracker:
             raise
         except Exception as e:  # mlflow raises many types for an unreachable or broken store
             raise TrackingError(
-                f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e)}; "
+                f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e, hide=tracking_uri)}; "
                 "check the URI (--tracking-uri) and that the server is running"
             ) from None
         if tracking_uri.startswith("sqlite:///"):
@@ -217,6 +225,37 @@ class Tracker:
             payload = torch.load(path, weights_only=True, map_location="cpu")
         return Checkpoint.from_payload(payload), digest
 
+    def trial_runs(self, study_name: str) -> list[Any]:
+        """Every trial run of a study (any status), for reconciliation with its Optuna trials."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{_tag('role')}` = 'trial' and tags.`{_tag('study')}` = '{study_name}'",
+            max_results=50000,
+        )
+
+    def running_launch_runs(self, study_name: str) -> list[Any]:
+        """Launch (parent) runs of a study that are still RUNNING."""
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=(
+                f"tags.`{_tag('role')}` = 'launch' and tags.`{_tag('study')}` = '{study_name}' "
+                "and attributes.status = 'RUNNING'"
+            ),
+            max_results=10000,
+        )
+
+    def model_versions(self, model_name: str) -> list[Any]:
+        if not self._registered(model_name):
+            return []
+        return self.client.search_model_versions(f"name = '{model_name}'")
+
+    def set_alias(self, model_name: str, alias: str, version: str | None) -> None:
+        """Point ``alias`` at ``version``; None removes the alias."""
+        if version is None:
+            self.client.delete_registered_model_alias(model_name, alias)
+        else:
+            self.client.set_registered_model_alias(model_name, alias, version)
+
     def run_status(self, run_id: str) -> str | None:
         """``RUNNING``, ``FINISHED``, ``FAILED`` or ``KILLED``; None if there is no such run."""
         from mlflow.exceptions import MlflowException
@@ -293,22 +332,32 @@ class Tracker:
 
                 torch.save(checkpoint.to_payload(), path)
                 digest = _sha256(path)
-                with mlflow.start_run(run_id=run_id), warnings.catch_warnings():  # the trial's run owns the model
-                    warnings.simplefilter("ignore")  # MLflow's advice on type hints: our schema comes from the example
-                    info = mlflow.pyfunc.log_model(
-                        name="model",
-                        python_model=str(_MODEL_CODE),
-                        artifacts={"checkpoint": str(path)},
-                        code_paths=[str(_PACKAGE_DIR)],
-                        # A classifier takes params={"proba": True}: the example's params become the
-                        # signature's params schema, without which MLflow drops them before predict.
-                        input_example=(input_example, {"proba": False})
-                        if checkpoint.config.task == "classification"
-                        else input_example,
-                        metadata={"target": checkpoint.config.target, "task": checkpoint.config.task},
-                        # Explicit requirements: inferring them costs ~5 s per model.
-                        pip_requirements=_requirements(),
-                    )
+                try:
+                    # The trial's run owns the model; MLflow's advice on type hints is silenced: our
+                    # schema comes from the input example.
+                    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        info = mlflow.pyfunc.log_model(
+                            name="model",
+                            python_model=str(_MODEL_CODE),
+                            artifacts={"checkpoint": str(path)},
+                            code_paths=[str(_PACKAGE_DIR)],
+                            # A classifier takes params={"proba": True}: the example's params become the
+                            # signature's params schema, without which MLflow drops them before predict.
+                            input_example=(input_example, {"proba": False})
+                            if checkpoint.config.task == "classification"
+                            else input_example,
+                            metadata={"target": checkpoint.config.target, "task": checkpoint.config.task},
+                            # Explicit requirements: inferring them costs ~5 s per model.
+                            pip_requirements=_requirements(),
+                        )
+                except Exception as e:
+                    # start_run's exit marked the trial's run FAILED: it is a COMPLETE trial's run.
+                    self.client.set_terminated(run_id, "FINISHED")
+                    raise TrackingError(
+                        f"cannot register trial {trial_number} of study {study_name!r}: logging its model failed "
+                        f"({_first_line(e)}); the champion alias is unchanged, relaunch to retry"
+                    ) from None
             if not self._registered(model_name):
                 try:
                     self.client.create_registered_model(model_name)
@@ -410,9 +459,27 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
+def _weights_error(e: BaseException) -> str:
+    """The reason in torch's weights-only refusal (not its advice to load unsafely)."""
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Please file an issue") and i + 1 < len(lines):
+            return f"torch.load(weights_only=True) refused it: {lines[i + 1][:200]}"
+    return _first_line(e)
+
+
+def _first_line(e: BaseException, hide: str = "") -> str:
+    """The first line of an error, with the password of the URL ``hide`` masked (MLflow's errors
+    repeat the URL they failed on, password included)."""
+    from urllib.parse import urlsplit
+
+    lines = str(e).strip().splitlines()
+    text = lines[0][:300] if lines else type(e).__name__
+    try:
+        password = urlsplit(hide).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 # -- reading models back ---------------------------------------------------------------------
@@ -427,14 +494,40 @@ def resolve_model_uri(ref: str) -> str:
     raise ModelError(f"model reference {ref!r} is not NAME@ALIAS, NAME/VERSION or models:/...; e.g. cars-mpg@champion")
 
 
-def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
-    """Download a registered model, verify its weights' SHA-256 tag, load it without pickle.
+class LoadedModel:
+    """A tuner model rebuilt from its weights alone: no pickle and no stored code runs.
+
+    ``metadata`` is the MLmodel file (signature, input example), parsed as YAML.
+    """
+
+    def __init__(self, net: Any, metadata: Any) -> None:
+        self.net, self.metadata = net, metadata
+
+    def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
+        from tuner.model import predict_frame
+
+        return predict_frame(self.net, frame, proba=bool(params and params.get("proba")))
+
+
+def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
+    """Download a registered model, verify its weights' SHA-256 tag, rebuild it from the weights.
+
+    Only ``torch.load(weights_only=True)`` reads the artifact: a pickle or model code stored in
+    the registry is never executed, whoever registered it.
 
     Returns:
-        ``(pyfunc_model, model_version)``; the version is None for ``runs:/`` URIs.
+        ``(model, model_version)``; the version is None for ``runs:/`` and ``models:/m-`` URIs.
+
+    Raises:
+        ModelError: not found, not a tuner model, weights changed after registration, or not
+            loadable as plain weights.
     """
     import mlflow
+    import torch
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from tuner.model import Checkpoint
 
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
@@ -449,19 +542,31 @@ def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
                 version = client.get_model_version_by_alias(name, rest)
             else:
                 name, _, number = name.partition("/")
-                version = client.get_model_version(name, number) if number != "latest" else None
+                if number == "latest":
+                    versions = client.search_model_versions(f"name = '{name}'")
+                    if not versions:
+                        raise MlflowException(f"registered model {name!r} has no version")
+                    version = max(versions, key=lambda v: int(v.version))
+                else:
+                    version = client.get_model_version(name, number)
+            uri = f"models:/{name}/{version.version}"  # verify and load the very version resolved
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="tuner-model-")))
     except MlflowException as e:
         raise ModelError(
-            f"model {ref!r} not found in {redact_url(tracking_uri)}: {_first_line(e)}; "
+            f"model {ref!r} not found in {redact_url(tracking_uri)}: {_first_line(e, hide=tracking_uri)}; "
             "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
         ) from None
-    expected = version.tags.get(_tag("weights_sha256")) if version is not None else None
     checkpoint = local / "artifacts" / "checkpoint.pt"
-    if not checkpoint.is_file():
+    if not checkpoint.is_file() or not (local / "MLmodel").is_file():
         raise ModelError(
             f"model {ref!r} is not a tuner model (no artifacts/checkpoint.pt); tuner only loads its own "
             "pickle-free models"
+        )
+    expected = version.tags.get(_tag("weights_sha256")) if version is not None else None
+    if version is not None and not expected:
+        raise ModelError(
+            f"model {ref!r} (version {version.version}) has no {_tag('weights_sha256')} tag: it was not "
+            "registered by `tuner launch`, so its weights cannot be verified; refusing to load it"
         )
     if expected and _sha256(checkpoint) != expected:
         raise ModelError(
@@ -470,10 +575,16 @@ def load_model(ref: str, tracking_uri: str) -> tuple[Any, Any | None]:
         )
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return mlflow.pyfunc.load_model(str(local)), version
-    except Exception as e:  # a model that cannot load must never run foreign code: report and stop
-        raise ModelError(f"model {ref!r} cannot be loaded: {_first_line(e)}") from None
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            payload = torch.load(checkpoint, weights_only=True, map_location="cpu")
+        net = Checkpoint.from_payload(payload).build()
+        metadata = Model.load(str(local / "MLmodel"))
+    except Exception as e:  # a pickle with code in it lands here: weights_only refuses it unrun
+        raise ModelError(
+            f"model {ref!r} cannot be loaded as plain weights ({_weights_error(e)}); tuner never unpickles "
+            "code, refusing it"
+        ) from None
+    return LoadedModel(net, metadata), version
 
 
 def conform_input(model: Any, frame: pd.DataFrame) -> pd.DataFrame:

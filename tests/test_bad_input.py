@@ -1,0 +1,246 @@
+"""Issue 3, bad input beyond the basic cases: `tuner launch` answers each with one clear line on
+stderr and exit code 2, and writes nothing to the study storage or the MLflow store."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import CARS, free_port, write_study
+
+from tuner.cli import main
+from tuner.config import load_spec
+from tuner.errors import StorageError, TrackingError
+
+CARS_TEXT = CARS.read_text()
+
+# name -> (CSV contents, expected message)
+CSV_CASES: dict[str, tuple[str | bytes, str]] = {
+    "wrong_delimiter": (
+        CARS_TEXT.replace(",", ";"),
+        r"has one column 'model;mpg;cyl;disp;hp;drat;wt;qsec;vs;am;gear;carb'; "
+        r"it looks ';'-separated: save it comma-separated",
+    ),
+    "undecodable_bytes": (
+        CARS_TEXT.encode().replace(b"Mazda RX4 Wag", b"Mazda RX4 W\xe4g"),
+        r"is not UTF-8 text \(byte \d+: b'\\xe4'\); save it as UTF-8 CSV",
+    ),
+    "duplicate_columns": (
+        CARS_TEXT.replace("qsec", "wt", 1),
+        r"has duplicate column names \['wt'\]; rename them",
+    ),
+    "thousands_separators": (
+        CARS_TEXT.replace(",160,110,", ',"1,160",110,', 1),
+        r"column 'disp' is not numeric, e.g. '1,160' \(row 2\) \(thousands separators\? write 1234.5, not 1,234.5\)",
+    ),
+    "one_question_mark": (
+        CARS_TEXT.replace(",175,", ",?,", 1),
+        r"column 'hp' is not numeric, e.g. '\?' \(row 6\); fix or drop those values",
+    ),
+    "single_target_value": (
+        "\n".join([CARS_TEXT.splitlines()[0]] + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]),
+        r"target 'mpg' has a single value \(21\) in every row; there is nothing to learn",
+    ),
+    "empty_validation_split": (
+        "\n".join(CARS_TEXT.splitlines()[:3]),
+        r"2 row\(s\) are too few for a validation fraction of 0.2: need at least 3 rows",
+    ),
+}
+
+SPACE = (
+    'epochs = { type = "int", low = 2, high = 3 }\n'
+    'batch_size = { type = "categorical", choices = [8, 16] }\n'
+    'hidden_size = { type = "int", low = 2, high = 8 }\n'
+    'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
+)
+LR = 'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
+
+# name -> (keyword arguments of write_study, expected message)
+STUDY_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "not_toml": ({"body": "[pruner\nname = 'median'\n"}, r"is not valid TOML: .*\(at line \d+, column \d+\)"),
+    "zero_width_range": (
+        {"space": 'lr = { type = "float", low = 0.01, high = 0.01 }\n' + SPACE},
+        r"space.lr: low == high \(0.01\) is a zero-width range; use \{ type = 'fixed', value = 0.01 \}",
+    ),
+    "log_range_with_zero": (
+        {"space": 'lr = { type = "float", low = 0.0, high = 0.1, log = true }\n' + SPACE},
+        r"space.lr: log = true needs low > 0 \(got low = 0.0\)",
+    ),
+    "log_range_negative": (
+        {"space": LR + SPACE.replace("low = 2, high = 8 }", "low = -4, high = 8, log = true }")},
+        r"space.hidden_size: log = true needs low > 0 \(got low = -4\)",
+    ),
+    "n_trials_zero": ({"n_trials": 0}, r"n_trials: Input should be greater than 0"),
+    "n_trials_negative": ({"n_trials": -3}, r"n_trials: Input should be greater than 0"),
+    "unknown_sampler_option": (
+        {"body": '[sampler]\nname = "tpe"\noptions = { n_startup = 3 }\n'},
+        r"unknown sampler option\(s\) \['n_startup'\]; TPESampler takes \[.*'n_startup_trials'",
+    ),
+    "unknown_pruner_option": (
+        {"body": '[pruner]\nname = "median"\noptions = { warmup = 3 }\n'},
+        r"unknown pruner option\(s\) \['warmup'\]; MedianPruner takes \[.*'n_warmup_steps'",
+    ),
+}
+
+
+def _refused(tmp_path: Path, capsys: Any, argv: list[str], match: str) -> str:
+    """Run `tuner ARGV`; assert exit 2, one `error:` line matching, and no store written."""
+    import re
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 2, err
+    assert len(lines) == 1 and err.rstrip().endswith(lines[0]), err
+    assert re.search(match, lines[0]), lines[0]
+    # (an empty `.db.lock` beside a SQLite study may exist: it is the workers' lock, not the study)
+    written = sorted(p.name for p in tmp_path.rglob("*") if p.suffix == ".db" or p.name == "mlartifacts")
+    assert written == [], f"written despite the error: {written}"
+    return lines[0]
+
+
+def _stores(tmp_path: Path) -> list[str]:
+    return ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+@pytest.mark.parametrize("case", sorted(CSV_CASES))
+def test_bad_csv_is_refused_in_one_line_before_anything_is_written(tmp_path: Path, capsys: Any, case: str) -> None:
+    contents, match = CSV_CASES[case]
+    data = tmp_path / "data.csv"
+    data.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
+    study = write_study(tmp_path, "bad", data=data)
+    _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
+
+
+@pytest.mark.parametrize("case", sorted(STUDY_CASES))
+def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(tmp_path: Path, capsys: Any, case: str) -> None:
+    kwargs, match = STUDY_CASES[case]
+    study = write_study(tmp_path, "bad", **kwargs)
+    _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
+
+
+def test_n_trials_zero_on_the_command_line_is_refused_not_ignored(tmp_path: Path, capsys: Any) -> None:
+    study = write_study(tmp_path, "bad")
+    _refused(
+        tmp_path,
+        capsys,
+        ["launch", str(study), "--n-trials", "0", *_stores(tmp_path)],
+        r"n_trials must be > 0 \(got 0\)",
+    )
+
+
+def test_fewer_rows_than_the_largest_batch_size_clamps_with_a_warning(tmp_path: Path) -> None:
+    from tuner.study import _check_batch_sizes
+
+    spec = load_spec(write_study(tmp_path, "big", space=LR + SPACE.replace("[8, 16]", "[8, 64]")))
+    with pytest.warns(UserWarning, match=r"batch sizes up to 64 exceed the 26 training rows; those trials use full batches of 26"):
+        _check_batch_sizes(spec, 26)
+
+
+def test_storage_folder_that_does_not_exist(tmp_path: Path, capsys: Any) -> None:
+    study = write_study(tmp_path, "s")
+    argv = [
+        "launch",
+        str(study),
+        "--storage",
+        f"sqlite:///{tmp_path / 'nope' / 'optuna.db'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    _refused(tmp_path, capsys, argv, rf"storage folder '{tmp_path / 'nope'}' does not exist .*; create it or pass --storage")
+
+
+def test_read_only_storage_folder(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    # Tests may run as root, which writes anywhere: simulate the read-only folder at the check.
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder else real_access(p, mode))
+    study = write_study(tmp_path, "s")
+    argv = [
+        "launch",
+        str(study),
+        "--storage",
+        f"sqlite:///{folder / 'optuna.db'}",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    _refused(tmp_path, capsys, argv, r"storage sqlite:///.*/ro/optuna.db is not writable; pass a writable --storage")
+
+
+def test_unreachable_tracking_server_fails_after_a_bounded_wait_with_the_password_hidden(tmp_path: Path, capsys: Any) -> None:
+    study = write_study(tmp_path, "s")
+    uri = f"http://alice:Tr4ckPw@127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    line = _refused(
+        tmp_path,
+        capsys,
+        ["launch", str(study), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", uri],
+        r"cannot open MLflow tracking store http://alice:\*\*\*@127.0.0.1:\d+: .*; check the URI",
+    )
+    assert time.monotonic() - start < 60  # retries are bounded (tuner's MLflow defaults: 2 retries)
+    assert "Tr4ckPw" not in line
+
+
+def test_unreachable_storage_server_error_hides_the_password(tmp_path: Path) -> None:
+    from tuner.study import open_storage
+
+    with pytest.raises(StorageError, match=r"cannot open study storage postgresql://bob:\*\*\*@127.0.0.1:\d+/db: ") as err:
+        open_storage(f"postgresql://bob:St0rPw@127.0.0.1:{free_port()}/db")
+    assert "St0rPw" not in str(err.value)
+
+
+def test_tracking_store_folder_that_does_not_exist(tmp_path: Path) -> None:
+    from tuner.tracking import Tracker
+
+    with pytest.raises(
+        TrackingError,
+        match=r"MLflow store folder '.*/missing' does not exist; create it or pass another --tracking-uri",
+    ):
+        Tracker(f"sqlite:///{tmp_path / 'missing' / 'mlflow.db'}", "s")
+
+
+def test_changed_search_space_is_refused_with_the_difference_then_allowed(tmp_path: Path, capsys: Any) -> None:
+    from tuner.study import launch
+    from tuner.tracking import Tracker
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = write_study(tmp_path, "space", n_trials=2, tracking_uri=tracking)
+    launch(load_spec(path), progress=False, promote=False)
+    trials_before = _trials(path)
+    path.write_text(path.read_text().replace("high = 1e-1", "high = 0.5").replace("[8, 16]", "[8, 16, 32]"))
+
+    rc = main(["launch", str(path)])
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert rc == 2
+    assert err == (
+        "error: study 'space' was run with another search space (batch_size: choices [8, 16] -> [8, 16, 32]; "
+        "lr: high 0.1 -> 0.5); its trials are untouched: use a new study name, or relaunch with --allow-space-change"
+    )
+    assert _trials(path) == trials_before
+    runs = Tracker(tracking, "space").client.search_runs([Tracker(tracking, "space").experiment_id])
+    assert len(runs) == 3  # the first launch's parent + 2 trials: the refused launch wrote none
+
+    # New choices cannot join a study (Optuna keeps one distribution per name); a new range can.
+    assert main(["launch", str(path), "--allow-space-change"]) == 2
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert err == (
+        "error: study 'space': --allow-space-change cannot apply batch_size choices changed from [8, 16] to "
+        "[8, 16, 32] (Optuna keeps one distribution per parameter name in a study; ranges may change); "
+        "use a new study name"
+    )
+    path.write_text(path.read_text().replace("[8, 16, 32]", "[8, 16]"))
+    assert main(["launch", str(path), "--n-trials", "3", "--allow-space-change", "--no-progress"]) == 0
+    after = _trials(path)
+    assert after[:2] == trials_before and len(after) == 3 and after[2][1] == "COMPLETE"
+
+
+def _trials(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
+    import optuna
+
+    spec = load_spec(path)
+    study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+    return [(t.number, t.state.name, t.params) for t in study.trials]
