@@ -138,25 +138,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     from tuner.study import launch
 
     spec = _spec(args)
-    if args.workers is not None or args.gpus:
-        from tuner.workers import launch_workers, parse_gpus
-
-        s = launch_workers(
-            spec,
-            n_workers=args.workers,
-            gpus=parse_gpus(args.gpus),
-            n_trials=args.n_trials,
-            storage=args.storage,
-            tracking_uri=_tracking_uri(args, spec),
-            allow_space_change=args.allow_space_change,
-            device=args.device,
-            progress=not args.no_progress,
-            verbose=args.verbose,
-            report=not args.no_report,
-        )
-        return _print_launch(s)
-    s = launch(
-        spec,
+    options: dict[str, Any] = dict(
         n_trials=args.n_trials,
         storage=args.storage,
         tracking_uri=_tracking_uri(args, spec),
@@ -166,7 +148,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         report=not args.no_report,
     )
-    return _print_launch(s)
+    if args.workers is not None or args.gpus:
+        from tuner.workers import launch_workers, parse_gpus
+
+        return _print_launch(launch_workers(spec, n_workers=args.workers, gpus=parse_gpus(args.gpus), **options))
+    return _print_launch(launch(spec, **options))
 
 
 def _print_launch(s: Any) -> int:
