@@ -143,22 +143,3 @@ def tracking_uri(tmp_path: Path) -> str:
 @pytest.fixture
 def storage_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'optuna.db'}"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def mlflow_uri_restored() -> Iterator[None]:
-    """In-process launches call mlflow.set_tracking_uri/set_registry_uri: process-wide, and also
-    exported as MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI. Put both back after each module, so a
-    later module's MlflowClient (without registry_uri) or subprocess does not use a deleted store."""
-    import mlflow
-
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    saved = {name: os.environ.get(name) for name in names}
-    yield
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value

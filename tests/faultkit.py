@@ -29,6 +29,15 @@ def fork_cli(argv: Sequence[str], log: Path, setup: Callable[[], None] | None = 
         os.dup2(out.fileno(), 2)
         sys.stdout = sys.stderr = out
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        # The child inherits the test process's MLflow globals: start from a clean slate, as a
+        # fresh `tuner` process would.
+        for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            os.environ.pop(key, None)
+        if "mlflow" in sys.modules:
+            import mlflow
+
+            mlflow.set_tracking_uri(None)  # type: ignore[arg-type]
+            mlflow.set_registry_uri(None)  # type: ignore[arg-type]
         if setup is not None:
             setup()
         from tuner.cli import main
