@@ -32,6 +32,7 @@ from tuner.train import (
     TrainParams,
     TrainResult,
     epoch_record,
+    model_config,
     output_metrics,
     resolve_device,
     task_loss,
@@ -480,16 +481,7 @@ def train_many(
                 return
             job = _as_job(item)
             p = job.params
-            config = ModelConfig(
-                feature_names=data.feature_names,
-                target=data.target,
-                task=data.task,
-                hidden_size=p.hidden_size,
-                n_layers=p.n_layers,
-                activation=p.activation,
-                dropout=p.dropout,
-                classes=data.classes,
-            )
+            config = model_config(p, data)
             make_activation(p.activation)  # an unknown activation fails here, as in train()
             group = _padded_width(p.hidden_size) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)

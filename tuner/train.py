@@ -181,6 +181,20 @@ def cosine_factor(step: int, total_steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * step / total_steps))
 
 
+def model_config(p: TrainParams, data: Prepared) -> ModelConfig:
+    """The architecture of a trial's model on ``data`` (shared by train() and train_many())."""
+    return ModelConfig(
+        feature_names=data.feature_names,
+        target=data.target,
+        task=data.task,
+        hidden_size=p.hidden_size,
+        n_layers=p.n_layers,
+        activation=p.activation,
+        dropout=p.dropout,
+        classes=data.classes,
+    )
+
+
 def train(
     params: TrainParams | Mapping[str, Any],
     data: Prepared,
@@ -208,16 +222,7 @@ def train(
     """
     p = params if isinstance(params, TrainParams) else TrainParams.from_mapping(params)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    config = ModelConfig(
-        feature_names=data.feature_names,
-        target=data.target,
-        task=data.task,
-        hidden_size=p.hidden_size,
-        n_layers=p.n_layers,
-        activation=p.activation,
-        dropout=p.dropout,
-        classes=data.classes,
-    )
+    config = model_config(p, data)
     # Seed init and dropout without touching the caller's global RNG state.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
