@@ -458,6 +458,17 @@ def load_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
     return prepared, frame
 
 
+def load_inputs(spec: StudySpec) -> tuple[Prepared, pd.DataFrame, CVData]:
+    """Everything a launch or a worker trains on: the split, the raw frame and the CV folds,
+    with the batch sizes checked against the training rows."""
+    from tuner.validation import load_folds
+
+    prepared, frame = load_data(spec)
+    cv = load_folds(spec, frame)
+    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
+    return prepared, frame, cv
+
+
 def _check_batch_sizes(spec: StudySpec, n_train: int) -> None:
     p = spec.space["batch_size"]
     largest = getattr(p, "high", None) or max(getattr(p, "choices", None) or [getattr(p, "value", 0)])
@@ -668,7 +679,6 @@ def launch(
     from tuner.replay import provenance
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
-    from tuner.validation import load_folds
 
     started = time.perf_counter()
     total = spec.n_trials if n_trials is None else n_trials  # --n-trials 0 is refused, not ignored
@@ -682,9 +692,7 @@ def launch(
     # Trial results reach the user through the progress line and summary; Optuna's own failure
     # log would print a traceback for every Ctrl-C. Per-trial lines (-v) come from tuner.progress.
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    prepared, frame = load_data(spec)
-    cv = load_folds(spec, frame)
-    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
+    prepared, frame, cv = load_inputs(spec)
     make_sampler(spec), make_pruner(spec)  # unknown options refused before anything is written
     url = storage or spec.storage_url
     check_storage_url(url)

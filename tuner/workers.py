@@ -298,10 +298,9 @@ def run_worker(
 
     from tuner.progress import Progress
     from tuner.replay import provenance
-    from tuner.study import Objective, _check_batch_sizes, finished_count, load_data, open_study
+    from tuner.study import Objective, finished_count, load_inputs, open_study
     from tuner.tracking import Tracker, import_mlflow
     from tuner.train import resolve_device
-    from tuner.validation import load_folds
 
     started = time.perf_counter()
     total = n_trials or spec.n_trials
@@ -314,9 +313,7 @@ def run_worker(
         raise TunerError(str(e)) from None
     index = worker_index if worker_index is not None else _env_index()
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
-    prepared, frame = load_data(spec)
-    cv = load_folds(spec, frame)
-    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
+    prepared, frame, cv = load_inputs(spec)
     lock = StudyLock(url, spec.name)
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
@@ -589,10 +586,9 @@ def launch_workers(
         KeyboardInterrupt: Ctrl-C or SIGTERM; workers are stopped, the parent run is KILLED.
     """
     from tuner.baselines import baselines
-    from tuner.study import LaunchSummary, _best_trial, _check_batch_sizes, finished_count, load_data, open_study
+    from tuner.study import LaunchSummary, _best_trial, finished_count, load_inputs, open_study
     from tuner.tracking import Tracker
     from tuner.train import resolve_device
-    from tuner.validation import load_folds
 
     started = time.perf_counter()
     n = n_workers if n_workers is not None else (len(gpus) or 1)
@@ -614,9 +610,7 @@ def launch_workers(
     url = storage or spec.storage_url
     tracking = tracking_uri or spec.tracking
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.ERROR)
-    prepared, frame = load_data(spec)
-    cv = load_folds(spec, frame)
-    _check_batch_sizes(spec, len(cv.folds[0].x_train) if cv.folds else len(prepared.x_train))
+    prepared, frame, cv = load_inputs(spec)
     lock = StudyLock(url, spec.name)
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
