@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -50,10 +50,14 @@ _BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults
 
 @dataclass(frozen=True)
 class Job:
-    """One trial for ``train_many``: its params and the seed ``train()`` would get."""
+    """One trial for ``train_many``: its params, the seed ``train()`` would get, which of the
+    prepared splits it trains on (a cross-validation fold), and whether its model is wanted
+    (a fold of a cross-validated trial only reports metrics)."""
 
     params: TrainParams
     seed: int = 0
+    data: int = 0
+    keep_model: bool = True
 
 
 def fusable(params: TrainParams) -> str | None:
@@ -83,6 +87,7 @@ class _Slot:
     index: int
     job: Job
     config: ModelConfig
+    data: Prepared
     generator: torch.Generator
     batch_size: int
     steps_per_epoch: int
@@ -99,17 +104,39 @@ class _Bank:
     backward pass fills one gradient tensor and the optimizer update is a handful of ops.
     """
 
-    def __init__(self, data: Prepared, device: torch.device, *, linear: bool, sgd: bool, width: int) -> None:
-        self.data, self.device, self.linear, self.sgd = data, device, linear, sgd
-        self.n, self.n_in, self.n_out = len(data.x_train), data.n_features, data.n_outputs
+    def __init__(
+        self, datasets: list[Prepared], device: torch.device, *, linear: bool, sgd: bool, width: int
+    ) -> None:
+        data = datasets[0]
+        self.datasets, self.device, self.linear, self.sgd = datasets, device, linear, sgd
+        self.n_in, self.n_out = data.n_features, data.n_outputs
         self.task = data.task
         self.K, self.H, self.L = 0, 0, 0
         self.slots: list[_Slot | None] = []
         self.t = 0
         self.next_event = -1
-        self.y_mean = torch.tensor(data.y_mean_, dtype=torch.float32, device=device)
-        self.y_std = torch.tensor(data.y_std_, dtype=torch.float32, device=device)
+        # Every split's training rows in one table (a slot reads its own at an offset), and its
+        # validation rows padded to the longest split (padded rows are masked out of the metrics).
+        sizes = [len(d.x_train) for d in datasets]
+        self.n = max(sizes)
+        self.sizes = torch.tensor(sizes, device=device)
+        self.offsets = torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device)
+        self.x_all = torch.cat([d.x_train for d in datasets]) if len(datasets) > 1 else data.x_train
+        self.y_all = torch.cat([d.y_train for d in datasets]) if len(datasets) > 1 else data.y_train
+        v_max = max(len(d.x_val) for d in datasets)
+        self.x_val = torch.zeros(len(datasets), v_max, self.n_in, device=device)
+        self.y_val = torch.zeros(len(datasets), v_max, dtype=data.y_val_raw.dtype, device=device)
+        self.val_mask = torch.zeros(len(datasets), v_max, dtype=torch.bool, device=device)
+        for i, d in enumerate(datasets):
+            self.x_val[i, : len(d.x_val)] = d.x_val
+            self.y_val[i, : len(d.x_val)] = d.y_val_raw
+            self.val_mask[i, : len(d.x_val)] = True
+        self.padded_val = not bool(self.val_mask.all())
+        self.y_mean = torch.tensor([d.y_mean_ for d in datasets], dtype=torch.float32, device=device)
+        self.y_std = torch.tensor([d.y_std_ for d in datasets], dtype=torch.float32, device=device)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.packed = False
+        self.act_key: tuple[str | None, ...] = ()
         self.act_groups: list[tuple[torch.nn.Module, torch.Tensor]] = []  # activation, its slots
         self.act_inverse: torch.Tensor | None = None  # slot order of the grouped activations
         # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
@@ -147,6 +174,9 @@ class _Bank:
             "pmask": torch.zeros(K, P, device=dev),
             "wd_l2": torch.zeros(K, 1, device=dev),
             "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
+            "n": torch.ones(K, 1, dtype=torch.long, device=dev),  # training rows of the slot's split
+            "off": torch.zeros(K, 1, dtype=torch.long, device=dev),  # where they start in x_all
+            "ds": torch.zeros(K, dtype=torch.long, device=dev),  # the slot's split
             "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
             "live": torch.zeros(K, dtype=torch.bool, device=dev),
             "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
@@ -185,7 +215,10 @@ class _Bank:
     # -- slots ----------------------------------------------------------------------------
 
     def add(self, index: int, job: Job, config: ModelConfig) -> _Slot:
+        data = self.datasets[job.data]
+        n = len(data.x_train)
         p = job.params
+        self._unpack()  # before a resize copies the optimizer state
         free = next((i for i, s in enumerate(self.slots) if s is None), None)
         if free is None:
             free = self.K
@@ -195,7 +228,9 @@ class _Bank:
             self._resize(max(self.K * 2, free + 1) if free >= self.K else self.K, H, L)
         k = free
         with torch.random.fork_rng(devices=[]):  # the same initial weights as train() with this seed
-            torch.manual_seed(job.seed)
+            # The CPU stream torch.manual_seed sets, without its lazy seeding of every accelerator
+            # (~1 ms a call, mostly capturing tracebacks for a CUDA that may never start).
+            torch.default_generator.manual_seed(job.seed)
             net = TabularNet(config)
         linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
         T = self.tensors
@@ -211,14 +246,17 @@ class _Bank:
                 views[bias][k, 0, :cols] = lin.bias.detach().to(self.device)
                 masks[name][k, :rows, :cols] = 1
                 masks[bias][k, 0, :cols] = 1
-            batch_size = min(p.batch_size, self.n)
-            steps = math.ceil(self.n / batch_size)
+            batch_size = min(p.batch_size, n)
+            steps = math.ceil(n / batch_size)
             h = self.host
             h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * steps, p.schedule == "cosine"
             h["step"][k], h["live"][k] = 0, True
             h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
             T["wd_l2"][k] = p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0
             T["bs"][k] = batch_size
+            T["n"][k] = n
+            T["off"][k] = self.offsets[job.data]
+            T["ds"][k] = job.data
             T["live"][k] = True
             if not self.linear:
                 T["unit_mask"][k] = 0
@@ -229,6 +267,7 @@ class _Bank:
             index=index,
             job=job,
             config=config,
+            data=data,
             generator=torch.Generator().manual_seed(job.seed),
             batch_size=batch_size,
             steps_per_epoch=steps,
@@ -244,9 +283,10 @@ class _Bank:
         slot = self.slots[k]
         assert slot is not None
         # The same shuffled order as train(): data.batches() is randperm(n).split(batch_size).
-        perm = torch.randperm(self.n, generator=slot.generator)
+        n = len(slot.data.x_train)
+        perm = torch.randperm(n, generator=slot.generator)
         T = self.tensors
-        T["perm"][k] = perm.to(self.device)
+        T["perm"][k, :n] = perm.to(self.device)
         T["s"][k] = 0
         T["loss_sum"][k] = 0
         slot.epoch_end_t = self.t + slot.steps_per_epoch
@@ -258,9 +298,11 @@ class _Bank:
         self.b_max = max((s.batch_size for s in live), default=1)
         # Slots grouped by activation: each activation runs on its own slots only, and one
         # index_select puts the rows back in slot order (free slots ride with the first group).
-        names = [s.job.params.activation if s is not None else None for s in self.slots]
+        names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
         used = sorted({n for n in names if n is not None})
-        if len(used) <= 1 or self.linear:
+        if names == self.act_key:
+            pass  # the same activations in the same slots: keep the groups
+        elif len(used) <= 1 or self.linear:
             self.act_groups = [(make_activation(used[0] if used else "relu"), torch.empty(0))]
             self.act_inverse = None
         else:
@@ -272,8 +314,35 @@ class _Bank:
             dev = self.device
             self.act_groups = [(make_activation(a), torch.tensor(g, device=dev)) for a, g in zip(used, groups)]
             self.act_inverse = torch.tensor(inverse, device=dev)
-        self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
-        self.any_wd_dec = bool(self.host["wd_dec"].any())
+        self.act_key = names
+        if not self.packed:
+            self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
+            self.any_wd_dec = bool(self.host["wd_dec"].any())
+            self._pack()
+
+    def _pack(self) -> None:
+        """Gather the optimizer state of the real (unpadded, live) parameters into compact vectors.
+
+        The update then touches only those entries: with mixed shapes padded to the widest and
+        deepest trial, most of the ``(K, P)`` block is padding (often >90%), and a full-block
+        update was most of a step's time.
+        """
+        T = self.tensors
+        P = T["flat"].shape[1]
+        self.idx = T["pmask"].view(-1).nonzero().squeeze(1)
+        self.entry_slot = torch.div(self.idx, P, rounding_mode="floor")
+        self.mc = T["m"].view(-1).index_select(0, self.idx)
+        self.vc = T["v"].view(-1).index_select(0, self.idx)
+        self.wd_l2c = T["wd_l2"].view(-1).index_select(0, self.entry_slot) if self.any_wd_l2 else None
+        self.packed = True
+
+    def _unpack(self) -> None:
+        """Write the compact optimizer state back into the ``(K, P)`` blocks (before slots change)."""
+        if self.packed:
+            T = self.tensors
+            T["m"].view(-1).index_copy_(0, self.idx, self.mc)
+            T["v"].view(-1).index_copy_(0, self.idx, self.vc)
+            self.packed = False
 
     @property
     def n_live(self) -> int:
@@ -302,9 +371,11 @@ class _Bank:
         flat = T["flat"]
         cols = self.arange[: self.b_max]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
-        rows = (cols < T["bs"]) & (pos < self.n) & T["live"][:, None]
+        rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
         idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
-        xb, yb = self.data.x_train[idx], self.data.y_train[idx]
+        if len(self.datasets) > 1:
+            idx = idx + T["off"]
+        xb, yb = self.x_all[idx], self.y_all[idx]
         out = self._forward(self.leaves, xb)
         if self.task == "regression":
             per_row = task_loss(out, yb, self.task, "none")
@@ -315,15 +386,14 @@ class _Bank:
         leaves = list(self.leaves.values())
         grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
         with torch.no_grad():
-            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1)
+            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1).view(-1).index_select(0, self.idx)
             T["loss_sum"] += loss.detach() * count
-            self._update(flat, grad.mul_(T["pmask"]))
+            self._update(flat.view(-1), grad)
             T["s"] += T["live"][:, None]
         self.t += 1
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """torch's Adam / AdamW / SGD(momentum) update, per slot, over the stacked tensors."""
-        T = self.tensors
+    def _update(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """torch's Adam / AdamW / SGD(momentum) update, per slot, on the compact real entries."""
         h = self.host
         factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
@@ -331,26 +401,38 @@ class _Bank:
         safe = np.maximum(h["step"], 1)
         scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
         s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
-        lr_t, step_size, bc2_sqrt, decay = s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4]
-        if self.any_wd_l2:
-            grad = grad.add_(T["wd_l2"] * p)
+        s = s.index_select(0, self.entry_slot)  # per real entry
+        lr_t, step_size, bc2_sqrt, decay = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
+        p = flat.index_select(0, self.idx)
+        if self.wd_l2c is not None:
+            grad = grad.add_(self.wd_l2c * p)
         if self.sgd:
-            T["m"].mul_(_MOMENTUM).add_(grad)
-            p.sub_(lr_t * T["m"])
-            return
-        if self.any_wd_dec:
-            p.mul_(decay)
-        T["m"].lerp_(grad, 1 - _BETA1)
-        T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-        denom = (T["v"].sqrt() / bc2_sqrt).add_(_EPS)
-        p.addcdiv_(step_size * T["m"], denom, value=-1.0)
+            self.mc.mul_(_MOMENTUM).add_(grad)
+            p.sub_(lr_t * self.mc)
+        else:
+            if self.any_wd_dec:
+                p.mul_(decay)
+            self.mc.lerp_(grad, 1 - _BETA1)
+            self.vc.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+            denom = (self.vc.sqrt() / bc2_sqrt).add_(_EPS)
+            p.addcdiv_(step_size * self.mc, denom, value=-1.0)
+        flat.index_copy_(0, self.idx, p)
 
     @torch.no_grad()
     def validate(self) -> torch.Tensor:
         """Every slot's validation metrics, ``(K, 3)``."""
-        x = self.data.x_val.expand(self.K, *self.data.x_val.shape)
-        out = self._forward(self._views(self.tensors["flat"]), x)
-        _, values = output_metrics(out, self.data.y_val_raw, self.task, self.y_mean, self.y_std)
+        if len(self.datasets) == 1:
+            x = self.x_val.expand(self.K, *self.x_val.shape[1:])
+            out = self._forward(self._views(self.tensors["flat"]), x)
+            _, values = output_metrics(out, self.y_val[0], self.task, self.y_mean[0], self.y_std[0])
+            return values
+        ds = self.tensors["ds"]
+        out = self._forward(self._views(self.tensors["flat"]), self.x_val.index_select(0, ds))
+        mean, std = self.y_mean.index_select(0, ds)[:, None], self.y_std.index_select(0, ds)[:, None]
+        if self.task != "regression":
+            mean, std = mean[:, :, None], std[:, :, None]
+        mask = self.val_mask.index_select(0, ds) if self.padded_val else None
+        _, values = output_metrics(out, self.y_val.index_select(0, ds), self.task, mean, std, mask)
         return values
 
     def metric_names(self) -> tuple[str, ...]:
@@ -360,7 +442,7 @@ class _Bank:
         """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on."""
         ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
         T = self.tensors
-        losses = (T["loss_sum"][ending] / self.n).tolist()
+        losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
         values = self.validate()[ending].tolist()
         names = self.metric_names()
         finished: list[tuple[int, TrainResult]] = []
@@ -370,7 +452,7 @@ class _Bank:
             p = slot.job.params
             epoch = slot.epoch
             record, reason = epoch_record(
-                epoch, train_loss, dict(zip(names, row)), task=self.task, y_std=self.data.y_std_, lr=p.lr
+                epoch, train_loss, dict(zip(names, row)), task=self.task, y_std=slot.data.y_std_, lr=p.lr
             )
             diverged = record is None
             if record is not None:
@@ -378,6 +460,7 @@ class _Bank:
                 if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
                     reason = f"stopped by the epoch hook after epoch {epoch}"
             if reason is not None or epoch + 1 == p.epochs:
+                self._unpack()  # the slot's optimizer state is about to be cleared
                 finished.append((slot.index, self._finish(k, reason, diverged)))
             else:
                 slot.epoch += 1
@@ -390,24 +473,26 @@ class _Bank:
         slot = self.slots[k]
         assert slot is not None and slot.history is not None
         T = self.tensors
-        net = TabularNet(slot.config)
-        views = self._views(T["flat"])
-        linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-        names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+        net = TabularNet(slot.config) if slot.job.keep_model else None
         with torch.no_grad():
-            for name, lin in zip(names, linears):
-                bias = "bout" if name == "wout" else "b" + name[1:]
-                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
-                lin.weight.copy_(views[name][k, :rows, :cols].T)
-                lin.bias.copy_(views[bias][k, 0, :cols])
+            if net is not None:
+                views = self._views(T["flat"])
+                linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+                names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+                for name, lin in zip(names, linears):
+                    bias = "bout" if name == "wout" else "b" + name[1:]
+                    rows, cols = lin.weight.shape[1], lin.weight.shape[0]
+                    lin.weight.copy_(views[name][k, :rows, :cols].T)
+                    lin.bias.copy_(views[bias][k, 0, :cols])
             n_steps = int(self.host["step"][k])
             for key in ("flat", "m", "v", "pmask", "loss_sum"):
                 T[key][k] = 0
             T["live"][k] = False
             self.host["live"][k] = False
-        d = self.data
-        net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
-        net.to(self.device).eval()
+        if net is not None:
+            d = slot.data
+            net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
+            net.to(self.device).eval()
         self.slots[k] = None
         return TrainResult(
             model=net,
@@ -428,7 +513,7 @@ def _padded_width(hidden_size: int) -> int:
 
 def train_many(
     params_list: Iterable[Job | TrainParams | Mapping[str, Any]],
-    prepared: Prepared,
+    prepared: Prepared | Sequence[Prepared],
     *,
     device: torch.device | str = "auto",
     on_epoch_end: ManyEpochHook | None = None,
@@ -442,7 +527,8 @@ def train_many(
         params_list: jobs (params with a seed), params, or mappings of params (seed 0). Pulled
             lazily: a slot that frees up takes the next one, so an iterator may ask a study for
             the next trial only when there is room for it.
-        prepared: the prepared split; moved to ``device`` once.
+        prepared: the prepared split, or several (the folds of a cross-validation: a job trains
+            on ``prepared[job.data]``; same features and task); moved to ``device`` once.
         device: ``auto``, ``cpu``, ``cuda[:i]`` or ``mps``.
         on_epoch_end: called with ``(index, epoch, metrics)`` after each epoch of each trial
             (``index`` counts the jobs from 0); returning True stops that trial.
@@ -464,7 +550,7 @@ def train_many(
     if width < 1:
         raise ValueError(f"width must be >= 1 (got {width})")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    data = prepared.to(dev)
+    datasets = [d.to(dev) for d in ([prepared] if isinstance(prepared, Prepared) else prepared)]
     if group_widths is None:
         group_widths = dev.type == "cpu" and width >= 128
     jobs = iter(params_list)
@@ -481,12 +567,14 @@ def train_many(
                 return
             job = _as_job(item)
             p = job.params
-            config = model_config(p, data)
+            if not 0 <= job.data < len(datasets):
+                raise ValueError(f"job {n_jobs} trains on split {job.data}, but {len(datasets)} split(s) were given")
+            config = model_config(p, datasets[job.data])
             make_activation(p.activation)  # an unknown activation fails here, as in train()
             group = _padded_width(p.hidden_size) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
             if key not in banks:
-                banks[key] = _Bank(data, dev, linear=key[0], sgd=key[1], width=key[2])
+                banks[key] = _Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2])
             banks[key].add(n_jobs, job, config)
             n_jobs += 1
             in_flight += 1
