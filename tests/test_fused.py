@@ -206,11 +206,56 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
     assert len(preds) == 3 and np.isfinite(np.asarray(preds, dtype=float)).all()
 
 
-def test_cross_validated_study_refuses_fused_and_auto_runs_sequentially(tmp_path: Path) -> None:
-    from tuner.errors import ConfigError
-    from tuner.study import launch
+def test_cross_validated_trials_fused_equal_cross_validate_fold_by_fold() -> None:
+    """Every fold of every trial is a slot: the per-epoch means over the folds, the fold metrics,
+    seeds and step counts equal ``cross_validate``'s (its lockstep, one ``train()`` per fold),
+    with a trial stopped by the hook after epoch 1 and more folds than slots (refill)."""
+    from tuner.validation import cross_validate, cross_validate_many, kfold_indices
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
-    spec = load_spec(write_study(tmp_path, n_trials=8, execution="fused"))  # 32 rows: 5-fold CV by default
-    with pytest.raises(ConfigError, match=r"execution = 'fused' trains one validation split, but this study uses 5-fold"):
-        launch(spec, tracking_uri=uri, progress=False)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(37, 4))
+    y = x @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.1 * rng.normal(size=37)
+    folds = [prepare(x, y, feature_names=["a", "b", "c", "d"], target="y", fraction=0.2, seed=0, split=s)
+             for s in kfold_indices(y, 4, seed=0)]  # 37 rows: folds of 27 and 28 training rows
+    jobs = [Job(p, seed=20 + i) for i, p in enumerate(MIXED[:6])]
+    stop = lambda i, e: i == 1 and e == 1  # noqa: E731
+    expected = [cross_validate(j.params, folds, seed=j.seed, on_epoch_end=lambda e, m, i=i: stop(i, e))
+                for i, j in enumerate(jobs)]
+    ended: list[int] = []
+    got = cross_validate_many(jobs, folds, on_epoch_end=lambda i, e, m: stop(i, e),
+                              on_trial_end=lambda i, r: ended.append(i), width=7)
+    assert sorted(ended) == list(range(len(jobs)))
+    assert got[1].stop_reason == "stopped by the epoch hook after epoch 1" and len(got[1].history) == 2
+    for ref, res in zip(expected, got):
+        assert (res.stop_reason, res.diverged, res.seeds, res.n_steps) == (ref.stop_reason, ref.diverged, ref.seeds, ref.n_steps)
+        assert len(res.history) == len(ref.history)
+        for a, b in zip([*ref.history, *ref.fold_metrics], [*res.history, *res.fold_metrics]):
+            assert a.keys() == b.keys()
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_cross_validated_study_runs_fused_with_the_sequential_trials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cars data is cross-validated by default (5 folds): fused, the study holds the same
+    params, values, intermediate values and fold metrics per trial as sequentially, and the
+    refit champion is registered."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from tuner.study import launch, open_study
+
+    trials = {}
+    for execution in ("sequential", "fused"):
+        folder = tmp_path / execution
+        folder.mkdir()
+        spec = load_spec(write_study(folder, n_trials=4, execution=execution, body='[pruner]\nname = "none"\n'))
+        summary = launch(spec, tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", progress=False)
+        assert summary.validation.startswith("5-fold cross-validation")
+        assert summary.promotion is not None and summary.promotion.alias == "champion"
+        trials[execution] = open_study(spec, create=False).trials
+    assert [t.state.name for t in trials["fused"]] == ["COMPLETE"] * 4
+    for a, b in zip(trials["sequential"], trials["fused"]):
+        assert a.params == b.params and b.user_attrs["fold_seeds"] == a.user_attrs["fold_seeds"]
+        assert b.value == pytest.approx(a.value, rel=RTOL)
+        assert b.intermediate_values.keys() == a.intermediate_values.keys()
+        assert b.user_attrs["fold_rmse"] == pytest.approx(a.user_attrs["fold_rmse"], rel=RTOL)

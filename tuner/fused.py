@@ -438,14 +438,21 @@ class _Bank:
     def metric_names(self) -> tuple[str, ...]:
         return ("rmse", "mae", "r2") if self.task == "regression" else ("accuracy", "log_loss", "f1_macro")
 
-    def events(self, on_epoch_end: ManyEpochHook | None) -> list[tuple[int, TrainResult]]:
-        """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on."""
+    def events(
+        self, on_epoch_end: ManyEpochHook | None, should_stop: Callable[[int], bool] | None = None
+    ) -> list[tuple[int, TrainResult]]:
+        """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on.
+
+        Every ending slot's hook runs first; then ``should_stop(index)`` is asked for each of
+        them, so a decision that needs several slots' epochs (the folds of a cross-validated
+        trial) stops all of them at this same epoch.
+        """
         ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
         T = self.tensors
         losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
         values = self.validate()[ending].tolist()
         names = self.metric_names()
-        finished: list[tuple[int, TrainResult]] = []
+        outcomes: list[tuple[int, str | None, bool]] = []
         for k, train_loss, row in zip(ending, losses, values):
             slot = self.slots[k]
             assert slot is not None and slot.history is not None
@@ -459,7 +466,14 @@ class _Bank:
                 slot.history.append(record)
                 if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
                     reason = f"stopped by the epoch hook after epoch {epoch}"
-            if reason is not None or epoch + 1 == p.epochs:
+            outcomes.append((k, reason, diverged))
+        finished: list[tuple[int, TrainResult]] = []
+        for k, reason, diverged in outcomes:
+            slot = self.slots[k]
+            assert slot is not None
+            if reason is None and should_stop is not None and should_stop(slot.index):
+                reason = f"stopped by the epoch hook after epoch {slot.epoch}"
+            if reason is not None or slot.epoch + 1 == slot.job.params.epochs:
                 self._unpack()  # the slot's optimizer state is about to be cleared
                 finished.append((slot.index, self._finish(k, reason, diverged)))
             else:
@@ -518,6 +532,7 @@ def train_many(
     device: torch.device | str = "auto",
     on_epoch_end: ManyEpochHook | None = None,
     on_trial_end: TrialEndHook | None = None,
+    should_stop: Callable[[int], bool] | None = None,
     width: int = 32,
     group_widths: bool | None = None,
 ) -> list[TrainResult]:
@@ -534,6 +549,8 @@ def train_many(
             (``index`` counts the jobs from 0); returning True stops that trial.
         on_trial_end: called with ``(index, result)`` as soon as a trial finished or stopped,
             before its slot is refilled.
+        should_stop: asked with ``index`` after the hooks of all the trials whose epoch ends
+            at the same step ran; True stops that trial there too (see ``_Bank.events``).
         width: how many trials train at once.
         group_widths: train hidden sizes in power-of-two width groups (padding wastes at most
             half a layer) instead of one group padded to the widest. ``None``: group on a CPU
@@ -587,7 +604,7 @@ def train_many(
             bank.step()
             if bank.t != bank.next_event:
                 continue
-            for index, result in bank.events(on_epoch_end):
+            for index, result in bank.events(on_epoch_end, should_stop):
                 results[index] = result
                 in_flight -= 1
                 if on_trial_end is not None:

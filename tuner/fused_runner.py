@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from tuner.fused import Job
     from tuner.study import Objective
     from tuner.train import TrainResult
+    from tuner.validation import CVResult
 
 __all__ = ["run_fused", "choose_execution", "fused_width", "measure_speedup", "FUSED_WIDTH", "MIN_TRIALS_FOR_AUTO"]
 
@@ -267,7 +268,7 @@ def run_fused(
         # What should_prune does, against the finished trials read at the last tell.
         return study.pruner.prune(finished, trial._get_latest_trial())  # type: ignore[arg-type]
 
-    def on_trial_end(index: int, result: TrainResult) -> None:
+    def on_trial_end(index: int, result: TrainResult | CVResult) -> None:
         trial = trials[index]
         params, seed, run_id = opened[index]
         try:
@@ -283,15 +284,28 @@ def run_fused(
             callback(study, frozen)
 
     start = time.perf_counter()
+    folds = objective.cv.folds if objective.cv is not None else []
     try:
-        train_many(
-            jobs(),
-            objective.data,
-            device=objective.device,
-            on_epoch_end=on_epoch_end,
-            on_trial_end=on_trial_end,
-            width=width,
-        )
+        if folds:  # every fold of every trial in flight is one slot
+            from tuner.validation import cross_validate_many
+
+            cross_validate_many(
+                jobs(),
+                folds,
+                device=objective.device,
+                on_epoch_end=on_epoch_end,
+                on_trial_end=on_trial_end,
+                width=width * len(folds),
+            )
+        else:
+            train_many(
+                jobs(),
+                objective.data,
+                device=objective.device,
+                on_epoch_end=on_epoch_end,
+                on_trial_end=on_trial_end,
+                width=width,
+            )
     except BaseException as e:
         for index, trial in enumerate(trials):
             if index in told:

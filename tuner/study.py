@@ -723,15 +723,8 @@ def launch(
     if remaining > 0:
         from tuner.fused_runner import choose_execution, run_fused
 
-        if cv.folds:  # fused trials train one split; a cross-validated trial trains its folds in lockstep
-            if spec.execution == "fused":
-                raise ConfigError(
-                    f"execution = 'fused' trains one validation split, but this study uses {cv.plan.describe()}; "
-                    "set validation.fraction (e.g. 0.2) or execution = 'sequential'"
-                )
-            execution, why = "sequential", f"{spec.execution}: {cv.plan.describe()} runs sequentially"
-        else:
-            execution, why = choose_execution(spec, prepared, dev, remaining)
+        # Cross-validated trials fuse too: each fold of each trial in flight is one slot.
+        execution, why = choose_execution(spec, cv.folds[0] if cv.folds else prepared, dev, remaining)
         print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
     objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
