@@ -248,12 +248,14 @@ def test_cross_validated_study_runs_fused_with_the_sequential_trials(tmp_path: P
     for execution in ("sequential", "fused"):
         folder = tmp_path / execution
         folder.mkdir()
-        spec = load_spec(write_study(folder, n_trials=4, execution=execution, body='[pruner]\nname = "none"\n'))
+        spec = load_spec(write_study(folder, n_trials=4, execution=execution, report_every=2,  # on the grid, as sequential
+                                     body='[pruner]\nname = "none"\n'))
         summary = launch(spec, tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", progress=False)
         assert summary.validation.startswith("5-fold cross-validation")
         assert summary.promotion is not None and summary.promotion.alias == "champion"
         trials[execution] = open_study(spec, create=False).trials
     assert [t.state.name for t in trials["fused"]] == ["COMPLETE"] * 4
+    assert all(set(t.intermediate_values) <= {0, 1, 2} and 0 in t.intermediate_values for t in trials["fused"])
     for a, b in zip(trials["sequential"], trials["fused"]):
         assert a.params == b.params and b.user_attrs["fold_seeds"] == a.user_attrs["fold_seeds"]
         assert b.value == pytest.approx(a.value, rel=RTOL)

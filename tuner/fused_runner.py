@@ -252,17 +252,30 @@ def run_fused(
             trials.append(trial)
             params, seed, run_id = objective.begin(trial)
             opened.append((params, seed, run_id))
+            reported.append([])
             yield Job(TrainParams.from_mapping(params), seed)
 
+    every = objective.spec.report_every
+    prunes = objective.spec.pruner.name != "none"
+    reported: list[list[int]] = []  # per trial: the epochs that went to Optuna (and MLflow)
+
     def on_epoch_end(index: int, epoch: int, metrics: dict[str, float]) -> bool:
+        # The sequential Objective's grid: report epochs 0, every, 2*every, ... and the last one;
+        # judge only on the grid (the last epoch is reported for the curve, training is over).
         nonlocal last_beat
-        trial = trials[index]
-        trial.report(metrics[metric], epoch)
         if beat is not None and interval and time.monotonic() - last_beat >= interval:
             for i, t in enumerate(trials):
                 if i not in told:
                     beat.record_heartbeat(t._trial_id)
             last_beat = time.monotonic()
+        trial = trials[index]
+        on_grid = epoch % every == 0
+        if not on_grid and epoch != int(opened[index][0]["epochs"]) - 1:
+            return False
+        trial.report(metrics[metric], epoch)
+        reported[index].append(epoch)
+        if not (on_grid and prunes):
+            return False
         if finished is None:
             return trial.should_prune()  # pruners that read running trials (hyperband, ...): the exact path
         # What should_prune does, against the finished trials read at the last tell.
@@ -272,7 +285,7 @@ def run_fused(
         trial = trials[index]
         params, seed, run_id = opened[index]
         try:
-            value = objective.finish(trial, params, seed, run_id, result)
+            value = objective.finish(trial, params, seed, run_id, result, reported[index])
         except optuna.TrialPruned:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         else:
