@@ -189,13 +189,15 @@ def main() -> int:
     ap.add_argument("--n-trials", type=int, default=40)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, default=1, help="study seeds 0..N-1 (each also changes the split)")
+    ap.add_argument("--epochs", type=int, nargs="+", default=[10, 100],
+                    help="epochs per trial in part steps (the cars space draws 20-200)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as launch() does for tiny models on CPU
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
-    if args.part in ("steps", "both"):
-        print("\nmodel-steps/s (per-process CPU time), cars data, 10 epochs:")
-        for row in steps_per_second(cars(), device, [16, 64, 256]):
+    for epochs in args.epochs if args.part in ("steps", "both") else []:
+        print(f"\nmodel-steps/s (per-process CPU time), cars data, {epochs} epochs per trial:")
+        for row in steps_per_second(cars(), device, [16, 64, 256], epochs=epochs):
             vs = f"  {row['vs_train']:5.1f}x vs train() on the same shapes" if "vs_train" in row else ""
             print(f"  {row['arm']:<36} K={row['K']:<4} {row['steps_s']:>10.0f} steps/s  {row['ratio']:6.1f}x{vs}")
     if args.part in ("study", "both"):

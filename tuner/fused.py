@@ -95,6 +95,7 @@ class _Slot:
     epoch_end_t: int = 0  # bank step count at which the current epoch ends
     start: float = 0.0
     history: list[dict[str, float]] | None = None
+    net: TabularNet | None = None  # built with the initial weights; gets the trained ones at the end
 
 
 class _Bank:
@@ -137,8 +138,7 @@ class _Bank:
         self.tensors: dict[str, torch.Tensor] = {}
         self.packed = False
         self.act_key: tuple[str | None, ...] = ()
-        self.act_groups: list[tuple[torch.nn.Module, torch.Tensor]] = []  # activation, its slots
-        self.act_inverse: torch.Tensor | None = None  # slot order of the grouped activations
+        self.act_groups: list[tuple[torch.nn.Module, int]] = []  # activation, its run of slots
         # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
         self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
@@ -212,9 +212,21 @@ class _Bank:
         self.leaves = {name: view.detach().requires_grad_(True) for name, view in self._views(new["flat"]).items()}
         self.slots += [None] * (K - len(self.slots))
 
+    def _permute(self, order: list[int]) -> None:
+        """Move slot ``order[i]`` to position i, with all its state."""
+        index = torch.tensor(order, device=self.device)
+        self.tensors = {
+            key: value.index_select(1 if key == "layer_on" else 0, index) for key, value in self.tensors.items()
+        }
+        self.host = {key: array[order] for key, array in self.host.items()}
+        self.slots = [self.slots[k] for k in order]
+        self.leaves = {name: v.detach().requires_grad_(True) for name, v in self._views(self.tensors["flat"]).items()}
+
     # -- slots ----------------------------------------------------------------------------
 
-    def add(self, index: int, job: Job, config: ModelConfig) -> _Slot:
+    def add(self, index: int, job: Job, config: ModelConfig, *, refresh: bool = True) -> _Slot:
+        """Put a trial in a free slot (growing the bank if needed) with ``train()``'s initial
+        weights; ``refresh=False`` when more are added at once (call ``_refresh`` after them)."""
         data = self.datasets[job.data]
         n = len(data.x_train)
         p = job.params
@@ -273,47 +285,60 @@ class _Bank:
             steps_per_epoch=steps,
             start=time.perf_counter(),
             history=[],
+            net=net,
         )
         self.slots[k] = slot
-        self._start_epoch(k)
-        self._refresh()
+        self._start_epochs([k])
+        if refresh:
+            self._refresh()
         return slot
 
-    def _start_epoch(self, k: int) -> None:
-        slot = self.slots[k]
-        assert slot is not None
-        # The same shuffled order as train(): data.batches() is randperm(n).split(batch_size).
-        n = len(slot.data.x_train)
-        perm = torch.randperm(n, generator=slot.generator)
+    def _start_epochs(self, ks: list[int]) -> None:
+        """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
+        (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
         T = self.tensors
-        T["perm"][k, :n] = perm.to(self.device)
-        T["s"][k] = 0
-        T["loss_sum"][k] = 0
-        slot.epoch_end_t = self.t + slot.steps_per_epoch
+        perms = []
+        for k in ks:
+            slot = self.slots[k]
+            assert slot is not None
+            perms.append(torch.randperm(len(slot.data.x_train), generator=slot.generator))
+            slot.epoch_end_t = self.t + slot.steps_per_epoch
+        index = torch.tensor(ks, device=self.device)
+        sizes = {len(p) for p in perms}
+        if len(sizes) == 1:
+            T["perm"][index, : sizes.pop()] = torch.stack(perms).to(self.device)
+        else:
+            for k, perm in zip(ks, perms):
+                T["perm"][k, : len(perm)] = perm.to(self.device)
+        T["s"][index] = 0
+        T["loss_sum"][index] = 0
 
     def _refresh(self) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
         live = [s for s in self.slots if s is not None]
         self.next_event = min((s.epoch_end_t for s in live), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
-        # Slots grouped by activation: each activation runs on its own slots only, and one
-        # index_select puts the rows back in slot order (free slots ride with the first group).
+        # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
+        # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
+        # the backward pass). Free slots ride with a neighbouring run.
         names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-        used = sorted({n for n in names if n is not None})
-        if names == self.act_key:
-            pass  # the same activations in the same slots: keep the groups
-        elif len(used) <= 1 or self.linear:
-            self.act_groups = [(make_activation(used[0] if used else "relu"), torch.empty(0))]
-            self.act_inverse = None
-        else:
-            groups = [[k for k, n in enumerate(names) if n == a or (n is None and a == used[0])] for a in used]
-            order = [k for g in groups for k in g]
-            inverse = [0] * len(order)
-            for position, k in enumerate(order):
-                inverse[k] = position
-            dev = self.device
-            self.act_groups = [(make_activation(a), torch.tensor(g, device=dev)) for a, g in zip(used, groups)]
-            self.act_inverse = torch.tensor(inverse, device=dev)
+        if names != self.act_key:
+            used = sorted({n for n in names if n is not None})
+            if self.linear or len(used) <= 1:
+                self.act_groups = [(make_activation(used[0] if used else "relu"), self.K)]
+            else:
+                if not _contiguous(names):
+                    assert not self.packed, "slots move only while the optimizer state is unpacked"
+                    self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
+                    names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+                runs: list[list[Any]] = []
+                for n in names:
+                    n = n if n is not None else (runs[-1][0] if runs else used[0])
+                    if runs and runs[-1][0] == n:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([n, 1])
+                self.act_groups = [(make_activation(a), count) for a, count in runs]
         self.act_key = names
         if not self.packed:
             self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
@@ -355,11 +380,11 @@ class _Bank:
         T = self.tensors
         for layer in range(self.L):
             z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
-            if self.act_inverse is None:
+            if len(self.act_groups) == 1:
                 a = self.act_groups[0][0](z)
             else:
-                parts = [act(z.index_select(0, idx)) for act, idx in self.act_groups]
-                a = torch.cat(parts).index_select(0, self.act_inverse)
+                parts = z.split([count for _, count in self.act_groups])
+                a = torch.cat([act(part) for (act, _), part in zip(self.act_groups, parts)])
             a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
             h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
         out = torch.baddbmm(w["bout"], h, w["wout"])
@@ -468,6 +493,7 @@ class _Bank:
                     reason = f"stopped by the epoch hook after epoch {epoch}"
             outcomes.append((k, reason, diverged))
         finished: list[tuple[int, TrainResult]] = []
+        going_on: list[int] = []
         for k, reason, diverged in outcomes:
             slot = self.slots[k]
             assert slot is not None
@@ -478,7 +504,9 @@ class _Bank:
                 finished.append((slot.index, self._finish(k, reason, diverged)))
             else:
                 slot.epoch += 1
-                self._start_epoch(k)
+                going_on.append(k)
+        if going_on:
+            self._start_epochs(going_on)
         self._refresh()
         return finished
 
@@ -487,7 +515,7 @@ class _Bank:
         slot = self.slots[k]
         assert slot is not None and slot.history is not None
         T = self.tensors
-        net = TabularNet(slot.config) if slot.job.keep_model else None
+        net = slot.net if slot.job.keep_model else None
         with torch.no_grad():
             if net is not None:
                 views = self._views(T["flat"])
@@ -506,7 +534,9 @@ class _Bank:
         if net is not None:
             d = slot.data
             net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
-            net.to(self.device).eval()
+            if self.device.type != "cpu":
+                net.to(self.device)
+            net.eval()
         self.slots[k] = None
         return TrainResult(
             model=net,
@@ -517,6 +547,43 @@ class _Bank:
             n_steps=n_steps,
             seconds=time.perf_counter() - slot.start,
         )
+
+
+_MALLOC_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed blocks of a few MB instead of handing them back to the OS.
+
+    Every CPU step allocates and frees activations and gradients of ~1 MB; past glibc's mmap
+    threshold each one is a fresh mmap whose pages fault in on first touch, which measured ~30% of
+    a fused step (``benchmarks/fused.py --part steps``). The same effect as running under jemalloc
+    or with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``, set once per process; a no-op
+    elsewhere (macOS, musl, Windows).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap
+        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
+def _contiguous(names: tuple[str | None, ...]) -> bool:
+    """Whether each name fills one run of positions (None fits anywhere)."""
+    seen: list[str] = []
+    for n in names:
+        if n is not None and (not seen or seen[-1] != n):
+            if n in seen:
+                return False
+            seen.append(n)
+    return True
 
 
 def _padded_width(hidden_size: int) -> int:
@@ -568,6 +635,8 @@ def train_many(
         raise ValueError(f"width must be >= 1 (got {width})")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     datasets = [d.to(dev) for d in ([prepared] if isinstance(prepared, Prepared) else prepared)]
+    if dev.type == "cpu":
+        _keep_freed_memory()
     if group_widths is None:
         group_widths = dev.type == "cpu" and width >= 128
     jobs = iter(params_list)
@@ -577,6 +646,14 @@ def train_many(
     n_jobs = 0
 
     def fill() -> None:
+        added: set[tuple[bool, bool, int]] = set()
+        try:
+            pull(added)
+        finally:
+            for key in added:
+                banks[key]._refresh()
+
+    def pull(added: set[tuple[bool, bool, int]]) -> None:
         nonlocal in_flight, n_jobs
         while in_flight < width:
             item = next(jobs, None)
@@ -592,7 +669,8 @@ def train_many(
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
             if key not in banks:
                 banks[key] = _Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2])
-            banks[key].add(n_jobs, job, config)
+            banks[key].add(n_jobs, job, config, refresh=False)
+            added.add(key)
             n_jobs += 1
             in_flight += 1
 
