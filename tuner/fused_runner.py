@@ -167,16 +167,38 @@ class _FinishedTrials:
     epoch of every trial in flight: ``Trial.should_prune`` re-reads all RUNNING trials, with all
     their intermediate values, on each call, which costs O(K x epochs) rows per check at width K.
 
-    These pruners look at COMPLETE trials only, so the decision is the sequential one; trials
-    that other workers finish are seen at this worker's next tell.
+    These pruners look at COMPLETE trials only, so the decision is the sequential one for this
+    worker's trials, which are added as they are told; the storage is re-read at most once per
+    ``max_age`` seconds for the trials other workers finish (each read also re-reads every trial
+    in flight, with its intermediate values: ~15 ms at width 12 on SQLite). The same view gives
+    the trial budget its count of finished trials.
     """
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(self, study: optuna.Study, max_age: float = 1.0) -> None:
         self._study = study
+        self._max_age = max_age
         self.refresh()
 
     def refresh(self) -> None:
         self._finished = [t for t in self._study.get_trials(deepcopy=False) if t.state.is_finished()]
+        self._ids = {t._trial_id for t in self._finished}
+        self._read_at = time.monotonic()
+
+    def add(self, trial: optuna.trial.FrozenTrial) -> None:
+        """A trial this worker just told."""
+        if trial.state.is_finished() and trial._trial_id not in self._ids:
+            self._finished.append(trial)
+            self._ids.add(trial._trial_id)
+
+    def maybe_refresh(self) -> None:
+        if time.monotonic() - self._read_at >= self._max_age:
+            self.refresh()
+
+    def count(self) -> int:
+        """Finished trials that count towards the budget (COMPLETE and PRUNED)."""
+        from optuna.trial import TrialState
+
+        return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self._finished)
 
     @property
     def direction(self) -> Any:
@@ -217,7 +239,6 @@ def run_fused(
     from optuna.trial import TrialState
 
     from tuner.fused import Job, train_many
-    from tuner.study import finished_count
     from tuner.train import TrainParams
 
     started = time.perf_counter()
@@ -231,7 +252,8 @@ def run_fused(
     told: set[int] = set()
     metric = objective.spec.metric
     last_beat = time.monotonic()
-    finished = _FinishedTrials(study) if _fast_pruning(study) else None
+    finished = _FinishedTrials(study)
+    fast_pruning = _fast_pruning(study)
 
     def jobs() -> Iterator[Job]:
         # Lazily, one ask per free slot: the previous results are told before the next ask.
@@ -239,7 +261,8 @@ def run_fused(
             if timeout is not None and time.perf_counter() - started > timeout:
                 return
             in_flight = len(trials) - len(told)
-            if finished_count(study) + in_flight >= total:  # other workers count too
+            finished.maybe_refresh()
+            if finished.count() + in_flight >= total:  # other workers count too (seen within a second)
                 return
             with warnings.catch_warnings():
                 # This runner does what study.optimize does for a heartbeat: fail stale trials
@@ -276,7 +299,7 @@ def run_fused(
         reported[index].append(epoch)
         if not (on_grid and prunes):
             return False
-        if finished is None:
+        if not fast_pruning:
             return trial.should_prune()  # pruners that read running trials (hyperband, ...): the exact path
         # What should_prune does, against the finished trials read at the last tell.
         return study.pruner.prune(finished, trial._get_latest_trial())  # type: ignore[arg-type]
@@ -291,8 +314,8 @@ def run_fused(
         else:
             frozen = study.tell(trial, value)
         told.add(index)
-        if finished is not None:
-            finished.refresh()
+        finished.add(frozen)
+        finished.maybe_refresh()
         for callback in callbacks or []:
             callback(study, frozen)
 
