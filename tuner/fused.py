@@ -162,8 +162,10 @@ class _Bank:
             offset += rows * cols
         return views
 
-    def _resize(self, K: int, H: int, L: int) -> None:
-        """Grow to K slots, width H, depth L, keeping every slot's weights and optimizer state."""
+    def _resize(self, K: int, H: int, L: int, keep: list[int] | None = None) -> None:
+        """Re-lay the bank out as K slots of width H and depth L, keeping every slot's weights and
+        optimizer state: all slots in place (growing), or the slots ``keep`` moved to the front
+        (shrinking: H and L must still fit them)."""
         P = sum(r * c for _, r, c in self._layout(H, L))
         dev = self.device
         new: dict[str, torch.Tensor] = {
@@ -186,31 +188,53 @@ class _Bank:
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
                 "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
+        order = list(range(self.K)) if keep is None else keep
+        k = len(order)
         for key, array in self.host.items():
-            host[key][: len(array)] = array
+            host[key][:k] = array[order]
         self.host = host
         if self.K:
-            k = self.K
+            index = torch.tensor(order, dtype=torch.long, device=dev)
+            h, depth = min(H, self.H), min(L, self.L)
             for key in ("flat", "m", "v", "pmask"):
                 old_views = self._views(self.tensors[key])
                 new_views = self._views(new[key], H, L)
-                for name, view in old_views.items():
-                    new_views[name][:k, : view.shape[1], : view.shape[2]] = view
+                for name, view in new_views.items():
+                    if name in old_views:
+                        old = old_views[name].index_select(0, index)
+                        rows, cols = min(view.shape[1], old.shape[1]), min(view.shape[2], old.shape[2])
+                        view[:k, :rows, :cols] = old[:, :rows, :cols]
             for key, value in self.tensors.items():
                 if key in ("flat", "m", "v", "pmask"):
                     continue
                 if key == "unit_mask":
-                    new[key][:k, :, : self.H] = value
+                    new[key][:k, :, :h] = value.index_select(0, index)[:, :, :h]
                 elif key == "layer_on":
-                    new[key][: value.shape[0], :k] = value
+                    new[key][: max(depth, 1), :k] = value.index_select(1, index)[: max(depth, 1)]
                 else:
-                    new[key][:k] = value
+                    new[key][:k] = value.index_select(0, index)
+            self.slots = [self.slots[i] for i in order] + [None] * (K - k)
         self.tensors = new
         self.K, self.H, self.L = K, H, L
         # Leaves that share the flat buffer's memory: the update writes the buffer in place, and
         # autograd gives each layer its own gradient (no full-size zero fill per view).
         self.leaves = {name: view.detach().requires_grad_(True) for name, view in self._views(new["flat"]).items()}
         self.slots += [None] * (K - len(self.slots))
+        self.act_key = ()  # slots moved: regroup the activations
+
+    def _shrink(self) -> None:
+        """After trials ended: when at most half the slots are live, or the widest live trial is
+        at most half the bank's width, or no live trial uses the deepest layer, lay the bank out
+        again for the live trials only. The last trials of a study (stragglers) would otherwise
+        keep paying for the widest, deepest and most numerous group that was ever in flight."""
+        live = [k for k, s in enumerate(self.slots) if s is not None]
+        if not live or self.packed:
+            return
+        params = [self.slots[k].job.params for k in live]  # type: ignore[union-attr]
+        H = self.H if self.linear else max(p.hidden_size for p in params)
+        L = self.L if self.linear else max(p.n_layers for p in params)
+        if len(live) <= self.K // 2 or H <= self.H // 2 or L < self.L:
+            self._resize(len(live), H, L, keep=live)
 
     def _permute(self, order: list[int]) -> None:
         """Move slot ``order[i]`` to position i, with all its state."""
@@ -315,6 +339,7 @@ class _Bank:
 
     def _refresh(self) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
+        self._shrink()
         live = [s for s in self.slots if s is not None]
         self.next_event = min((s.epoch_end_t for s in live), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
