@@ -261,3 +261,19 @@ def test_cross_validated_study_runs_fused_with_the_sequential_trials(tmp_path: P
         assert b.value == pytest.approx(a.value, rel=RTOL)
         assert b.intermediate_values.keys() == a.intermediate_values.keys()
         assert b.user_attrs["fold_rmse"] == pytest.approx(a.user_attrs["fold_rmse"], rel=RTOL)
+
+
+@pytest.mark.parametrize(("hidden", "layers", "classes"), [(0, 1, None), (5, 1, None), (7, 3, None), (4, 2, ["a", "b", "c"])])
+def test_initial_weights_are_the_modules_own_for_the_seed(hidden, layers, classes) -> None:
+    """Fused trials start from these draws: they must be nn.Linear's for the same seed."""
+    from tuner.model import ModelConfig, TabularNet, initial_weights
+
+    config = ModelConfig(["a", "b", "c"], "y", task="classification" if classes else "regression",
+                         hidden_size=hidden, n_layers=layers, classes=classes)
+    torch.manual_seed(123)
+    net = TabularNet(config)
+    linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+    drawn = initial_weights(config, 123)
+    assert len(drawn) == len(linears) == (layers + 1 if hidden else 1)
+    for (weight, bias), lin in zip(drawn, linears):
+        assert torch.equal(weight, lin.weight.detach()) and torch.equal(bias, lin.bias.detach())

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tuner.data import Prepared
-from tuner.model import ModelConfig, TabularNet, make_activation
+from tuner.model import ModelConfig, TabularNet, initial_weights, make_activation
 from tuner.train import (
     TrainParams,
     TrainResult,
@@ -95,7 +95,6 @@ class _Slot:
     epoch_end_t: int = 0  # bank step count at which the current epoch ends
     start: float = 0.0
     history: list[dict[str, float]] | None = None
-    net: TabularNet | None = None  # built with the initial weights; gets the trained ones at the end
 
 
 class _Bank:
@@ -249,73 +248,91 @@ class _Bank:
     # -- slots ----------------------------------------------------------------------------
 
     def add(self, index: int, job: Job, config: ModelConfig, *, refresh: bool = True) -> _Slot:
-        """Put a trial in a free slot (growing the bank if needed) with ``train()``'s initial
-        weights; ``refresh=False`` when more are added at once (call ``_refresh`` after them)."""
-        data = self.datasets[job.data]
-        n = len(data.x_train)
-        p = job.params
+        """Put one trial in a free slot; see ``add_many``."""
+        return self.add_many([(index, job, config)], refresh=refresh)[0]
+
+    def add_many(self, items: list[tuple[int, Job, ModelConfig]], *, refresh: bool = True) -> list[_Slot]:
+        """Put trials ``(index, job, config)`` in free slots (growing the bank if needed), each
+        with ``train()``'s initial weights for its seed, in a few batched writes (one per tensor,
+        not per trial: a refill at large K, or any start on a GPU, would otherwise be thousands
+        of tiny copies). ``refresh=False`` when more are added at once (then call ``_refresh``)."""
+        if not items:
+            return []
         self._unpack()  # before a resize copies the optimizer state
-        free = next((i for i, s in enumerate(self.slots) if s is None), None)
-        if free is None:
-            free = self.K
-        H = self.H if self.linear else max(self.H, p.hidden_size)
-        L = self.L if self.linear else max(self.L, p.n_layers)
-        if free >= self.K or H > self.H or L > self.L:
-            self._resize(max(self.K * 2, free + 1) if free >= self.K else self.K, H, L)
-        k = free
-        with torch.random.fork_rng(devices=[]):  # the same initial weights as train() with this seed
-            # The CPU stream torch.manual_seed sets, without its lazy seeding of every accelerator
-            # (~1 ms a call, mostly capturing tracebacks for a CUDA that may never start).
-            torch.default_generator.manual_seed(job.seed)
-            net = TabularNet(config)
-        linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-        T = self.tensors
+        free = [i for i, s in enumerate(self.slots) if s is None][: len(items)]
+        free += list(range(self.K, self.K + len(items) - len(free)))
+        params = [job.params for _, job, _ in items]
+        H = self.H if self.linear else max(self.H, *(p.hidden_size for p in params))
+        L = self.L if self.linear else max(self.L, *(p.n_layers for p in params))
+        if free[-1] >= self.K or H > self.H or L > self.L:
+            self._resize(max(self.K * 2, free[-1] + 1) if free[-1] >= self.K else self.K, H, L)
+        T, h = self.tensors, self.host
+        P = T["flat"].shape[1]
+        # Weights and masks of the new slots, built on the host and copied over once.
+        flat, pmask = torch.zeros(len(items), P), torch.zeros(len(items), P)
+        views, masks = self._views(flat), self._views(pmask)
+        n_rows, batch, steps = [], [], []
+        for row, (_, job, config) in enumerate(items):
+            layers = initial_weights(config, job.seed)
+            names = [f"w{i}" for i in range(len(layers) - 1)] + ["wout"]
+            for name, (weight, bias) in zip(names, layers):
+                b_name = "bout" if name == "wout" else "b" + name[1:]
+                cols, rows = weight.shape
+                views[name][row, :rows, :cols] = weight.T
+                views[b_name][row, 0, :cols] = bias
+                masks[name][row, :rows, :cols] = 1
+                masks[b_name][row, 0, :cols] = 1
+            n = len(self.datasets[job.data].x_train)
+            n_rows.append(n)
+            batch.append(min(job.params.batch_size, n))
+            steps.append(math.ceil(n / batch[-1]))
+        dev = self.device
+        index = torch.tensor(free, device=dev)
+
+        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
         with torch.no_grad():
-            for key in ("flat", "m", "v", "pmask"):
-                T[key][k] = 0
-            views, masks = self._views(T["flat"]), self._views(T["pmask"])
-            names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
-            for name, lin in zip(names, linears):
-                bias = "bout" if name == "wout" else "b" + name[1:]
-                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
-                views[name][k, :rows, :cols] = lin.weight.detach().T.to(self.device)
-                views[bias][k, 0, :cols] = lin.bias.detach().to(self.device)
-                masks[name][k, :rows, :cols] = 1
-                masks[bias][k, 0, :cols] = 1
-            batch_size = min(p.batch_size, n)
-            steps = math.ceil(n / batch_size)
-            h = self.host
-            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * steps, p.schedule == "cosine"
+            T["flat"][index] = flat.to(dev)
+            T["pmask"][index] = pmask.to(dev)
+            T["m"][index] = 0
+            T["v"][index] = 0
+            T["wd_l2"][index] = column([[p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0] for p in params],
+                                       torch.float32)
+            T["bs"][index] = column([[b] for b in batch], torch.long)
+            T["n"][index] = column([[n] for n in n_rows], torch.long)
+            T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
+            T["off"][index] = self.offsets[T["ds"][index]][:, None]
+            T["live"][index] = True
+            if not self.linear:
+                hidden = column([p.hidden_size for p in params], torch.long)
+                depth = column([p.n_layers for p in params], torch.long)
+                T["unit_mask"][index] = (torch.arange(self.H, device=dev) < hidden[:, None]).float()[:, None, :]
+                T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
+        for k, p, s in zip(free, params, steps):
+            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
             h["step"][k], h["live"][k] = 0, True
             h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
-            T["wd_l2"][k] = p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0
-            T["bs"][k] = batch_size
-            T["n"][k] = n
-            T["off"][k] = self.offsets[job.data]
-            T["ds"][k] = job.data
-            T["live"][k] = True
-            if not self.linear:
-                T["unit_mask"][k] = 0
-                T["unit_mask"][k, 0, : p.hidden_size] = 1
-                T["layer_on"][:, k] = False
-                T["layer_on"][: p.n_layers, k] = True
-        slot = _Slot(
-            index=index,
-            job=job,
-            config=config,
-            data=data,
-            generator=torch.Generator().manual_seed(job.seed),
-            batch_size=batch_size,
-            steps_per_epoch=steps,
-            start=time.perf_counter(),
-            history=[],
-            net=net,
-        )
-        self.slots[k] = slot
-        self._start_epochs([k])
+        slots = []
+        start = time.perf_counter()
+        for k, (index_, job, config), b, s in zip(free, items, batch, steps):
+            slot = _Slot(
+                index=index_,
+                job=job,
+                config=config,
+                data=self.datasets[job.data],
+                generator=torch.Generator().manual_seed(job.seed),
+                batch_size=b,
+                steps_per_epoch=s,
+                start=start,
+                history=[],
+            )
+            self.slots[k] = slot
+            slots.append(slot)
+        self._start_epochs(free)
         if refresh:
             self._refresh()
-        return slot
+        return slots
 
     def _start_epochs(self, ks: list[int]) -> None:
         """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
@@ -540,7 +557,7 @@ class _Bank:
         slot = self.slots[k]
         assert slot is not None and slot.history is not None
         T = self.tensors
-        net = slot.net if slot.job.keep_model else None
+        net = TabularNet(slot.config) if slot.job.keep_model else None
         with torch.no_grad():
             if net is not None:
                 views = self._views(T["flat"])
@@ -671,19 +688,13 @@ def train_many(
     n_jobs = 0
 
     def fill() -> None:
-        added: set[tuple[bool, bool, int]] = set()
-        try:
-            pull(added)
-        finally:
-            for key in added:
-                banks[key]._refresh()
-
-    def pull(added: set[tuple[bool, bool, int]]) -> None:
+        """Pull jobs until ``width`` are in flight; start them in one batch per bank."""
         nonlocal in_flight, n_jobs
+        pending: dict[tuple[bool, bool, int], list[tuple[int, Job, ModelConfig]]] = {}
         while in_flight < width:
             item = next(jobs, None)
             if item is None:
-                return
+                break
             job = _as_job(item)
             p = job.params
             if not 0 <= job.data < len(datasets):
@@ -692,12 +703,13 @@ def train_many(
             make_activation(p.activation)  # an unknown activation fails here, as in train()
             group = _padded_width(p.hidden_size) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
-            if key not in banks:
-                banks[key] = _Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2])
-            banks[key].add(n_jobs, job, config, refresh=False)
-            added.add(key)
+            pending.setdefault(key, []).append((n_jobs, job, config))
             n_jobs += 1
             in_flight += 1
+        for key, items in pending.items():
+            if key not in banks:
+                banks[key] = _Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2])
+            banks[key].add_many(items)
 
     fill()
     while in_flight:
