@@ -277,3 +277,32 @@ def test_initial_weights_are_the_modules_own_for_the_seed(hidden, layers, classe
     assert len(drawn) == len(linears) == (layers + 1 if hidden else 1)
     for (weight, bias), lin in zip(drawn, linears):
         assert torch.equal(weight, lin.weight.detach()) and torch.equal(bias, lin.bias.detach())
+
+
+def test_fused_out_of_device_memory_fails_the_trials_in_flight_and_runs_the_rest_sequentially(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CUDA out of memory cannot be provoked on the CPU test machine: train_many raises it here
+    (a stand-in for that branch only; the studies, runs and sequential trials are real)."""
+    import tuner.fused
+    from tuner.study import launch, open_study
+    from tuner.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+
+    def out_of_memory(jobs, *args, **kwargs):
+        next(iter(jobs)), next(iter(jobs))  # two trials asked and started, as at width 2
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(tuner.fused, "train_many", out_of_memory)
+    spec = load_spec(write_study(tmp_path, n_trials=4, execution="fused", body="[validation]\nfraction = 0.2\n"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    summary = launch(spec, tracking_uri=uri, progress=False, promote=False)
+    err = capsys.readouterr().err
+    assert "execution: fused ran out of device memory (out of memory on the device (CUDA out of memory." in err
+    assert "the trials in flight failed, the rest run sequentially" in err
+    states = [t.state.name for t in open_study(spec, create=False).trials]
+    assert states[:2] == ["FAIL", "FAIL"] and states[2:] == ["COMPLETE"] * 4 and summary.n_finished == 4
+    runs = Tracker(uri, "study").runs_of(summary.parent_run_id)
+    assert sorted(r.info.status for r in runs) == ["FAILED"] * 2 + ["FINISHED"] * 4

@@ -740,12 +740,25 @@ def launch(
             if execution == "fused":  # run_fused keeps its own trial budget
                 n_before = len(study.trials)
                 fused_callbacks: list[Any] = [bar] if bar else []
-                run_fused(
-                    study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
-                )
+                try:
+                    run_fused(
+                        study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
+                    )
+                except torch.cuda.OutOfMemoryError as e:
+                    # K trials at once did not fit: the ones in flight were told FAIL (runs closed);
+                    # the rest of the budget runs one trial at a time, as sequential mode would.
+                    print(
+                        f"execution: fused ran out of device memory ({fail_reason(e).split(';')[0]}); "
+                        "the trials in flight failed, the rest run sequentially",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    execution = "sequential"
                 n_run = len(study.trials) - n_before
-            else:
-                n_run = run_trials(
+            if execution != "fused":
+                n_run += run_trials(
                     study,
                     objective,
                     TrialBudget(study, total, url),
