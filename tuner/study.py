@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, Te
 
 from tuner import interrupts
 from tuner.config import StudySpec, check_options, redact_url
-from tuner.errors import ConfigError, StorageError, TunerError
+from tuner.errors import StorageError, TunerError
 
 if TYPE_CHECKING:
     import optuna

@@ -63,7 +63,7 @@ class TrainParams:
 class TrainResult:
     """What one training run produced. ``metrics`` are the last epoch's (the returned weights)."""
 
-    model: TabularNet
+    model: TabularNet | None  # None only for a fused fold (Job.keep_model=False): CV keeps metrics, not models
     history: list[dict[str, float]]
     metrics: dict[str, float]
     stop_reason: str | None = None  # None: ran all epochs; else why it stopped early
