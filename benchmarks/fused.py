@@ -1,20 +1,23 @@
 """Fused trials vs one trial at a time, side by side, reported as ratios.
 
-    python benchmarks/fused.py                  # both parts, cars MLP study with 40 trials
-    python benchmarks/fused.py --n-trials 50    # the study's own budget
-    python benchmarks/fused.py --part steps     # model-steps/s only (seconds)
+    python benchmarks/fused.py                  # both parts, the cars MLP study with 50 trials
+    python benchmarks/fused.py --seeds 3        # three study seeds (each also changes the folds)
+    python benchmarks/fused.py --part steps     # model-steps/s only (~1 min)
 
-Part "study": the cars MLP study (studies/cars_mlp.toml), same trial budget and seeds, launched
-once with execution = "sequential" (baseline) and once with execution = "fused", each on fresh
-SQLite stores (Optuna + MLflow). trials/s is taken over the trial loop (first trial start to
-last trial end, from Optuna's timestamps) and over the whole launch. Quality guard: the fused
-study's best validation RMSE must be within 10% of the sequential one's (or better).
+Part "study": the cars MLP study (studies/cars_mlp.toml: 5-fold cross-validation, median pruner,
+report_every 10), same trial budget and seeds, launched once with execution = "sequential"
+(baseline) and once with execution = "fused", each on fresh SQLite stores (Optuna + MLflow).
+trials/s is taken over the trial loop (first trial start to last trial end, from Optuna's
+timestamps) and over the whole launch, and process CPU time is reported beside them (the ratio to
+trust on a shared machine). Quality guard: the fused study's best validation RMSE must be within
+10% of the sequential one's (or better).
 
 Part "steps": model-steps/s of K small MLPs on the cars data: the naive loop (one model at a
 time, torch DataLoader over a TensorDataset, nn.Module + Adam, hidden 16, batch 8; the baseline),
 tuner's train() (one model at a time, in-memory batches), and train_many (K at once) on the same
-uniform shape, and on shapes drawn from the cars space (also against train() on such shapes). Per-process CPU time is
-used, so the ratio holds on a machine shared with other work.
+uniform shape, and on shapes drawn from the cars space (also against train() on such shapes), at
+10 and 100 epochs per trial (the cars space draws 20-200). Per-process CPU time is used, so the
+ratio holds on a machine shared with other work.
 """
 
 from __future__ import annotations
@@ -186,16 +189,18 @@ def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dic
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=["study", "steps", "both"], default="both")
-    ap.add_argument("--n-trials", type=int, default=40)
+    ap.add_argument("--n-trials", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, default=1, help="study seeds 0..N-1 (each also changes the split)")
+    ap.add_argument("--epochs", type=int, nargs="+", default=[10, 100],
+                    help="epochs per trial in part steps (the cars space draws 20-200)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as launch() does for tiny models on CPU
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
-    if args.part in ("steps", "both"):
-        print("\nmodel-steps/s (per-process CPU time), cars data, 10 epochs:")
-        for row in steps_per_second(cars(), device, [16, 64, 256]):
+    for epochs in args.epochs if args.part in ("steps", "both") else []:
+        print(f"\nmodel-steps/s (per-process CPU time), cars data, {epochs} epochs per trial:")
+        for row in steps_per_second(cars(), device, [16, 64, 256], epochs=epochs):
             vs = f"  {row['vs_train']:5.1f}x vs train() on the same shapes" if "vs_train" in row else ""
             print(f"  {row['arm']:<36} K={row['K']:<4} {row['steps_s']:>10.0f} steps/s  {row['ratio']:6.1f}x{vs}")
     if args.part in ("study", "both"):

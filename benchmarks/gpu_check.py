@@ -1,10 +1,17 @@
-"""M3 on CUDA: tuner's ``train()`` vs the tutorial DataLoader loop, steps per second (< 2 min).
+"""The GPU check: tuner's ``train()`` and fused ``train_many`` vs the tutorial DataLoader loop (< 3 min).
 
     python -m benchmarks.gpu_check            # needs CUDA; exits 0 with a note where there is none
     python -m benchmarks.gpu_check --cpu      # the same script on the CPU (a dry run of it)
+    python -m benchmarks.gpu_check --part fused
 
-The data live on the GPU once (tuner's in-memory path); the baseline fetches per-sample batches
-from host tensors through a DataLoader and calls ``loss.item()`` every step, as the tutorials do.
+Part "m3": one model at a time on 1M rows: the data live on the GPU once (tuner's in-memory path);
+the baseline fetches per-sample batches from host tensors through a DataLoader and calls
+``loss.item()`` every step, as the tutorials do.
+
+Part "fused" (issue 8): model-steps/s of K small MLPs on the cars data, the naive DataLoader loop
+(one model at a time; the baseline) vs ``train_many`` at K = 64 ... 16384, synchronised wall time;
+the rows of ``benchmarks/fused.py --part steps``. Goal: >= 1000x vs the naive loop on an H100 at
+large K.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU needed)")
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--part", choices=["m3", "fused", "all"], default="all")
+    ap.add_argument("--fused-k", type=int, nargs="+", default=None,
+                    help="K values of the fused rows (default 64 1024 4096 16384 on CUDA, 16 64 256 with --cpu)")
+    ap.add_argument("--fused-epochs", type=int, default=100, help="epochs per trial in the fused rows")
     args = ap.parse_args(argv)
     import numpy as np
     import torch
@@ -70,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare(x, y, feature_names=[f"x{i}" for i in range(10)], target="y", fraction=0.2, seed=0)
     on_device = data.to(device)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (1 thread)"
+    if args.part in ("fused", "all"):
+        fused_rows(device, name, args.fused_k or ([16, 64, 256] if args.cpu else [64, 1024, 4096, 16384]),
+                   args.fused_epochs)
+    if args.part == "fused":
+        return 0
     print(f"device: {name}; {args.rows:,} rows x 10 features; {args.steps} steps per configuration")
     print(f"{'hidden':>7}{'batch':>7}{'tuner steps/s':>15}{'naive steps/s':>15}{'ratio':>8}")
     for hidden, batch in ((64, 256), (64, 1024), (256, 4096)):
@@ -82,6 +98,16 @@ def main(argv: list[str] | None = None) -> int:
         naive = _naive_rate(params, data, device, min(args.steps, 200))
         print(f"{hidden:>7}{batch:>7}{tuner_rate:>15.0f}{naive:>15.0f}{tuner_rate / naive:>7.1f}x", flush=True)
     return 0
+
+
+def fused_rows(device: Any, name: str, k_values: list[int], epochs: int) -> None:
+    """Print the fused rows: naive loop, train() and train_many at each K (see benchmarks/fused.py)."""
+    from benchmarks.fused import cars, steps_per_second
+
+    print(f"fused trials on {name}: cars data, {epochs} epochs per trial, model-steps/s (ratio to the naive loop)")
+    for row in steps_per_second(cars(), device, k_values, epochs=epochs, n_sequential=2):
+        vs = f"  {row['vs_train']:7.1f}x vs train()" if "vs_train" in row else ""
+        print(f"  {row['arm']:<38} K={row['K']:<6} {row['steps_s']:>12.0f} steps/s  {row['ratio']:8.1f}x{vs}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from tuner.data import Prepared
-from tuner.model import ModelConfig, TabularNet, make_activation
+from tuner.model import ModelConfig, TabularNet, initial_weights, make_activation
 from tuner.train import (
     TrainParams,
     TrainResult,
@@ -50,10 +50,14 @@ _BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults
 
 @dataclass(frozen=True)
 class Job:
-    """One trial for ``train_many``: its params and the seed ``train()`` would get."""
+    """One trial for ``train_many``: its params, the seed ``train()`` would get, which of the
+    prepared splits it trains on (a cross-validation fold), and whether its model is wanted
+    (a fold of a cross-validated trial only reports metrics)."""
 
     params: TrainParams
     seed: int = 0
+    data: int = 0
+    keep_model: bool = True
 
 
 def fusable(params: TrainParams) -> str | None:
@@ -83,6 +87,7 @@ class _Slot:
     index: int
     job: Job
     config: ModelConfig
+    data: Prepared
     generator: torch.Generator
     batch_size: int
     steps_per_epoch: int
@@ -99,19 +104,40 @@ class _Bank:
     backward pass fills one gradient tensor and the optimizer update is a handful of ops.
     """
 
-    def __init__(self, data: Prepared, device: torch.device, *, linear: bool, sgd: bool, width: int) -> None:
-        self.data, self.device, self.linear, self.sgd = data, device, linear, sgd
-        self.n, self.n_in, self.n_out = len(data.x_train), data.n_features, data.n_outputs
+    def __init__(
+        self, datasets: list[Prepared], device: torch.device, *, linear: bool, sgd: bool, width: int
+    ) -> None:
+        data = datasets[0]
+        self.datasets, self.device, self.linear, self.sgd = datasets, device, linear, sgd
+        self.n_in, self.n_out = data.n_features, data.n_outputs
         self.task = data.task
         self.K, self.H, self.L = 0, 0, 0
         self.slots: list[_Slot | None] = []
         self.t = 0
         self.next_event = -1
-        self.y_mean = torch.tensor(data.y_mean_, dtype=torch.float32, device=device)
-        self.y_std = torch.tensor(data.y_std_, dtype=torch.float32, device=device)
+        # Every split's training rows in one table (a slot reads its own at an offset), and its
+        # validation rows padded to the longest split (padded rows are masked out of the metrics).
+        sizes = [len(d.x_train) for d in datasets]
+        self.n = max(sizes)
+        self.sizes = torch.tensor(sizes, device=device)
+        self.offsets = torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device)
+        self.x_all = torch.cat([d.x_train for d in datasets]) if len(datasets) > 1 else data.x_train
+        self.y_all = torch.cat([d.y_train for d in datasets]) if len(datasets) > 1 else data.y_train
+        v_max = max(len(d.x_val) for d in datasets)
+        self.x_val = torch.zeros(len(datasets), v_max, self.n_in, device=device)
+        self.y_val = torch.zeros(len(datasets), v_max, dtype=data.y_val_raw.dtype, device=device)
+        self.val_mask = torch.zeros(len(datasets), v_max, dtype=torch.bool, device=device)
+        for i, d in enumerate(datasets):
+            self.x_val[i, : len(d.x_val)] = d.x_val
+            self.y_val[i, : len(d.x_val)] = d.y_val_raw
+            self.val_mask[i, : len(d.x_val)] = True
+        self.padded_val = not bool(self.val_mask.all())
+        self.y_mean = torch.tensor([d.y_mean_ for d in datasets], dtype=torch.float32, device=device)
+        self.y_std = torch.tensor([d.y_std_ for d in datasets], dtype=torch.float32, device=device)
         self.tensors: dict[str, torch.Tensor] = {}
-        self.act_groups: list[tuple[torch.nn.Module, torch.Tensor]] = []  # activation, its slots
-        self.act_inverse: torch.Tensor | None = None  # slot order of the grouped activations
+        self.packed = False
+        self.act_key: tuple[str | None, ...] = ()
+        self.act_groups: list[tuple[torch.nn.Module, int]] = []  # activation, its run of slots
         # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
         self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
@@ -135,8 +161,10 @@ class _Bank:
             offset += rows * cols
         return views
 
-    def _resize(self, K: int, H: int, L: int) -> None:
-        """Grow to K slots, width H, depth L, keeping every slot's weights and optimizer state."""
+    def _resize(self, K: int, H: int, L: int, keep: list[int] | None = None) -> None:
+        """Re-lay the bank out as K slots of width H and depth L, keeping every slot's weights and
+        optimizer state: all slots in place (growing), or the slots ``keep`` moved to the front
+        (shrinking: H and L must still fit them)."""
         P = sum(r * c for _, r, c in self._layout(H, L))
         dev = self.device
         new: dict[str, torch.Tensor] = {
@@ -147,6 +175,9 @@ class _Bank:
             "pmask": torch.zeros(K, P, device=dev),
             "wd_l2": torch.zeros(K, 1, device=dev),
             "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
+            "n": torch.ones(K, 1, dtype=torch.long, device=dev),  # training rows of the slot's split
+            "off": torch.zeros(K, 1, dtype=torch.long, device=dev),  # where they start in x_all
+            "ds": torch.zeros(K, dtype=torch.long, device=dev),  # the slot's split
             "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
             "live": torch.zeros(K, dtype=torch.bool, device=dev),
             "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
@@ -156,124 +187,229 @@ class _Bank:
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
                 "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
+        order = list(range(self.K)) if keep is None else keep
+        k = len(order)
         for key, array in self.host.items():
-            host[key][: len(array)] = array
+            host[key][:k] = array[order]
         self.host = host
         if self.K:
-            k = self.K
+            index = torch.tensor(order, dtype=torch.long, device=dev)
+            h, depth = min(H, self.H), min(L, self.L)
             for key in ("flat", "m", "v", "pmask"):
                 old_views = self._views(self.tensors[key])
                 new_views = self._views(new[key], H, L)
-                for name, view in old_views.items():
-                    new_views[name][:k, : view.shape[1], : view.shape[2]] = view
+                for name, view in new_views.items():
+                    if name in old_views:
+                        old = old_views[name].index_select(0, index)
+                        rows, cols = min(view.shape[1], old.shape[1]), min(view.shape[2], old.shape[2])
+                        view[:k, :rows, :cols] = old[:, :rows, :cols]
             for key, value in self.tensors.items():
                 if key in ("flat", "m", "v", "pmask"):
                     continue
                 if key == "unit_mask":
-                    new[key][:k, :, : self.H] = value
+                    new[key][:k, :, :h] = value.index_select(0, index)[:, :, :h]
                 elif key == "layer_on":
-                    new[key][: value.shape[0], :k] = value
+                    new[key][: max(depth, 1), :k] = value.index_select(1, index)[: max(depth, 1)]
                 else:
-                    new[key][:k] = value
+                    new[key][:k] = value.index_select(0, index)
+            self.slots = [self.slots[i] for i in order] + [None] * (K - k)
         self.tensors = new
         self.K, self.H, self.L = K, H, L
         # Leaves that share the flat buffer's memory: the update writes the buffer in place, and
         # autograd gives each layer its own gradient (no full-size zero fill per view).
         self.leaves = {name: view.detach().requires_grad_(True) for name, view in self._views(new["flat"]).items()}
         self.slots += [None] * (K - len(self.slots))
+        self.act_key = ()  # slots moved: regroup the activations
+
+    def _shrink(self) -> None:
+        """After trials ended: when at most half the slots are live, or the widest live trial is
+        at most half the bank's width, or no live trial uses the deepest layer, lay the bank out
+        again for the live trials only. The last trials of a study (stragglers) would otherwise
+        keep paying for the widest, deepest and most numerous group that was ever in flight."""
+        live = [k for k, s in enumerate(self.slots) if s is not None]
+        if not live or self.packed:
+            return
+        params = [self.slots[k].job.params for k in live]  # type: ignore[union-attr]
+        H = self.H if self.linear else max(p.hidden_size for p in params)
+        L = self.L if self.linear else max(p.n_layers for p in params)
+        if len(live) <= self.K // 2 or H <= self.H // 2 or L < self.L:
+            self._resize(len(live), H, L, keep=live)
+
+    def _permute(self, order: list[int]) -> None:
+        """Move slot ``order[i]`` to position i, with all its state."""
+        index = torch.tensor(order, device=self.device)
+        self.tensors = {
+            key: value.index_select(1 if key == "layer_on" else 0, index) for key, value in self.tensors.items()
+        }
+        self.host = {key: array[order] for key, array in self.host.items()}
+        self.slots = [self.slots[k] for k in order]
+        self.leaves = {name: v.detach().requires_grad_(True) for name, v in self._views(self.tensors["flat"]).items()}
 
     # -- slots ----------------------------------------------------------------------------
 
-    def add(self, index: int, job: Job, config: ModelConfig) -> _Slot:
-        p = job.params
-        free = next((i for i, s in enumerate(self.slots) if s is None), None)
-        if free is None:
-            free = self.K
-        H = self.H if self.linear else max(self.H, p.hidden_size)
-        L = self.L if self.linear else max(self.L, p.n_layers)
-        if free >= self.K or H > self.H or L > self.L:
-            self._resize(max(self.K * 2, free + 1) if free >= self.K else self.K, H, L)
-        k = free
-        with torch.random.fork_rng(devices=[]):  # the same initial weights as train() with this seed
-            torch.manual_seed(job.seed)
-            net = TabularNet(config)
-        linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-        T = self.tensors
+    def add(self, index: int, job: Job, config: ModelConfig, *, refresh: bool = True) -> _Slot:
+        """Put one trial in a free slot; see ``add_many``."""
+        return self.add_many([(index, job, config)], refresh=refresh)[0]
+
+    def add_many(self, items: list[tuple[int, Job, ModelConfig]], *, refresh: bool = True) -> list[_Slot]:
+        """Put trials ``(index, job, config)`` in free slots (growing the bank if needed), each
+        with ``train()``'s initial weights for its seed, in a few batched writes (one per tensor,
+        not per trial: a refill at large K, or any start on a GPU, would otherwise be thousands
+        of tiny copies). ``refresh=False`` when more are added at once (then call ``_refresh``)."""
+        if not items:
+            return []
+        self._unpack()  # before a resize copies the optimizer state
+        free = [i for i, s in enumerate(self.slots) if s is None][: len(items)]
+        free += list(range(self.K, self.K + len(items) - len(free)))
+        params = [job.params for _, job, _ in items]
+        H = self.H if self.linear else max(self.H, *(p.hidden_size for p in params))
+        L = self.L if self.linear else max(self.L, *(p.n_layers for p in params))
+        if free[-1] >= self.K or H > self.H or L > self.L:
+            self._resize(max(self.K * 2, free[-1] + 1) if free[-1] >= self.K else self.K, H, L)
+        T, h = self.tensors, self.host
+        P = T["flat"].shape[1]
+        # Weights and masks of the new slots, built on the host and copied over once.
+        flat, pmask = torch.zeros(len(items), P), torch.zeros(len(items), P)
+        views, masks = self._views(flat), self._views(pmask)
+        n_rows, batch, steps = [], [], []
+        for row, (_, job, config) in enumerate(items):
+            layers = initial_weights(config, job.seed)
+            names = [f"w{i}" for i in range(len(layers) - 1)] + ["wout"]
+            for name, (weight, bias) in zip(names, layers):
+                b_name = "bout" if name == "wout" else "b" + name[1:]
+                cols, rows = weight.shape
+                views[name][row, :rows, :cols] = weight.T
+                views[b_name][row, 0, :cols] = bias
+                masks[name][row, :rows, :cols] = 1
+                masks[b_name][row, 0, :cols] = 1
+            n = len(self.datasets[job.data].x_train)
+            n_rows.append(n)
+            batch.append(min(job.params.batch_size, n))
+            steps.append(math.ceil(n / batch[-1]))
+        dev = self.device
+        index = torch.tensor(free, device=dev)
+
+        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
         with torch.no_grad():
-            for key in ("flat", "m", "v", "pmask"):
-                T[key][k] = 0
-            views, masks = self._views(T["flat"]), self._views(T["pmask"])
-            names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
-            for name, lin in zip(names, linears):
-                bias = "bout" if name == "wout" else "b" + name[1:]
-                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
-                views[name][k, :rows, :cols] = lin.weight.detach().T.to(self.device)
-                views[bias][k, 0, :cols] = lin.bias.detach().to(self.device)
-                masks[name][k, :rows, :cols] = 1
-                masks[bias][k, 0, :cols] = 1
-            batch_size = min(p.batch_size, self.n)
-            steps = math.ceil(self.n / batch_size)
-            h = self.host
-            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * steps, p.schedule == "cosine"
+            T["flat"][index] = flat.to(dev)
+            T["pmask"][index] = pmask.to(dev)
+            T["m"][index] = 0
+            T["v"][index] = 0
+            T["wd_l2"][index] = column([[p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0] for p in params],
+                                       torch.float32)
+            T["bs"][index] = column([[b] for b in batch], torch.long)
+            T["n"][index] = column([[n] for n in n_rows], torch.long)
+            T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
+            T["off"][index] = self.offsets[T["ds"][index]][:, None]
+            T["live"][index] = True
+            if not self.linear:
+                hidden = column([p.hidden_size for p in params], torch.long)
+                depth = column([p.n_layers for p in params], torch.long)
+                T["unit_mask"][index] = (torch.arange(self.H, device=dev) < hidden[:, None]).float()[:, None, :]
+                T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
+        for k, p, s in zip(free, params, steps):
+            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
             h["step"][k], h["live"][k] = 0, True
             h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
-            T["wd_l2"][k] = p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0
-            T["bs"][k] = batch_size
-            T["live"][k] = True
-            if not self.linear:
-                T["unit_mask"][k] = 0
-                T["unit_mask"][k, 0, : p.hidden_size] = 1
-                T["layer_on"][:, k] = False
-                T["layer_on"][: p.n_layers, k] = True
-        slot = _Slot(
-            index=index,
-            job=job,
-            config=config,
-            generator=torch.Generator().manual_seed(job.seed),
-            batch_size=batch_size,
-            steps_per_epoch=steps,
-            start=time.perf_counter(),
-            history=[],
-        )
-        self.slots[k] = slot
-        self._start_epoch(k)
-        self._refresh()
-        return slot
+        slots = []
+        start = time.perf_counter()
+        for k, (index_, job, config), b, s in zip(free, items, batch, steps):
+            slot = _Slot(
+                index=index_,
+                job=job,
+                config=config,
+                data=self.datasets[job.data],
+                generator=torch.Generator().manual_seed(job.seed),
+                batch_size=b,
+                steps_per_epoch=s,
+                start=start,
+                history=[],
+            )
+            self.slots[k] = slot
+            slots.append(slot)
+        self._start_epochs(free)
+        if refresh:
+            self._refresh()
+        return slots
 
-    def _start_epoch(self, k: int) -> None:
-        slot = self.slots[k]
-        assert slot is not None
-        # The same shuffled order as train(): data.batches() is randperm(n).split(batch_size).
-        perm = torch.randperm(self.n, generator=slot.generator)
+    def _start_epochs(self, ks: list[int]) -> None:
+        """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
+        (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
         T = self.tensors
-        T["perm"][k] = perm.to(self.device)
-        T["s"][k] = 0
-        T["loss_sum"][k] = 0
-        slot.epoch_end_t = self.t + slot.steps_per_epoch
+        perms = []
+        for k in ks:
+            slot = self.slots[k]
+            assert slot is not None
+            perms.append(torch.randperm(len(slot.data.x_train), generator=slot.generator))
+            slot.epoch_end_t = self.t + slot.steps_per_epoch
+        index = torch.tensor(ks, device=self.device)
+        sizes = {len(p) for p in perms}
+        if len(sizes) == 1:
+            T["perm"][index, : sizes.pop()] = torch.stack(perms).to(self.device)
+        else:
+            for k, perm in zip(ks, perms):
+                T["perm"][k, : len(perm)] = perm.to(self.device)
+        T["s"][index] = 0
+        T["loss_sum"][index] = 0
 
     def _refresh(self) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
+        self._shrink()
         live = [s for s in self.slots if s is not None]
         self.next_event = min((s.epoch_end_t for s in live), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
-        # Slots grouped by activation: each activation runs on its own slots only, and one
-        # index_select puts the rows back in slot order (free slots ride with the first group).
-        names = [s.job.params.activation if s is not None else None for s in self.slots]
-        used = sorted({n for n in names if n is not None})
-        if len(used) <= 1 or self.linear:
-            self.act_groups = [(make_activation(used[0] if used else "relu"), torch.empty(0))]
-            self.act_inverse = None
-        else:
-            groups = [[k for k, n in enumerate(names) if n == a or (n is None and a == used[0])] for a in used]
-            order = [k for g in groups for k in g]
-            inverse = [0] * len(order)
-            for position, k in enumerate(order):
-                inverse[k] = position
-            dev = self.device
-            self.act_groups = [(make_activation(a), torch.tensor(g, device=dev)) for a, g in zip(used, groups)]
-            self.act_inverse = torch.tensor(inverse, device=dev)
-        self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
-        self.any_wd_dec = bool(self.host["wd_dec"].any())
+        # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
+        # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
+        # the backward pass). Free slots ride with a neighbouring run.
+        names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+        if names != self.act_key:
+            used = sorted({n for n in names if n is not None})
+            if self.linear or len(used) <= 1:
+                self.act_groups = [(make_activation(used[0] if used else "relu"), self.K)]
+            else:
+                if not _contiguous(names):
+                    assert not self.packed, "slots move only while the optimizer state is unpacked"
+                    self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
+                    names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+                runs: list[list[Any]] = []
+                for n in names:
+                    n = n if n is not None else (runs[-1][0] if runs else used[0])
+                    if runs and runs[-1][0] == n:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([n, 1])
+                self.act_groups = [(make_activation(a), count) for a, count in runs]
+        self.act_key = names
+        if not self.packed:
+            self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
+            self.any_wd_dec = bool(self.host["wd_dec"].any())
+            self._pack()
+
+    def _pack(self) -> None:
+        """Gather the optimizer state of the real (unpadded, live) parameters into compact vectors.
+
+        The update then touches only those entries: with mixed shapes padded to the widest and
+        deepest trial, most of the ``(K, P)`` block is padding (often >90%), and a full-block
+        update was most of a step's time.
+        """
+        T = self.tensors
+        P = T["flat"].shape[1]
+        self.idx = T["pmask"].view(-1).nonzero().squeeze(1)
+        self.entry_slot = torch.div(self.idx, P, rounding_mode="floor")
+        self.mc = T["m"].view(-1).index_select(0, self.idx)
+        self.vc = T["v"].view(-1).index_select(0, self.idx)
+        self.wd_l2c = T["wd_l2"].view(-1).index_select(0, self.entry_slot) if self.any_wd_l2 else None
+        self.packed = True
+
+    def _unpack(self) -> None:
+        """Write the compact optimizer state back into the ``(K, P)`` blocks (before slots change)."""
+        if self.packed:
+            T = self.tensors
+            T["m"].view(-1).index_copy_(0, self.idx, self.mc)
+            T["v"].view(-1).index_copy_(0, self.idx, self.vc)
+            self.packed = False
 
     @property
     def n_live(self) -> int:
@@ -286,11 +422,11 @@ class _Bank:
         T = self.tensors
         for layer in range(self.L):
             z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
-            if self.act_inverse is None:
+            if len(self.act_groups) == 1:
                 a = self.act_groups[0][0](z)
             else:
-                parts = [act(z.index_select(0, idx)) for act, idx in self.act_groups]
-                a = torch.cat(parts).index_select(0, self.act_inverse)
+                parts = z.split([count for _, count in self.act_groups])
+                a = torch.cat([act(part) for (act, _), part in zip(self.act_groups, parts)])
             a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
             h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
         out = torch.baddbmm(w["bout"], h, w["wout"])
@@ -302,9 +438,11 @@ class _Bank:
         flat = T["flat"]
         cols = self.arange[: self.b_max]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
-        rows = (cols < T["bs"]) & (pos < self.n) & T["live"][:, None]
+        rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
         idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
-        xb, yb = self.data.x_train[idx], self.data.y_train[idx]
+        if len(self.datasets) > 1:
+            idx = idx + T["off"]
+        xb, yb = self.x_all[idx], self.y_all[idx]
         out = self._forward(self.leaves, xb)
         if self.task == "regression":
             per_row = task_loss(out, yb, self.task, "none")
@@ -315,15 +453,14 @@ class _Bank:
         leaves = list(self.leaves.values())
         grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
         with torch.no_grad():
-            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1)
+            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1).view(-1).index_select(0, self.idx)
             T["loss_sum"] += loss.detach() * count
-            self._update(flat, grad.mul_(T["pmask"]))
+            self._update(flat.view(-1), grad)
             T["s"] += T["live"][:, None]
         self.t += 1
 
-    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """torch's Adam / AdamW / SGD(momentum) update, per slot, over the stacked tensors."""
-        T = self.tensors
+    def _update(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """torch's Adam / AdamW / SGD(momentum) update, per slot, on the compact real entries."""
         h = self.host
         factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
@@ -331,57 +468,87 @@ class _Bank:
         safe = np.maximum(h["step"], 1)
         scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
         s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
-        lr_t, step_size, bc2_sqrt, decay = s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4]
-        if self.any_wd_l2:
-            grad = grad.add_(T["wd_l2"] * p)
+        s = s.index_select(0, self.entry_slot)  # per real entry
+        lr_t, step_size, bc2_sqrt, decay = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
+        p = flat.index_select(0, self.idx)
+        if self.wd_l2c is not None:
+            grad = grad.add_(self.wd_l2c * p)
         if self.sgd:
-            T["m"].mul_(_MOMENTUM).add_(grad)
-            p.sub_(lr_t * T["m"])
-            return
-        if self.any_wd_dec:
-            p.mul_(decay)
-        T["m"].lerp_(grad, 1 - _BETA1)
-        T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-        denom = (T["v"].sqrt() / bc2_sqrt).add_(_EPS)
-        p.addcdiv_(step_size * T["m"], denom, value=-1.0)
+            self.mc.mul_(_MOMENTUM).add_(grad)
+            p.sub_(lr_t * self.mc)
+        else:
+            if self.any_wd_dec:
+                p.mul_(decay)
+            self.mc.lerp_(grad, 1 - _BETA1)
+            self.vc.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+            denom = (self.vc.sqrt() / bc2_sqrt).add_(_EPS)
+            p.addcdiv_(step_size * self.mc, denom, value=-1.0)
+        flat.index_copy_(0, self.idx, p)
 
     @torch.no_grad()
     def validate(self) -> torch.Tensor:
         """Every slot's validation metrics, ``(K, 3)``."""
-        x = self.data.x_val.expand(self.K, *self.data.x_val.shape)
-        out = self._forward(self._views(self.tensors["flat"]), x)
-        _, values = output_metrics(out, self.data.y_val_raw, self.task, self.y_mean, self.y_std)
+        if len(self.datasets) == 1:
+            x = self.x_val.expand(self.K, *self.x_val.shape[1:])
+            out = self._forward(self._views(self.tensors["flat"]), x)
+            _, values = output_metrics(out, self.y_val[0], self.task, self.y_mean[0], self.y_std[0])
+            return values
+        ds = self.tensors["ds"]
+        out = self._forward(self._views(self.tensors["flat"]), self.x_val.index_select(0, ds))
+        mean, std = self.y_mean.index_select(0, ds)[:, None], self.y_std.index_select(0, ds)[:, None]
+        if self.task != "regression":
+            mean, std = mean[:, :, None], std[:, :, None]
+        mask = self.val_mask.index_select(0, ds) if self.padded_val else None
+        _, values = output_metrics(out, self.y_val.index_select(0, ds), self.task, mean, std, mask)
         return values
 
     def metric_names(self) -> tuple[str, ...]:
         return ("rmse", "mae", "r2") if self.task == "regression" else ("accuracy", "log_loss", "f1_macro")
 
-    def events(self, on_epoch_end: ManyEpochHook | None) -> list[tuple[int, TrainResult]]:
-        """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on."""
+    def events(
+        self, on_epoch_end: ManyEpochHook | None, should_stop: Callable[[int], bool] | None = None
+    ) -> list[tuple[int, TrainResult]]:
+        """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on.
+
+        Every ending slot's hook runs first; then ``should_stop(index)`` is asked for each of
+        them, so a decision that needs several slots' epochs (the folds of a cross-validated
+        trial) stops all of them at this same epoch.
+        """
         ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
         T = self.tensors
-        losses = (T["loss_sum"][ending] / self.n).tolist()
+        losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
         values = self.validate()[ending].tolist()
         names = self.metric_names()
-        finished: list[tuple[int, TrainResult]] = []
+        outcomes: list[tuple[int, str | None, bool]] = []
         for k, train_loss, row in zip(ending, losses, values):
             slot = self.slots[k]
             assert slot is not None and slot.history is not None
             p = slot.job.params
             epoch = slot.epoch
             record, reason = epoch_record(
-                epoch, train_loss, dict(zip(names, row)), task=self.task, y_std=self.data.y_std_, lr=p.lr
+                epoch, train_loss, dict(zip(names, row)), task=self.task, y_std=slot.data.y_std_, lr=p.lr
             )
             diverged = record is None
             if record is not None:
                 slot.history.append(record)
                 if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
                     reason = f"stopped by the epoch hook after epoch {epoch}"
-            if reason is not None or epoch + 1 == p.epochs:
+            outcomes.append((k, reason, diverged))
+        finished: list[tuple[int, TrainResult]] = []
+        going_on: list[int] = []
+        for k, reason, diverged in outcomes:
+            slot = self.slots[k]
+            assert slot is not None
+            if reason is None and should_stop is not None and should_stop(slot.index):
+                reason = f"stopped by the epoch hook after epoch {slot.epoch}"
+            if reason is not None or slot.epoch + 1 == slot.job.params.epochs:
+                self._unpack()  # the slot's optimizer state is about to be cleared
                 finished.append((slot.index, self._finish(k, reason, diverged)))
             else:
                 slot.epoch += 1
-                self._start_epoch(k)
+                going_on.append(k)
+        if going_on:
+            self._start_epochs(going_on)
         self._refresh()
         return finished
 
@@ -390,24 +557,28 @@ class _Bank:
         slot = self.slots[k]
         assert slot is not None and slot.history is not None
         T = self.tensors
-        net = TabularNet(slot.config)
-        views = self._views(T["flat"])
-        linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-        names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+        net = TabularNet(slot.config) if slot.job.keep_model else None
         with torch.no_grad():
-            for name, lin in zip(names, linears):
-                bias = "bout" if name == "wout" else "b" + name[1:]
-                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
-                lin.weight.copy_(views[name][k, :rows, :cols].T)
-                lin.bias.copy_(views[bias][k, 0, :cols])
+            if net is not None:
+                views = self._views(T["flat"])
+                linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+                names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+                for name, lin in zip(names, linears):
+                    bias = "bout" if name == "wout" else "b" + name[1:]
+                    rows, cols = lin.weight.shape[1], lin.weight.shape[0]
+                    lin.weight.copy_(views[name][k, :rows, :cols].T)
+                    lin.bias.copy_(views[bias][k, 0, :cols])
             n_steps = int(self.host["step"][k])
             for key in ("flat", "m", "v", "pmask", "loss_sum"):
                 T[key][k] = 0
             T["live"][k] = False
             self.host["live"][k] = False
-        d = self.data
-        net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
-        net.to(self.device).eval()
+        if net is not None:
+            d = slot.data
+            net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
+            if self.device.type != "cpu":
+                net.to(self.device)
+            net.eval()
         self.slots[k] = None
         return TrainResult(
             model=net,
@@ -420,6 +591,43 @@ class _Bank:
         )
 
 
+_MALLOC_TUNED = False
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc reuse freed blocks of a few MB instead of handing them back to the OS.
+
+    Every CPU step allocates and frees activations and gradients of ~1 MB; past glibc's mmap
+    threshold each one is a fresh mmap whose pages fault in on first touch, which measured ~30% of
+    a fused step (``benchmarks/fused.py --part steps``). The same effect as running under jemalloc
+    or with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=...``, set once per process; a no-op
+    elsewhere (macOS, musl, Windows).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 * 1024 * 1024)  # M_MMAP_THRESHOLD: blocks up to 32 MB come from the heap
+        libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap
+    except (OSError, AttributeError):
+        pass
+
+
+def _contiguous(names: tuple[str | None, ...]) -> bool:
+    """Whether each name fills one run of positions (None fits anywhere)."""
+    seen: list[str] = []
+    for n in names:
+        if n is not None and (not seen or seen[-1] != n):
+            if n in seen:
+                return False
+            seen.append(n)
+    return True
+
+
 def _padded_width(hidden_size: int) -> int:
     """The width of the group a hidden size trains in: the next power of two, so padding never
     wastes more than half of a layer's units (weights and optimizer state scale with it)."""
@@ -428,11 +636,12 @@ def _padded_width(hidden_size: int) -> int:
 
 def train_many(
     params_list: Iterable[Job | TrainParams | Mapping[str, Any]],
-    prepared: Prepared,
+    prepared: Prepared | Sequence[Prepared],
     *,
     device: torch.device | str = "auto",
     on_epoch_end: ManyEpochHook | None = None,
     on_trial_end: TrialEndHook | None = None,
+    should_stop: Callable[[int], bool] | None = None,
     width: int = 32,
     group_widths: bool | None = None,
 ) -> list[TrainResult]:
@@ -442,12 +651,15 @@ def train_many(
         params_list: jobs (params with a seed), params, or mappings of params (seed 0). Pulled
             lazily: a slot that frees up takes the next one, so an iterator may ask a study for
             the next trial only when there is room for it.
-        prepared: the prepared split; moved to ``device`` once.
+        prepared: the prepared split, or several (the folds of a cross-validation: a job trains
+            on ``prepared[job.data]``; same features and task); moved to ``device`` once.
         device: ``auto``, ``cpu``, ``cuda[:i]`` or ``mps``.
         on_epoch_end: called with ``(index, epoch, metrics)`` after each epoch of each trial
             (``index`` counts the jobs from 0); returning True stops that trial.
         on_trial_end: called with ``(index, result)`` as soon as a trial finished or stopped,
             before its slot is refilled.
+        should_stop: asked with ``index`` after the hooks of all the trials whose epoch ends
+            at the same step ran; True stops that trial there too (see ``_Bank.events``).
         width: how many trials train at once.
         group_widths: train hidden sizes in power-of-two width groups (padding wastes at most
             half a layer) instead of one group padded to the widest. ``None``: group on a CPU
@@ -464,7 +676,9 @@ def train_many(
     if width < 1:
         raise ValueError(f"width must be >= 1 (got {width})")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    data = prepared.to(dev)
+    datasets = [d.to(dev) for d in ([prepared] if isinstance(prepared, Prepared) else prepared)]
+    if dev.type == "cpu":
+        _keep_freed_memory()
     if group_widths is None:
         group_widths = dev.type == "cpu" and width >= 128
     jobs = iter(params_list)
@@ -474,22 +688,28 @@ def train_many(
     n_jobs = 0
 
     def fill() -> None:
+        """Pull jobs until ``width`` are in flight; start them in one batch per bank."""
         nonlocal in_flight, n_jobs
+        pending: dict[tuple[bool, bool, int], list[tuple[int, Job, ModelConfig]]] = {}
         while in_flight < width:
             item = next(jobs, None)
             if item is None:
-                return
+                break
             job = _as_job(item)
             p = job.params
-            config = model_config(p, data)
+            if not 0 <= job.data < len(datasets):
+                raise ValueError(f"job {n_jobs} trains on split {job.data}, but {len(datasets)} split(s) were given")
+            config = model_config(p, datasets[job.data])
             make_activation(p.activation)  # an unknown activation fails here, as in train()
             group = _padded_width(p.hidden_size) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
-            if key not in banks:
-                banks[key] = _Bank(data, dev, linear=key[0], sgd=key[1], width=key[2])
-            banks[key].add(n_jobs, job, config)
+            pending.setdefault(key, []).append((n_jobs, job, config))
             n_jobs += 1
             in_flight += 1
+        for key, items in pending.items():
+            if key not in banks:
+                banks[key] = _Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2])
+            banks[key].add_many(items)
 
     fill()
     while in_flight:
@@ -499,7 +719,7 @@ def train_many(
             bank.step()
             if bank.t != bank.next_event:
                 continue
-            for index, result in bank.events(on_epoch_end):
+            for index, result in bank.events(on_epoch_end, should_stop):
                 results[index] = result
                 in_flight -= 1
                 if on_trial_end is not None:

@@ -6,13 +6,14 @@ This module imports torch only: the MLflow model code loads it without optuna, m
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "TabularNet", "make_activation", "predict_frame"]
+__all__ = ["ModelConfig", "TabularNet", "initial_weights", "make_activation", "predict_frame"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -55,6 +56,24 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         return cls(**d)
+
+
+def initial_weights(config: ModelConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(weight, bias)`` of each ``nn.Linear`` of ``TabularNet(config)`` built right after
+    ``torch.manual_seed(seed)``, in layer order, drawn from a private generator without building
+    the module (nor touching the global RNG): fused training starts many trials at once and
+    needs only these. The same draws as ``nn.Linear.reset_parameters``; a test holds them equal."""
+    g = torch.Generator().manual_seed(seed)
+    n_in, n_out = len(config.feature_names), config.n_outputs
+    widths = [n_in] + [config.hidden_size] * (config.n_layers if config.hidden_size else 0) + [n_out]
+    layers = []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        weight = torch.empty(fan_out, fan_in)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=g)
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        bias = nn.init.uniform_(torch.empty(fan_out), -bound, bound, generator=g)
+        layers.append((weight, bias))
+    return layers
 
 
 class TabularNet(nn.Module):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, Te
 
 from tuner import interrupts
 from tuner.config import StudySpec, check_options, redact_url
-from tuner.errors import ConfigError, StorageError, TunerError
+from tuner.errors import StorageError, TunerError
 
 if TYPE_CHECKING:
     import optuna
@@ -723,15 +723,8 @@ def launch(
     if remaining > 0:
         from tuner.fused_runner import choose_execution, run_fused
 
-        if cv.folds:  # fused trials train one split; a cross-validated trial trains its folds in lockstep
-            if spec.execution == "fused":
-                raise ConfigError(
-                    f"execution = 'fused' trains one validation split, but this study uses {cv.plan.describe()}; "
-                    "set validation.fraction (e.g. 0.2) or execution = 'sequential'"
-                )
-            execution, why = "sequential", f"{spec.execution}: {cv.plan.describe()} runs sequentially"
-        else:
-            execution, why = choose_execution(spec, prepared, dev, remaining)
+        # Cross-validated trials fuse too: each fold of each trial in flight is one slot.
+        execution, why = choose_execution(spec, cv.folds[0] if cv.folds else prepared, dev, remaining)
         print(f"execution: {execution} ({why})", file=sys.stderr, flush=True)
     parent_run_id = None
     objective = Objective(spec, prepared, tracker, None, dev, cv=cv, provenance=provenance(spec, dev, cv.plan))
@@ -747,12 +740,25 @@ def launch(
             if execution == "fused":  # run_fused keeps its own trial budget
                 n_before = len(study.trials)
                 fused_callbacks: list[Any] = [bar] if bar else []
-                run_fused(
-                    study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
-                )
+                try:
+                    run_fused(
+                        study, objective, n_trials=remaining, total=total, timeout=spec.timeout, callbacks=fused_callbacks
+                    )
+                except torch.cuda.OutOfMemoryError as e:
+                    # K trials at once did not fit: the ones in flight were told FAIL (runs closed);
+                    # the rest of the budget runs one trial at a time, as sequential mode would.
+                    print(
+                        f"execution: fused ran out of device memory ({fail_reason(e).split(';')[0]}); "
+                        "the trials in flight failed, the rest run sequentially",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    execution = "sequential"
                 n_run = len(study.trials) - n_before
-            else:
-                n_run = run_trials(
+            if execution != "fused":
+                n_run += run_trials(
                     study,
                     objective,
                     TrialBudget(study, total, url),

@@ -63,7 +63,7 @@ class TrainParams:
 class TrainResult:
     """What one training run produced. ``metrics`` are the last epoch's (the returned weights)."""
 
-    model: TabularNet
+    model: TabularNet | None  # None only for a fused fold (Job.keep_model=False): CV keeps metrics, not models
     history: list[dict[str, float]]
     metrics: dict[str, float]
     stop_reason: str | None = None  # None: ran all epochs; else why it stopped early
@@ -133,31 +133,50 @@ def evaluate(model: TabularNet, x_std: torch.Tensor, y_raw: torch.Tensor) -> dic
 
 
 def output_metrics(
-    out: torch.Tensor, y_raw: torch.Tensor, task: str, y_mean: torch.Tensor, y_std: torch.Tensor
+    out: torch.Tensor,
+    y_raw: torch.Tensor,
+    task: str,
+    y_mean: torch.Tensor,
+    y_std: torch.Tensor,
+    mask: torch.Tensor | None = None,
 ) -> tuple[tuple[str, ...], torch.Tensor]:
     """Validation metrics from network outputs, over the row dimension.
 
     ``out`` is ``(..., rows)`` (regression, standardised) or ``(..., rows, classes)`` (logits);
     leading dimensions (one per fused trial) are kept, so the values are ``(..., 3)``.
+    ``mask`` (``(..., rows)``, bool): the rows that count, where fused trials validate on splits of
+    different sizes padded to the longest (padded rows are excluded exactly; None: every row).
     """
+    if mask is None:
+        n_rows: torch.Tensor | int = y_raw.shape[-1]
+        w: torch.Tensor | float = 1.0
+    else:
+        w = mask.to(out.dtype)
+        n_rows = w.sum(-1)
     if task == "regression":
         pred = out * y_std + y_mean
-        err = pred - y_raw
+        err = (pred - y_raw) * w
         sse = (err * err).sum(-1)
-        sst = ((y_raw - y_raw.mean()) ** 2).sum()
-        values = torch.stack([(sse / y_raw.shape[-1]).sqrt(), err.abs().mean(-1), 1 - sse / sst.clamp_min(1e-12)], -1)
+        if mask is None:
+            sst = ((y_raw - y_raw.mean()) ** 2).sum()
+        else:
+            centred = (y_raw - (y_raw * w).sum(-1, keepdim=True) / n_rows.unsqueeze(-1)) * w  # type: ignore[union-attr]
+            sst = (centred * centred).sum(-1)
+        values = torch.stack([(sse / n_rows).sqrt(), err.abs().sum(-1) / n_rows, 1 - sse / sst.clamp_min(1e-12)], -1)
         return ("rmse", "mae", "r2"), values
     n_classes = out.shape[-1]
     pred = out.argmax(-1)
     y = y_raw.expand(pred.shape)
-    onehot_true = F.one_hot(y, n_classes).float()
-    onehot_pred = F.one_hot(pred, n_classes).float()
+    row_w = w if mask is None else w.unsqueeze(-1)  # type: ignore[union-attr]
+    onehot_true = F.one_hot(y, n_classes).float() * row_w
+    onehot_pred = F.one_hot(pred, n_classes).float() * row_w
     tp = (onehot_true * onehot_pred).sum(-2)
     f1 = 2 * tp / (onehot_true.sum(-2) + onehot_pred.sum(-2)).clamp_min(1e-12)
     present = (onehot_true.sum(-2) + onehot_pred.sum(-2)) > 0
     f1_macro = (f1 * present).sum(-1) / present.sum(-1)
-    log_loss = F.cross_entropy(out.reshape(-1, n_classes), y.reshape(-1), reduction="none").view(y.shape).mean(-1)
-    values = torch.stack([(pred == y).float().mean(-1), log_loss, f1_macro], -1)
+    log_loss = F.cross_entropy(out.reshape(-1, n_classes), y.reshape(-1), reduction="none").view(y.shape) * w
+    correct = (pred == y).float() * w
+    values = torch.stack([correct.sum(-1) / n_rows, log_loss.sum(-1) / n_rows, f1_macro], -1)
     return ("accuracy", "log_loss", "f1_macro"), values
 
 

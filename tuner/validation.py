@@ -26,7 +26,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import numpy as np
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from tuner.config import StudySpec, Validation
     from tuner.data import Prepared
+    from tuner.fused import Job
     from tuner.train import EpochHook, TrainParams
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "load_folds",
     "fold_seeds",
     "cross_validate",
+    "cross_validate_many",
     "refit",
 ]
 
@@ -284,6 +286,96 @@ def cross_validate(
         diverged=diverged is not None,
         n_steps=sum(r.n_steps for r in results),
         seconds=time.perf_counter() - start,
+    )
+
+
+def cross_validate_many(
+    jobs: Iterable[Job],
+    folds: list[Prepared],
+    *,
+    device: torch.device | str = "cpu",
+    on_epoch_end: Callable[[int, int, dict[str, float]], bool] | None = None,
+    on_trial_end: Callable[[int, CVResult], None] | None = None,
+    width: int = 32,
+) -> list[CVResult]:
+    """``cross_validate`` for many trials at once: every fold of every trial is one slot of
+    ``train_many`` (fused training), with the same lockstep rules.
+
+    Each trial's job becomes one job per fold (seeded by ``fold_seeds``, as ``cross_validate``
+    seeds its ``train()`` calls). When all of a trial's folds have reached epoch e, the mean of
+    their metrics goes to ``on_epoch_end(trial index, e, mean)``; True (or a fold that diverged)
+    stops all of the trial's folds, at that epoch where their epochs end at the same optimizer step
+    (folds of equal size: always, on the cars data), else at their next epoch end, whose extra
+    rows are dropped. ``width`` counts slots (folds), not trials.
+    """
+    from tuner.fused import Job, train_many
+
+    n_folds = len(folds)
+    trials: list[dict[str, Any]] = []  # per trial: seeds, fold results, rounds, stop state
+
+    def expanded() -> Iterator[Job]:
+        for job in jobs:
+            seeds = fold_seeds(job.seed, n_folds)
+            trials.append({"seeds": seeds, "rounds": {}, "history": [], "results": {}, "stop": None,
+                           "diverged": False, "start": time.perf_counter()})
+            for f in range(n_folds):
+                yield Job(job.params, seeds[f], data=f, keep_model=False)
+
+    def fold_epoch_end(index: int, epoch: int, metrics: dict[str, float]) -> bool:
+        t = trials[index // n_folds]
+        if t["stop"] is not None:
+            return True
+        rows = t["rounds"].setdefault(epoch, {})
+        rows[index % n_folds] = metrics
+        if len(rows) < n_folds:
+            return False
+        del t["rounds"][epoch]
+        mean = {k: float(np.mean([rows[f][k] for f in range(n_folds)])) for k in rows[0]}
+        t["history"].append(mean)
+        if on_epoch_end is not None and on_epoch_end(index // n_folds, epoch, mean):
+            t["stop"] = f"stopped by the epoch hook after epoch {epoch}"
+            return True
+        return False
+
+    def fold_should_stop(index: int) -> bool:
+        return trials[index // n_folds]["stop"] is not None
+
+    def fold_end(index: int, result: Any) -> None:
+        i = index // n_folds
+        t = trials[i]
+        t["results"][index % n_folds] = result
+        if result.diverged and t["stop"] is None:
+            t["stop"], t["diverged"] = result.stop_reason, True
+        if len(t["results"]) < n_folds:
+            return
+        done = _cv_result(t, n_folds)
+        trials[i] = {"result": done}  # free the fold results
+        if on_trial_end is not None:
+            on_trial_end(i, done)
+
+    train_many(expanded(), folds, device=device, on_epoch_end=fold_epoch_end, on_trial_end=fold_end,
+               should_stop=fold_should_stop, width=width)
+    return [t["result"] for t in trials]
+
+
+def _cv_result(t: dict[str, Any], n_folds: int) -> CVResult:
+    history = t["history"]
+    results = [t["results"][f] for f in range(n_folds)]
+    rounds = len(history)
+    # A fold that ran past the epoch its trial stopped at (its epochs end at other optimizer
+    # steps than its siblings'): its extra epochs are not the trial's. Steps per epoch are fixed.
+    fold_metrics = [dict(r.history[rounds - 1]) if rounds and len(r.history) >= rounds else dict(r.metrics)
+                    for r in results]
+    n_steps = sum(r.n_steps * rounds // len(r.history) if len(r.history) > rounds else r.n_steps for r in results)
+    return CVResult(
+        history=history,
+        metrics=dict(history[-1]) if history else {},
+        fold_metrics=fold_metrics,
+        seeds=t["seeds"],
+        stop_reason=t["stop"],
+        diverged=t["diverged"],
+        n_steps=n_steps,
+        seconds=time.perf_counter() - t["start"],
     )
 
 
