@@ -118,6 +118,10 @@ class Tracker:
         mlflow.set_registry_uri(tracking_uri)
         _quiet()
         self.client = client or MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # Artifact URIs of the trial runs this tracker opened and has not closed yet: a trial's
+        # weights go straight to its artifact store, without the run read (~10 SQL statements)
+        # that ``client.log_artifact`` makes to look the URI up.
+        self._artifact_uris: dict[str, str] = {}
         try:
             self.experiment_id = self._experiment(experiment_name, artifact_location)
         except TrackingError:
@@ -159,6 +163,7 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number}", tags=tags)
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         return run.info.run_id
 
     def end_trial(
@@ -195,6 +200,7 @@ class Tracker:
         if checkpoint is not None:
             self.save_checkpoint(run_id, checkpoint)
         self.client.set_terminated(run_id, status)
+        self._artifact_uris.pop(run_id, None)
 
     def end_run(self, run_id: str, status: RunStatus, tags: Mapping[str, str] | None = None) -> None:
         for k, v in (tags or {}).items():
@@ -207,7 +213,13 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / WEIGHTS_FILE
             torch.save(checkpoint.to_payload(), path)
-            self.client.log_artifact(run_id, str(path))
+            uri = self._artifact_uris.get(run_id)
+            if uri is None:
+                self.client.log_artifact(run_id, str(path))
+            else:
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+                get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifact(str(path))
 
     def has_checkpoint(self, run_id: str) -> bool:
         """Whether the run holds a weights file (a cross-validated trial has none until refit)."""
