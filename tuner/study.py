@@ -6,6 +6,7 @@ The objective adapts Optuna to ``train()`` through the epoch hook; MLflow is rea
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sqlite3
@@ -378,17 +379,12 @@ def run_trials(
     deadline = None if timeout is None else time.monotonic() + timeout
     n_run = failed_in_a_row = 0
     waited = False
-    last: list[optuna.trial.FrozenTrial] = []
-
     started: list[optuna.Trial] = []
 
     def claimed(trial: optuna.Trial) -> float:
         budget.release()  # the trial exists now: other workers count it as RUNNING
         started.append(trial)
         return objective(trial)
-
-    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        last.append(trial)
 
     while deadline is None or time.monotonic() < deadline:
         interrupts.check()
@@ -405,10 +401,12 @@ def run_trials(
                 waited = True
             time.sleep(poll_seconds)
             continue
-        last.clear()
         started.clear()
+        trial: optuna.trial.FrozenTrial | None = None
         try:
-            study.optimize(claimed, n_trials=1, callbacks=[record, *callbacks], catch=catch, gc_after_trial=False)
+            # The callbacks are called below, not by optimize: it would read the told trial back
+            # from the storage for them, and the study's trial list reads it anyway.
+            study.optimize(claimed, n_trials=1, catch=catch, gc_after_trial=False)
         except ValueError:
             # "Cannot tell a FAIL trial": another worker judged this live trial stale (its heartbeat
             # was late, e.g. on an overloaded machine) and failed it; Optuna queued a retry. The
@@ -416,12 +414,15 @@ def run_trials(
             stolen = study._storage.get_trial(started[-1]._trial_id) if started else None
             if stolen is None or stolen.state != TrialState.FAIL:
                 raise
-            last.append(stolen)
+            trial = stolen
+        else:
+            trial = _told_trial(study, started[-1]) if started else None
+            for callback in callbacks:
+                callback(study, copy.deepcopy(trial))  # type: ignore[arg-type]
         finally:
             budget.release()
         n_run += 1
         interrupts.check()
-        trial = last[-1] if last else None
         if on_trial_end is not None and trial is not None:
             on_trial_end(trial)
         if trial is not None and trial.state == TrialState.FAIL:
@@ -435,6 +436,12 @@ def run_trials(
         else:
             failed_in_a_row = 0
     return n_run
+
+
+def _told_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The trial as told, from the study's trial list: the storage cache re-reads only unfinished
+    and new trials, so the next budget claim finds it there instead of reading it again."""
+    return next(t for t in reversed(study.get_trials(deepcopy=False)) if t.number == trial.number)
 
 
 # -- data ------------------------------------------------------------------------------------
