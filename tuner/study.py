@@ -295,8 +295,9 @@ class TrialBudget:
     """Claims one trial slot at a time so that every worker together stops at exactly
     ``n_trials`` finished (COMPLETE + PRUNED) trials.
 
-    ``claim()`` takes the study lock, fails stale trials (their heartbeat stopped), and counts
-    finished and RUNNING trials; it returns ``"run"`` with the lock still held, and the caller
+    ``claim()`` takes the study lock and counts finished and RUNNING trials (failing stale ones,
+    whose heartbeat stopped, where they would fill the budget: before a ``"run"``, the caller's
+    ``study.optimize`` fails them itself); it returns ``"run"`` with the lock still held, and the caller
     releases it (``release()``) once the new trial exists in the storage, so two workers can never
     both take the last slot. FAIL trials free their slot; a WAITING retry of a stale trial is what
     the next ``study.ask()`` runs. ``"wait"``: other workers' running trials may still fill the
@@ -311,14 +312,20 @@ class TrialBudget:
     def claim(self) -> Literal["run", "wait", "done"]:
         from optuna.trial import TrialState
 
-        self._acquire()
-        try:
-            _fail_stale_trials(self.study)
+        def count() -> tuple[int, int]:
             trials = self.study.get_trials(
                 deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
             )
             n_running = sum(t.state == TrialState.RUNNING for t in trials)
-            n_finished = len(trials) - n_running
+            return len(trials) - n_running, n_running
+
+        self._acquire()
+        try:
+            n_finished, n_running = count()
+            if n_finished < self.n_trials <= n_finished + n_running:
+                # Only here can a dead worker's RUNNING trial change the answer.
+                _fail_stale_trials(self.study)
+                n_finished, n_running = count()
         except BaseException:
             self.release()
             raise
