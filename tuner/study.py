@@ -552,9 +552,14 @@ class Objective:
 
         params = sample(trial, self.spec.space)
         seed = self.spec.seed + trial.number
-        trial.set_user_attr("seed", seed)
-        if self.provenance:
-            trial.set_user_attr("provenance", self.provenance)
+        # What reproduces the trial, in one attribute (each one is a storage write): the launch's
+        # record, the seed and the folds' seeds (older studies: separate seed/fold_seeds attributes).
+        record: dict[str, Any] = {**self.provenance, "seed": seed}
+        if self.cv is not None and self.cv.folds:
+            from tuner.validation import fold_seeds
+
+            record["fold_seeds"] = fold_seeds(seed, len(self.cv.folds))
+        trial.set_user_attr("provenance", record)
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
@@ -591,7 +596,6 @@ class Objective:
         tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
         fold_metrics: dict[str, float] = {}
         if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
-            trial.set_user_attr("fold_seeds", result.seeds)
             tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
             trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
             fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
@@ -944,7 +948,9 @@ def _refit_champion(best: optuna.trial.FrozenTrial, cv: CVData, tracker: Tracker
     from tuner.model import Checkpoint
     from tuner.validation import refit
 
-    result = refit(best.params, cv, device=device, seed=int(best.user_attrs.get("seed", 0)))
+    from tuner.replay import trial_seed
+
+    result = refit(best.params, cv, device=device, seed=trial_seed(best, 0))
     state = {k: v.cpu() for k, v in result.model.state_dict().items()}
     run_id = best.user_attrs["mlflow_run_id"]
     tracker.save_checkpoint(run_id, Checkpoint(result.model.config, state))
