@@ -946,9 +946,8 @@ def _refit_champion(best: optuna.trial.FrozenTrial, cv: CVData, tracker: Tracker
     """A cross-validated trial has no single model: train its params on all rows through
     ``train()`` and store the weights in the trial's run, where promotion looks for them."""
     from tuner.model import Checkpoint
-    from tuner.validation import refit
-
     from tuner.replay import trial_seed
+    from tuner.validation import refit
 
     result = refit(best.params, cv, device=device, seed=trial_seed(best, 0))
     state = {k: v.cpu() for k, v in result.model.state_dict().items()}
