@@ -190,7 +190,7 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
         assert a.params == b.params
         assert b.value == pytest.approx(a.value, rel=RTOL)
         assert b.intermediate_values.keys() == a.intermediate_values.keys()
-        assert b.user_attrs["seed"] == a.user_attrs["seed"]
+        assert b.user_attrs["provenance"]["seed"] == a.user_attrs["provenance"]["seed"] == a.number
         assert math.isclose(b.user_attrs["r2"], a.user_attrs["r2"], rel_tol=RTOL, abs_tol=1e-5)
     summary, uri = results["fused"][1], results["fused"][2]
     assert summary.promotion is not None and summary.promotion.alias == "champion"
@@ -257,7 +257,7 @@ def test_cross_validated_study_runs_fused_with_the_sequential_trials(tmp_path: P
     assert [t.state.name for t in trials["fused"]] == ["COMPLETE"] * 4
     assert all(set(t.intermediate_values) <= {0, 1, 2} and 0 in t.intermediate_values for t in trials["fused"])
     for a, b in zip(trials["sequential"], trials["fused"]):
-        assert a.params == b.params and b.user_attrs["fold_seeds"] == a.user_attrs["fold_seeds"]
+        assert a.params == b.params and b.user_attrs["provenance"] == a.user_attrs["provenance"]  # seeds, fold seeds
         assert b.value == pytest.approx(a.value, rel=RTOL)
         assert b.intermediate_values.keys() == a.intermediate_values.keys()
         assert b.user_attrs["fold_rmse"] == pytest.approx(a.user_attrs["fold_rmse"], rel=RTOL)

@@ -78,7 +78,8 @@ def _trials(storage: str, spec_path: Path) -> list[tuple]:
     import optuna
 
     study = optuna.load_study(study_name=load_spec(spec_path).name, storage=storage)
-    return [(t.number, t.state.name, t.params, t.value, t.intermediate_values, t.user_attrs.get("fold_seeds"))
+    return [(t.number, t.state.name, t.params, t.value, t.intermediate_values,
+             t.user_attrs["provenance"].get("fold_seeds"))
             for t in study.trials]
 
 
@@ -90,7 +91,7 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
     import torch
 
     from tuner.tracking import Tracker, conform_input, load_model
-    from tuner.validation import load_folds, refit
+    from tuner.validation import fold_seeds, load_folds, refit
 
     study = write_study(tmp_path, "repro", n_trials=3, body="[validation]\nfolds = 3\n", space=SPACE)
     spec = load_spec(study)
@@ -108,7 +109,7 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
     record = trial.user_attrs["provenance"]
     assert record["torch"] in (torch.__version__, torch.__version__.split("+")[0])
     assert set(record) >= {"torch", "optuna", "mlflow", "device", "data_sha256", "validation"}
-    assert trial.user_attrs["seed"] == 1 and len(trial.user_attrs["fold_seeds"]) == 3
+    assert record["seed"] == 1 and record["fold_seeds"] == fold_seeds(1, 3)
 
     r = replay(spec, 1, storage=storage)
     assert r.identical and r.original == trial.value and r.warnings == []
@@ -123,7 +124,7 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
     best = optuna.load_study(study_name=spec.name, storage=storage).best_trial
     run = Tracker(tracking, spec.name).client.get_run(best.user_attrs["mlflow_run_id"])
     assert run.data.tags["tuner.refit"] == "all 32 rows"
-    again = refit(best.params, load_folds(spec, pd.read_csv(CARS)), seed=best.user_attrs["seed"]).model
+    again = refit(best.params, load_folds(spec, pd.read_csv(CARS)), seed=best.user_attrs["provenance"]["seed"]).model
     frame = pd.read_csv(CARS)
     expected = again(torch.tensor(frame[again.config.feature_names].to_numpy(), dtype=torch.float32)).detach().numpy()
     np.testing.assert_allclose(model.predict(conform_input(model, frame)), expected, rtol=1e-6)

@@ -47,6 +47,9 @@ def test_launch_logs_one_child_run_per_trial_and_registers_a_champion(
         assert run.info.status == ("FINISHED" if t.state == TrialState.COMPLETE else "KILLED")
         assert {k: str(v) for k, v in t.params.items()} == run.data.params
         assert len(MlflowClient(tracking_uri).get_metric_history(run.info.run_id, "rmse")) == len(t.intermediate_values)
+        # Seed and launch record in one attribute: the study seed 0 plus the trial number.
+        assert t.user_attrs["provenance"]["seed"] == t.number and "seed" not in t.user_attrs
+        assert run.data.tags["tuner.seed"] == str(t.number)
     best = study.best_trial
     assert by_id[best.user_attrs["mlflow_run_id"]].data.metrics["final_rmse"] == pytest.approx(best.value)
     version = MlflowClient(tracking_uri).get_model_version_by_alias("cars-small", "champion")
@@ -70,6 +73,25 @@ def test_n_trials_is_the_total_of_finished_trials_across_launches(
     assert again.promotion is not None and not again.promotion.new_version  # nothing new to register
     parents, children = _runs(tracking_uri, "study")
     assert len(parents) == 2 and len(children) == 5  # a launch with nothing to run opens no run
+
+
+def test_pruning_checks_against_the_finished_trials_read_once_decide_as_should_prune(storage_url: str) -> None:
+    from tuner.study import _Pruning, open_storage
+
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    study = optuna.create_study(storage=open_storage(storage_url), study_name="p", pruner=pruner)
+    for curve in ([3.0, 2.0, 1.0], [4.0, 3.0, 2.0], [5.0, 4.0, 3.0]):
+        done = study.ask()
+        for step, value in enumerate(curve):
+            done.report(value, step)
+        study.tell(done, curve[-1])
+    trial = study.ask()
+    judge = _Pruning(trial)  # one per trial, as the objective holds it
+    decisions = []
+    for step, value in enumerate([3.5, 3.0, 5.0]):  # medians at steps 1, 2: 3.0, 2.0; best so far 3.0
+        trial.report(value, step)
+        decisions.append((judge.should_prune(), trial.should_prune()))
+    assert decisions == [(False, False), (False, False), (True, True)]
 
 
 def test_linear_study_champion_is_the_least_squares_line(workdir: Path, storage_url: str, tracking_uri: str) -> None:

@@ -1,8 +1,8 @@
 """Reproducibility: what each trial records about where it ran, and replaying a stored trial.
 
 Every trial of a launch stores its seed (and its folds' seeds), the torch/optuna/mlflow
-versions, the device and the SHA-256 of the data file (user attributes in Optuna, tags on the
-MLflow run). ``replay`` retrains a trial from its stored params and seed through the same
+versions, the device and the SHA-256 of the data file (the ``provenance`` user attribute in
+Optuna, tags on the MLflow run). ``replay`` retrains a trial from its stored params and seed through the same
 ``train()`` (or the same cross-validation) and puts the original metric beside the new one; on
 CPU with the same data and versions they are equal bit for bit.
 """
@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 from tuner.errors import TunerError
 
 if TYPE_CHECKING:
+    import optuna
     import torch
 
     from tuner.config import StudySpec
     from tuner.validation import ValidationPlan
 
-__all__ = ["provenance", "file_sha256", "device_name", "replay", "Replay"]
+__all__ = ["provenance", "trial_seed", "file_sha256", "device_name", "replay", "Replay"]
 
 
 def file_sha256(path: str | Path) -> str:
@@ -67,6 +68,13 @@ def provenance(spec: StudySpec, device: torch.device, plan: ValidationPlan | Non
     if plan is not None:
         record["validation"] = plan.describe()
     return record
+
+
+def trial_seed(trial: optuna.trial.FrozenTrial, default: int) -> int:
+    """The seed a trial trained with: in its ``provenance`` attribute (studies run before it moved
+    there: a ``seed`` attribute); ``default`` where neither is recorded."""
+    attrs = trial.user_attrs
+    return int(attrs.get("provenance", {}).get("seed", attrs.get("seed", default)))
 
 
 @dataclass
@@ -141,7 +149,7 @@ def replay(spec: StudySpec, trial_number: int, *, storage: str | None = None, de
         cv = load_folds(spec, frame)
     if "validation" in recorded and recorded["validation"] != cv.plan.describe():
         notes.append(f"validation differs: {recorded['validation']!r} then, {cv.plan.describe()!r} now")
-    seed = int(t.user_attrs.get("seed", spec.seed + t.number))
+    seed = trial_seed(t, spec.seed + t.number)
     stop_after = epoch if t.state != TrialState.COMPLETE else None
 
     def hook(e: int, metrics: dict[str, float]) -> bool:

@@ -6,6 +6,7 @@ The objective adapts Optuna to ``train()`` through the epoch hook; MLflow is rea
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import sqlite3
@@ -294,8 +295,9 @@ class TrialBudget:
     """Claims one trial slot at a time so that every worker together stops at exactly
     ``n_trials`` finished (COMPLETE + PRUNED) trials.
 
-    ``claim()`` takes the study lock, fails stale trials (their heartbeat stopped), and counts
-    finished and RUNNING trials; it returns ``"run"`` with the lock still held, and the caller
+    ``claim()`` takes the study lock and counts finished and RUNNING trials (failing stale ones,
+    whose heartbeat stopped, where they would fill the budget: before a ``"run"``, the caller's
+    ``study.optimize`` fails them itself); it returns ``"run"`` with the lock still held, and the caller
     releases it (``release()``) once the new trial exists in the storage, so two workers can never
     both take the last slot. FAIL trials free their slot; a WAITING retry of a stale trial is what
     the next ``study.ask()`` runs. ``"wait"``: other workers' running trials may still fill the
@@ -310,14 +312,20 @@ class TrialBudget:
     def claim(self) -> Literal["run", "wait", "done"]:
         from optuna.trial import TrialState
 
-        self._acquire()
-        try:
-            _fail_stale_trials(self.study)
+        def count() -> tuple[int, int]:
             trials = self.study.get_trials(
                 deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
             )
             n_running = sum(t.state == TrialState.RUNNING for t in trials)
-            n_finished = len(trials) - n_running
+            return len(trials) - n_running, n_running
+
+        self._acquire()
+        try:
+            n_finished, n_running = count()
+            if n_finished < self.n_trials <= n_finished + n_running:
+                # Only here can a dead worker's RUNNING trial change the answer.
+                _fail_stale_trials(self.study)
+                n_finished, n_running = count()
         except BaseException:
             self.release()
             raise
@@ -378,17 +386,12 @@ def run_trials(
     deadline = None if timeout is None else time.monotonic() + timeout
     n_run = failed_in_a_row = 0
     waited = False
-    last: list[optuna.trial.FrozenTrial] = []
-
     started: list[optuna.Trial] = []
 
     def claimed(trial: optuna.Trial) -> float:
         budget.release()  # the trial exists now: other workers count it as RUNNING
         started.append(trial)
         return objective(trial)
-
-    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        last.append(trial)
 
     while deadline is None or time.monotonic() < deadline:
         interrupts.check()
@@ -405,10 +408,12 @@ def run_trials(
                 waited = True
             time.sleep(poll_seconds)
             continue
-        last.clear()
         started.clear()
+        trial: optuna.trial.FrozenTrial | None = None
         try:
-            study.optimize(claimed, n_trials=1, callbacks=[record, *callbacks], catch=catch, gc_after_trial=False)
+            # The callbacks are called below, not by optimize: it would read the told trial back
+            # from the storage for them, and the study's trial list reads it anyway.
+            study.optimize(claimed, n_trials=1, catch=catch, gc_after_trial=False)
         except ValueError:
             # "Cannot tell a FAIL trial": another worker judged this live trial stale (its heartbeat
             # was late, e.g. on an overloaded machine) and failed it; Optuna queued a retry. The
@@ -416,12 +421,15 @@ def run_trials(
             stolen = study._storage.get_trial(started[-1]._trial_id) if started else None
             if stolen is None or stolen.state != TrialState.FAIL:
                 raise
-            last.append(stolen)
+            trial = stolen
+        else:
+            trial = _told_trial(study, started[-1]) if started else None
+            for callback in callbacks:
+                callback(study, copy.deepcopy(trial))  # type: ignore[arg-type]
         finally:
             budget.release()
         n_run += 1
         interrupts.check()
-        trial = last[-1] if last else None
         if on_trial_end is not None and trial is not None:
             on_trial_end(trial)
         if trial is not None and trial.state == TrialState.FAIL:
@@ -435,6 +443,12 @@ def run_trials(
         else:
             failed_in_a_row = 0
     return n_run
+
+
+def _told_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial:
+    """The trial as told, from the study's trial list: the storage cache re-reads only unfinished
+    and new trials, so the next budget claim finds it there instead of reading it again."""
+    return next(t for t in reversed(study.get_trials(deepcopy=False)) if t.number == trial.number)
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -507,6 +521,7 @@ class Objective:
         prunes = self.spec.pruner.name != "none"
         final_epoch = int(params["epochs"]) - 1
         reported: list[int] = []  # the epochs in Optuna, and the metric rows MLflow gets
+        judge = _Pruning(trial)
 
         def on_epoch_end(epoch: int, metrics: dict[str, float]) -> bool:
             interrupts.check()  # a Ctrl-C that landed in a callback and was swallowed ends here
@@ -516,7 +531,7 @@ class Objective:
             trial.report(metrics[metric], epoch)
             reported.append(epoch)
             # The last epoch is reported for the curve, not judged: training is over anyway.
-            return on_grid and prunes and trial.should_prune()
+            return on_grid and prunes and judge.should_prune()
 
         result: TrainResult | CVResult
         try:
@@ -537,9 +552,14 @@ class Objective:
 
         params = sample(trial, self.spec.space)
         seed = self.spec.seed + trial.number
-        trial.set_user_attr("seed", seed)
-        if self.provenance:
-            trial.set_user_attr("provenance", self.provenance)
+        # What reproduces the trial, in one attribute (each one is a storage write): the launch's
+        # record, the seed and the folds' seeds (older studies: separate seed/fold_seeds attributes).
+        record: dict[str, Any] = {**self.provenance, "seed": seed}
+        if self.cv is not None and self.cv.folds:
+            from tuner.validation import fold_seeds
+
+            record["fold_seeds"] = fold_seeds(seed, len(self.cv.folds))
+        trial.set_user_attr("provenance", record)
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
@@ -576,7 +596,6 @@ class Objective:
         tags = {"tuner.state": "COMPLETE", "tuner.seed": str(seed), **{f"tuner.{k}": str(v) for k, v in self.provenance.items()}}
         fold_metrics: dict[str, float] = {}
         if isinstance(result, CVResult):  # cross-validated: every fold's metric, for the spread
-            trial.set_user_attr("fold_seeds", result.seeds)
             tags["tuner.fold_seeds"] = ",".join(map(str, result.seeds))
             trial.set_user_attr(f"fold_{metric}", [m.get(metric) for m in result.fold_metrics])
             fold_metrics = {f"fold{i}_{k}": v for i, m in enumerate(result.fold_metrics) for k, v in m.items()}
@@ -612,6 +631,45 @@ class Objective:
         if not math.isfinite(value):  # pragma: no cover - train() stops before this
             raise optuna.TrialPruned(f"non-finite {metric}")
         return value
+
+
+class _Pruning:
+    """``trial.should_prune()`` against the finished trials the sampler read for this trial.
+
+    ``Trial.should_prune`` re-reads the study (this trial and every unfinished one, with all
+    their rows) at each check: 2-5 ms each, several checks per trial. The median/percentile,
+    threshold and no-op pruners judge a trial against COMPLETE trials only, so they are given the
+    finished trials of the study's per-trial cache (filled once after ``ask``, by the sampler or
+    at the first check): in one process the decision is the one ``should_prune`` takes; trials
+    that other workers finish meanwhile count from this worker's next trial (as in the fused
+    runner). Other pruners (hyperband and successive halving read running trials) take the
+    exact path. The object is the study view the pruner reads (``direction``, ``get_trials``).
+    """
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+        self._finished: list[optuna.trial.FrozenTrial] | None = None
+
+    @property
+    def direction(self) -> Any:
+        return self.trial.study.direction
+
+    @property
+    def directions(self) -> Any:
+        return self.trial.study.directions
+
+    def get_trials(self, deepcopy: bool = False, states: Any = None) -> list[optuna.trial.FrozenTrial]:
+        return [t for t in self._finished or [] if states is None or t.state in states]
+
+    def should_prune(self) -> bool:
+        from tuner.fused_runner import _fast_pruning
+
+        study = self.trial.study
+        if not _fast_pruning(study):
+            return self.trial.should_prune()
+        if self._finished is None:
+            self._finished = [t for t in study._get_trials(deepcopy=False, use_cache=True) if t.state.is_finished()]
+        return study.pruner.prune(self, self.trial._get_latest_trial())  # type: ignore[arg-type]
 
 
 def fail_reason(e: BaseException) -> str:
@@ -888,9 +946,10 @@ def _refit_champion(best: optuna.trial.FrozenTrial, cv: CVData, tracker: Tracker
     """A cross-validated trial has no single model: train its params on all rows through
     ``train()`` and store the weights in the trial's run, where promotion looks for them."""
     from tuner.model import Checkpoint
+    from tuner.replay import trial_seed
     from tuner.validation import refit
 
-    result = refit(best.params, cv, device=device, seed=int(best.user_attrs.get("seed", 0)))
+    result = refit(best.params, cv, device=device, seed=trial_seed(best, 0))
     state = {k: v.cpu() for k, v in result.model.state_dict().items()}
     run_id = best.user_attrs["mlflow_run_id"]
     tracker.save_checkpoint(run_id, Checkpoint(result.model.config, state))

@@ -118,6 +118,10 @@ class Tracker:
         mlflow.set_registry_uri(tracking_uri)
         _quiet()
         self.client = client or MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        # Artifact URIs of the trial runs this tracker opened and has not closed yet: a trial's
+        # weights go straight to its artifact store, without the run read (~10 SQL statements)
+        # that ``client.log_artifact`` makes to look the URI up.
+        self._artifact_uris: dict[str, str] = {}
         try:
             self.experiment_id = self._experiment(experiment_name, artifact_location)
         except TrackingError:
@@ -129,6 +133,7 @@ class Tracker:
             ) from None
         if tracking_uri.startswith("sqlite:///"):
             _sqlite_wal(Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]))
+            _sqlite_synchronous_normal(self.client)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
@@ -159,6 +164,7 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial_number}", tags=tags)
+        self._artifact_uris[run.info.run_id] = run.info.artifact_uri
         return run.info.run_id
 
     def end_trial(
@@ -195,6 +201,7 @@ class Tracker:
         if checkpoint is not None:
             self.save_checkpoint(run_id, checkpoint)
         self.client.set_terminated(run_id, status)
+        self._artifact_uris.pop(run_id, None)
 
     def end_run(self, run_id: str, status: RunStatus, tags: Mapping[str, str] | None = None) -> None:
         for k, v in (tags or {}).items():
@@ -207,7 +214,13 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / WEIGHTS_FILE
             torch.save(checkpoint.to_payload(), path)
-            self.client.log_artifact(run_id, str(path))
+            uri = self._artifact_uris.get(run_id)
+            if uri is None:
+                self.client.log_artifact(run_id, str(path))
+            else:
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+                get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifact(str(path))
 
     def has_checkpoint(self, run_id: str) -> bool:
         """Whether the run holds a weights file (a cross-validated trial has none until refit)."""
@@ -447,6 +460,26 @@ def _sqlite_wal(db: Path) -> None:
             conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error:
         pass
+
+
+def _sqlite_synchronous_normal(client: Any) -> None:
+    """``synchronous=NORMAL`` on the connections of MLflow's SQLite engine, as on the Optuna
+    storage's: in WAL mode a commit then appends to the log without an fsync (a trial's run makes
+    5-7 commits). A killed process loses nothing; a power cut may lose the last commits, which
+    ``tuner reconcile`` realigns with the study. Rollback-journal stores keep MLflow's default.
+    Best effort: a client without a SQLAlchemy engine (e.g. one given to the Tracker) is left alone."""
+    import sqlalchemy
+
+    engine = getattr(getattr(getattr(client, "_tracking_client", None), "store", None), "engine", None)
+    if not isinstance(engine, sqlalchemy.engine.Engine) or sqlalchemy.event.contains(engine, "connect", _normal_if_wal):
+        return
+    sqlalchemy.event.listen(engine, "connect", _normal_if_wal)
+    engine.dispose()  # connections opened before (store creation) are reopened with the setting
+
+
+def _normal_if_wal(dbapi_connection: Any, connection_record: Any) -> None:
+    if dbapi_connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+        dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
 def _requirements() -> list[str]:
