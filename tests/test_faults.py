@@ -26,6 +26,7 @@ from faultkit import (
     slow_first_trial,
     states,
     wait_for,
+    wait_stale,
 )
 
 from tuner.config import load_spec
@@ -56,7 +57,7 @@ def test_f1_killed_launch_trial_fails_by_heartbeat_is_retried_and_its_run_reconc
     assert _kill_during_first_trial(spec, tmp_path, signal.SIGKILL) == -signal.SIGKILL
     [zombie] = load_trials(spec)
     assert zombie.state.name == "RUNNING"
-    time.sleep(GRACE + 0.5)  # the dead worker's heartbeat is now older than the grace period
+    assert wait_stale(spec) == [0]  # the dead worker's heartbeat is older than the grace period
 
     summary = launch(spec, progress=False)
 
@@ -158,7 +159,8 @@ def test_f5_crash_between_optuna_and_mlflow_is_reconciled(tmp_path: Path, window
     assert exit_code(pid) == -signal.SIGKILL
     [trial] = load_trials(spec)
     assert trial.state.name == ("RUNNING" if window == "run_finished_before_tell" else "COMPLETE")
-    time.sleep(GRACE + 0.5)
+    if window == "run_finished_before_tell":
+        assert wait_stale(spec) == [0]
 
     report = reconcile(spec)
 
