@@ -82,23 +82,28 @@ def test_f2_trial_with_live_heartbeat_is_not_stale_however_long_it_runs(tmp_path
     from tuner.study import open_storage
 
     spec = _spec(tmp_path, "f2", n_trials=1)
-    original = tuner.train.train
+    original, checked = tuner.train.train, threading.Event()
 
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(2 * GRACE + 1)  # longer than the grace period; the heartbeat thread keeps beating
+    def held(*args: Any, **kwargs: Any) -> Any:
+        # The trial lasts until the checks below are done, longer than the grace period; the
+        # heartbeat thread keeps beating. (One wait: a cross-validated trial trains once per fold.)
+        checked.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tuner.train, "train", slow)
+    monkeypatch.setattr(tuner.train, "train", held)
     outcome: list[Any] = []
     worker = threading.Thread(target=lambda: outcome.append(launch(spec, progress=False)))
     worker.start()
-    wait_for(lambda: running_trial_with_run(tmp_path / "f2.db"), what="a running trial")
-    time.sleep(GRACE + 1)
-    # Another worker's stale check, and `tuner reconcile`, both leave the live trial alone.
-    other = optuna.load_study(study_name="f2", storage=open_storage(spec.storage_url, spec))
-    optuna.storages.fail_stale_trials(other)
-    assert reconcile(spec).stale_trials == []
-    assert [t.state.name for t in load_trials(spec)] == ["RUNNING"]
+    try:
+        wait_for(lambda: running_trial_with_run(tmp_path / "f2.db"), what="a running trial")
+        time.sleep(GRACE + 1)
+        # Another worker's stale check, and `tuner reconcile`, both leave the live trial alone.
+        other = optuna.load_study(study_name="f2", storage=open_storage(spec.storage_url, spec))
+        optuna.storages.fail_stale_trials(other)
+        assert reconcile(spec).stale_trials == []
+        assert [t.state.name for t in load_trials(spec)] == ["RUNNING"]
+    finally:
+        checked.set()
     worker.join(60)
     assert outcome and outcome[0].n_finished == 1
     trials, runs = check_consistent(spec)
