@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, free_port, run_tuner, tuner_env, write_study
+from tests.conftest import ROOT, free_port, mlflow_store, run_tuner, tuner_env, write_study
 
 
 def test_help_lists_the_commands_without_importing_heavy_packages() -> None:
@@ -116,6 +116,7 @@ def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_refuses_a_csv_without_the_model_columns(workdir: Path) -> None:
+    mlflow_store(workdir / "mlflow.db")  # the default store of a launch here, made without its migrations
     assert run_tuner("launch", "studies/cars_linear.toml", "--n-trials", "1", cwd=workdir).returncode == 0
     (workdir / "few.csv").write_text("mpg,hp\n21,110\n")
     result = run_tuner("predict", "cars-linear@champion", "--input", "few.csv", cwd=workdir)
@@ -136,7 +137,8 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     )
     # One split: 32 rows would default to 5-fold CV, five times the training time of this test.
     study_file = write_study(tmp_path, n_trials=3, space=space, body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
-    args = ["launch", str(study_file), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress"]
+    tracking = mlflow_store(tmp_path / "m.db")
+    args = ["launch", str(study_file), "--tracking-uri", tracking, "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=tmp_path, env=tuner_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -157,12 +159,12 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     assert not study.get_trials(states=(TrialState.RUNNING,))
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(tracking)
     assert client.get_run(failed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
     fast = write_study(tmp_path, n_trials=3, space=space.replace("low = 400, high = 500", "low = 400, high = 500"),
                        body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
-    resumed = run_tuner("launch", str(fast), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress", cwd=tmp_path)
+    resumed = run_tuner("launch", str(fast), "--tracking-uri", tracking, "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     study = optuna.load_study(study_name="study", storage=storage)
     assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
@@ -172,7 +174,7 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
 @pytest.mark.slow
 def test_dashboard_serves_the_study_and_optuna_cli_reads_the_storage(tmp_path: Path) -> None:
     study_file = write_study(tmp_path, n_trials=2)
-    assert run_tuner("launch", str(study_file), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path).returncode == 0
+    assert run_tuner("launch", str(study_file), "--tracking-uri", mlflow_store(tmp_path / "m.db"), cwd=tmp_path).returncode == 0
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tuner", "dashboard", str(study_file), "--port", str(port)],
                             cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_study
+from conftest import mlflow_store, write_study
 from faultkit import (
     GRACE,
     HEARTBEAT,
@@ -35,7 +35,7 @@ from tuner.study import launch
 
 
 def _spec(tmp_path: Path, name: str, n_trials: int = 3, **top: Any) -> Any:
-    path = write_study(tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **top)
+    path = write_study(tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=mlflow_store(tmp_path / "mlflow.db"), **top)
     return load_spec(path)
 
 
@@ -344,7 +344,7 @@ def test_f6_resident_memory_does_not_grow_per_trial(tmp_path: Path, monkeypatch:
         body=HEARTBEAT + '[sampler]\nname = "random"\n[pruner]\nname = "none"\n',
         space=space,
         n_trials=200,
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=mlflow_store(tmp_path / "mlflow.db"),
     )
     summary = launch(load_spec(path), progress=False, promote=False)
     assert summary.n_finished == 200 and len(rss) == 200

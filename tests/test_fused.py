@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_study
+from tests.conftest import mlflow_store, write_study
 from tuner.config import load_spec
 from tuner.data import prepare
 from tuner.errors import ConfigError
@@ -177,7 +177,7 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
         folder = tmp_path / execution
         folder.mkdir()
         spec = load_spec(write_study(folder, n_trials=4, execution=execution, body=body))
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        uri = mlflow_store(folder / "mlflow.db")
         summary = launch(spec, tracking_uri=uri, progress=False)
         from tuner.study import open_study
 
@@ -209,7 +209,7 @@ def test_cross_validated_study_refuses_fused_and_auto_runs_sequentially(tmp_path
     from tuner.errors import ConfigError
     from tuner.study import launch
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_store(tmp_path / "m.db")
     spec = load_spec(write_study(tmp_path, n_trials=8, execution="fused"))  # 32 rows: 5-fold CV by default
     with pytest.raises(ConfigError, match=r"execution = 'fused' trains one validation split, but this study uses 5-fold"):
         launch(spec, tracking_uri=uri, progress=False)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import CARS, write_study
+from tests.conftest import CARS, mlflow_store, write_study
 from tuner.cli import main
 from tuner.config import load_spec
 from tuner.replay import replay
@@ -32,7 +32,7 @@ SPACE = (
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return mlflow_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 def tuner(capsys: pytest.CaptureFixture[str], *args: str) -> str:
