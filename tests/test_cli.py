@@ -116,8 +116,12 @@ def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_refuses_a_csv_without_the_model_columns(workdir: Path) -> None:
-    mlflow_store(workdir / "mlflow.db")  # the default store of a launch here, made without its migrations
-    assert run_tuner("launch", "studies/cars_linear.toml", "--n-trials", "1", cwd=workdir).returncode == 0
+    from tuner.config import load_spec
+    from tuner.study import launch
+
+    # The model to predict with, launched in this process (the commands under test run in their own).
+    spec = load_spec(workdir / "studies" / "cars_linear.toml")
+    launch(spec, n_trials=1, tracking_uri=mlflow_store(workdir / "mlflow.db"), progress=False, report=False)
     (workdir / "few.csv").write_text("mpg,hp\n21,110\n")
     result = run_tuner("predict", "cars-linear@champion", "--input", "few.csv", cwd=workdir)
     assert result.returncode == 2
@@ -173,8 +177,12 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
 
 @pytest.mark.slow
 def test_dashboard_serves_the_study_and_optuna_cli_reads_the_storage(tmp_path: Path) -> None:
+    from tuner.config import load_spec
+    from tuner.study import launch
+
     study_file = write_study(tmp_path, n_trials=2)
-    assert run_tuner("launch", str(study_file), "--tracking-uri", mlflow_store(tmp_path / "m.db"), cwd=tmp_path).returncode == 0
+    # The study to serve, launched in this process (the commands under test run in their own).
+    launch(load_spec(study_file), tracking_uri=mlflow_store(tmp_path / "m.db"), progress=False, report=False)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tuner", "dashboard", str(study_file), "--port", str(port)],
                             cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
