@@ -78,18 +78,44 @@ def wait_for(condition: Callable[[], Any], timeout: float = 120, what: str = "co
 
 
 def running_trial_with_run(db: Path) -> bool:
-    """True once a trial is RUNNING and has its MLflow run (read with sqlite3: no caches)."""
+    """True once a trial is RUNNING, has its MLflow run and its first heartbeat (read with sqlite3:
+    no caches). Optuna's heartbeat thread writes that row concurrently with the objective; a trial
+    killed before it exists is never judged stale (Optuna skips RUNNING trials without one)."""
     if not db.exists():
         return False
     try:
         with sqlite3.connect(db, timeout=5) as conn:
             (n,) = conn.execute(
                 "SELECT count(*) FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
                 "WHERE t.state = 'RUNNING' AND a.key = 'mlflow_run_id'"
             ).fetchone()
     except sqlite3.Error:
         return False
     return n > 0
+
+
+def wait_stale(spec: Any, timeout: float = 60) -> list[int]:
+    """Wait until Optuna's own rule judges a RUNNING trial of ``spec``'s study stale; return the
+    stale trial numbers.
+
+    Not a fixed ``sleep(grace + margin)``: on SQLite, Optuna stores the heartbeat and reads "now"
+    as ``CURRENT_TIMESTAMP``, which has whole-second resolution, and calls a trial stale when
+    ``now - heartbeat > grace_period``. A heartbeat written at 12:00:52.18 and checked at
+    12:00:54.97 (2.8 s later) reads as 2 s old: not stale. So a relaunch 2.5 s after the kill
+    judged the dead trial live in its up-front reconcile whenever its start-up took under ~0.5 s
+    (warm imports, i.e. after other in-process launches in the same pytest run), and only a later
+    trial-slot claim failed it, after the launch had reconciled its runs.
+    """
+    from tuner.study import open_storage
+
+    storage = open_storage(spec.storage_url, spec)
+    try:
+        study_id = storage.get_study_id_from_name(spec.name)
+        ids = wait_for(lambda: storage._get_stale_trial_ids(study_id), timeout, what="a stale trial")
+        return sorted(storage.get_trial_number_from_id(i) for i in ids)
+    finally:
+        storage.engine.dispose()
 
 
 def slow_first_trial(seconds: float = 120) -> Callable[[], None]:

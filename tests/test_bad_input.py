@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CARS, free_port, write_study
+from conftest import CARS, free_port, mlflow_store, write_study
 
 from tuner.cli import main
 from tuner.config import load_spec
@@ -207,7 +207,7 @@ def test_changed_search_space_is_refused_with_the_difference_then_allowed(tmp_pa
     from tuner.study import launch
     from tuner.tracking import Tracker
 
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path / "mlflow.db")
     path = write_study(tmp_path, "space", n_trials=2, tracking_uri=tracking)
     launch(load_spec(path), progress=False, promote=False)
     trials_before = _trials(path)

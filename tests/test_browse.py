@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from tests.conftest import CARS, ROOT, free_port, need, tuner_env, write_study
+from tests.conftest import CARS, ROOT, free_port, mlflow_store, need, tuner_env, write_study
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ class Launched:
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Launched:
     folder = tmp_path_factory.mktemp("browse")
     path = write_study(folder, "browse", n_trials=N_TRIALS, body=PRUNER, space=SPACE)
-    tracking = f"sqlite:///{folder / 'mlflow.db'}"
+    tracking = mlflow_store(folder / "mlflow.db")
     # In this process: the interpreter start-up and imports of a subprocess cost more than the study.
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

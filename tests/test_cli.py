@@ -18,7 +18,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, free_port, run_tuner, tuner_env, write_study
+from tests.conftest import ROOT, free_port, mlflow_store, run_tuner, tuner_env, write_study
 
 
 def test_help_lists_the_commands_without_importing_heavy_packages() -> None:
@@ -116,7 +116,12 @@ def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
 
 @pytest.mark.slow
 def test_predict_refuses_a_csv_without_the_model_columns(workdir: Path) -> None:
-    assert run_tuner("launch", "studies/cars_linear.toml", "--n-trials", "1", cwd=workdir).returncode == 0
+    from tuner.config import load_spec
+    from tuner.study import launch
+
+    # The model to predict with, launched in this process (the commands under test run in their own).
+    spec = load_spec(workdir / "studies" / "cars_linear.toml")
+    launch(spec, n_trials=1, tracking_uri=mlflow_store(workdir / "mlflow.db"), progress=False, report=False)
     (workdir / "few.csv").write_text("mpg,hp\n21,110\n")
     result = run_tuner("predict", "cars-linear@champion", "--input", "few.csv", cwd=workdir)
     assert result.returncode == 2
@@ -135,8 +140,9 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
         'activation = { type = "fixed", value = "tanh" }\n'
     )
     # One split: 32 rows would default to 5-fold CV, five times the training time of this test.
-    study_file = write_study(tmp_path, n_trials=3, space=space, body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
-    args = ["launch", str(study_file), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress"]
+    study_file = write_study(tmp_path, n_trials=2, space=space, body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
+    tracking = mlflow_store(tmp_path / "m.db")
+    args = ["launch", str(study_file), "--tracking-uri", tracking, "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=tmp_path, env=tuner_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
@@ -157,22 +163,26 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     assert not study.get_trials(states=(TrialState.RUNNING,))
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
-    client = MlflowClient(f"sqlite:///{tmp_path / 'm.db'}")
+    client = MlflowClient(tracking)
     assert client.get_run(failed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
-    fast = write_study(tmp_path, n_trials=3, space=space.replace("low = 400, high = 500", "low = 400, high = 500"),
+    fast = write_study(tmp_path, n_trials=2, space=space.replace("low = 400, high = 500", "low = 400, high = 500"),
                        body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
-    resumed = run_tuner("launch", str(fast), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--no-progress", cwd=tmp_path)
+    resumed = run_tuner("launch", str(fast), "--tracking-uri", tracking, "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     study = optuna.load_study(study_name="study", storage=storage)
-    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 3
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
 
 @pytest.mark.slow
 def test_dashboard_serves_the_study_and_optuna_cli_reads_the_storage(tmp_path: Path) -> None:
+    from tuner.config import load_spec
+    from tuner.study import launch
+
     study_file = write_study(tmp_path, n_trials=2)
-    assert run_tuner("launch", str(study_file), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", cwd=tmp_path).returncode == 0
+    # The study to serve, launched in this process (the commands under test run in their own).
+    launch(load_spec(study_file), tracking_uri=mlflow_store(tmp_path / "m.db"), progress=False, report=False)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tuner", "dashboard", str(study_file), "--port", str(port)],
                             cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

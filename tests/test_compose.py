@@ -128,7 +128,9 @@ def test_compose_commands_run_the_stack_locally(tmp_path: Path, pg_databases: di
     server, and the dashboard lists the study."""
     n_workers, n_trials = 8, 16
     (tmp_path / "studies").mkdir()
-    write_study(tmp_path / "studies", "stack", n_trials=n_trials, body='[pruner]\nname = "none"\n')
+    # One holdout split (not the default 5 folds): the test is about the stack and its storage.
+    body = '[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n'
+    write_study(tmp_path / "studies", "stack", n_trials=n_trials, body=body)
     env_file = dotenv(ROOT / ".env.example")
     password = env_file["POSTGRES_PASSWORD"]
     c = load_compose({**env_file, "TUNER_STUDY": "studies/stack.toml"})

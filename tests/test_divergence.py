@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from conftest import write_study
+from conftest import mlflow_store, write_study
 from faultkit import (
     champion,
     check_consistent,
@@ -28,7 +28,7 @@ SPACE = (
 
 
 def test_b7_diverging_trials_are_pruned_with_the_reason_and_the_champion_is_finite(tmp_path: Path) -> None:
-    path = write_study(tmp_path, "b7", space=SPACE, n_trials=6, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    path = write_study(tmp_path, "b7", space=SPACE, n_trials=6, tracking_uri=mlflow_store(tmp_path / "mlflow.db"))
     spec = load_spec(path)
 
     summary = launch(spec, progress=False)

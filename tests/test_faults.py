@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import write_study
+from conftest import mlflow_store, write_study
 from faultkit import (
     GRACE,
     HEARTBEAT,
@@ -26,6 +26,7 @@ from faultkit import (
     slow_first_trial,
     states,
     wait_for,
+    wait_stale,
 )
 
 from tuner.config import load_spec
@@ -34,7 +35,7 @@ from tuner.study import launch
 
 
 def _spec(tmp_path: Path, name: str, n_trials: int = 3, **top: Any) -> Any:
-    path = write_study(tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", **top)
+    path = write_study(tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=mlflow_store(tmp_path / "mlflow.db"), **top)
     return load_spec(path)
 
 
@@ -56,7 +57,7 @@ def test_f1_killed_launch_trial_fails_by_heartbeat_is_retried_and_its_run_reconc
     assert _kill_during_first_trial(spec, tmp_path, signal.SIGKILL) == -signal.SIGKILL
     [zombie] = load_trials(spec)
     assert zombie.state.name == "RUNNING"
-    time.sleep(GRACE + 0.5)  # the dead worker's heartbeat is now older than the grace period
+    assert wait_stale(spec) == [0]  # the dead worker's heartbeat is older than the grace period
 
     summary = launch(spec, progress=False)
 
@@ -81,23 +82,28 @@ def test_f2_trial_with_live_heartbeat_is_not_stale_however_long_it_runs(tmp_path
     from tuner.study import open_storage
 
     spec = _spec(tmp_path, "f2", n_trials=1)
-    original = tuner.train.train
+    original, checked = tuner.train.train, threading.Event()
 
-    def slow(*args: Any, **kwargs: Any) -> Any:
-        time.sleep(2 * GRACE + 1)  # longer than the grace period; the heartbeat thread keeps beating
+    def held(*args: Any, **kwargs: Any) -> Any:
+        # The trial lasts until the checks below are done, longer than the grace period; the
+        # heartbeat thread keeps beating. (One wait: a cross-validated trial trains once per fold.)
+        checked.wait(60)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(tuner.train, "train", slow)
+    monkeypatch.setattr(tuner.train, "train", held)
     outcome: list[Any] = []
     worker = threading.Thread(target=lambda: outcome.append(launch(spec, progress=False)))
     worker.start()
-    wait_for(lambda: running_trial_with_run(tmp_path / "f2.db"), what="a running trial")
-    time.sleep(GRACE + 1)
-    # Another worker's stale check, and `tuner reconcile`, both leave the live trial alone.
-    other = optuna.load_study(study_name="f2", storage=open_storage(spec.storage_url, spec))
-    optuna.storages.fail_stale_trials(other)
-    assert reconcile(spec).stale_trials == []
-    assert [t.state.name for t in load_trials(spec)] == ["RUNNING"]
+    try:
+        wait_for(lambda: running_trial_with_run(tmp_path / "f2.db"), what="a running trial")
+        time.sleep(GRACE + 1)
+        # Another worker's stale check, and `tuner reconcile`, both leave the live trial alone.
+        other = optuna.load_study(study_name="f2", storage=open_storage(spec.storage_url, spec))
+        optuna.storages.fail_stale_trials(other)
+        assert reconcile(spec).stale_trials == []
+        assert [t.state.name for t in load_trials(spec)] == ["RUNNING"]
+    finally:
+        checked.set()
     worker.join(60)
     assert outcome and outcome[0].n_finished == 1
     trials, runs = check_consistent(spec)
@@ -158,7 +164,8 @@ def test_f5_crash_between_optuna_and_mlflow_is_reconciled(tmp_path: Path, window
     assert exit_code(pid) == -signal.SIGKILL
     [trial] = load_trials(spec)
     assert trial.state.name == ("RUNNING" if window == "run_finished_before_tell" else "COMPLETE")
-    time.sleep(GRACE + 0.5)
+    if window == "run_finished_before_tell":
+        assert wait_stale(spec) == [0]
 
     report = reconcile(spec)
 
@@ -337,9 +344,11 @@ def test_f6_resident_memory_does_not_grow_per_trial(tmp_path: Path, monkeypatch:
         body=HEARTBEAT + '[sampler]\nname = "random"\n[pruner]\nname = "none"\n',
         space=space,
         n_trials=200,
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        tracking_uri=mlflow_store(tmp_path / "mlflow.db"),
+        execution="sequential",  # the samples come from Objective.__call__; auto would fuse these trials
     )
-    summary = launch(load_spec(path), progress=False, promote=False)
+    # Memory is measured per trial: nothing after the last trial (promotion, report) is needed.
+    summary = launch(load_spec(path), progress=False, promote=False, report=False)
     assert summary.n_finished == 200 and len(rss) == 200
     assert rss[199] <= 1.2 * rss[19], f"RSS grew from {rss[19] / 2**20:.1f} MiB (trial 20) to {rss[199] / 2**20:.1f} MiB"
 

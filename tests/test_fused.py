@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import write_study
+from tests.conftest import mlflow_store, write_study
 from tuner.config import load_spec
 from tuner.data import prepare
 from tuner.errors import ConfigError
@@ -178,8 +178,8 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
         folder = tmp_path / execution
         folder.mkdir()
         spec = load_spec(write_study(folder, n_trials=4, execution=execution, body=body))
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        summary = launch(spec, tracking_uri=uri, progress=False)
+        uri = mlflow_store(folder / "mlflow.db")
+        summary = launch(spec, tracking_uri=uri, progress=False, report=False)  # the report reads the same trials
         from tuner.study import open_study
 
         study = open_study(spec, create=False)
@@ -250,7 +250,7 @@ def test_cross_validated_study_runs_fused_with_the_sequential_trials(tmp_path: P
         folder.mkdir()
         spec = load_spec(write_study(folder, n_trials=4, execution=execution, report_every=2,  # on the grid, as sequential
                                      body='[pruner]\nname = "none"\n'))
-        summary = launch(spec, tracking_uri=f"sqlite:///{folder / 'mlflow.db'}", progress=False)
+        summary = launch(spec, tracking_uri=mlflow_store(folder / "mlflow.db"), progress=False, report=False)
         assert summary.validation.startswith("5-fold cross-validation")
         assert summary.promotion is not None and summary.promotion.alias == "champion"
         trials[execution] = open_study(spec, create=False).trials
@@ -297,8 +297,8 @@ def test_fused_out_of_device_memory_fails_the_trials_in_flight_and_runs_the_rest
 
     monkeypatch.setattr(tuner.fused, "train_many", out_of_memory)
     spec = load_spec(write_study(tmp_path, n_trials=4, execution="fused", body="[validation]\nfraction = 0.2\n"))
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    summary = launch(spec, tracking_uri=uri, progress=False, promote=False)
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    summary = launch(spec, tracking_uri=uri, progress=False, promote=False, report=False)
     err = capsys.readouterr().err
     assert "execution: fused ran out of device memory (out of memory on the device (CUDA out of memory." in err
     assert "the trials in flight failed, the rest run sequentially" in err

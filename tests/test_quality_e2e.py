@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import CARS, write_study
+from tests.conftest import CARS, mlflow_store, write_study
 from tuner.cli import main
 from tuner.config import load_spec
 from tuner.replay import replay
@@ -32,7 +32,7 @@ SPACE = (
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return mlflow_store(tmp_path_factory.mktemp("mlflow") / "mlflow.db")
 
 
 def tuner(capsys: pytest.CaptureFixture[str], *args: str) -> str:
@@ -98,7 +98,8 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
     runs = {}
     for name in ("a", "b"):  # two fresh Optuna storages (one MLflow store: b finds a's model registered)
         storage = f"sqlite:///{tmp_path / name}.db"
-        summary = launch(spec, storage=storage, tracking_uri=tracking, progress=False)
+        # report=False: the study report (tests/test_browse.py) plays no part in what is checked here.
+        summary = launch(spec, storage=storage, tracking_uri=tracking, progress=False, report=False)
         runs[name] = (summary, _trials(storage, study))
     (sa, ta), (_, tb) = runs["a"], runs["b"]
     assert ta == tb and len(ta) == 3 and all(t[1] == "COMPLETE" for t in ta)
@@ -139,7 +140,7 @@ def test_holdout_trials_replay_exactly_and_keep_their_own_weights(tmp_path: Path
     study = write_study(tmp_path, "holdout", n_trials=2, body="[validation]\nfraction = 0.25\n", space=SPACE)
     spec = load_spec(study)
     storage = f"sqlite:///{tmp_path / 'holdout'}.db"
-    summary = launch(spec, storage=storage, tracking_uri=tracking, progress=False)
+    summary = launch(spec, storage=storage, tracking_uri=tracking, progress=False, report=False)
     assert summary.validation == "one split, 25% of rows held out (seed 0; set in the study file)"
     assert "least_squares" in summary.baselines and summary.verdict.startswith("the tuned model (rmse ")
     r = replay(spec, 0, storage=storage)
@@ -147,4 +148,4 @@ def test_holdout_trials_replay_exactly_and_keep_their_own_weights(tmp_path: Path
     # the same study cross-validated now: its earlier one-split trials do not compare
     folds = write_study(tmp_path, "holdout", n_trials=3, body="[validation]\nfolds = 3\n", space=SPACE)
     with pytest.warns(UserWarning, match=r"was validated with one split, 25% .* do not compare with 3-fold"):
-        launch(load_spec(folds), storage=storage, tracking_uri=tracking, progress=False)
+        launch(load_spec(folds), storage=storage, tracking_uri=tracking, progress=False, report=False)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import CARS, free_port, need, port_open, write_study
+from conftest import CARS, free_port, mlflow_store, need, port_open, write_study
 
 from tuner.config import load_spec
 from tuner.errors import ModelError
@@ -35,9 +35,9 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from mlflow.artifacts import download_artifacts
 
     tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = mlflow_store(tmp / "mlflow.db")
     spec = load_spec(write_study(tmp, "sec", n_trials=1, tracking_uri=uri))
-    launch(spec, progress=False)
+    launch(spec, progress=False, report=False)  # the champion is what the tests below use
     client = MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version_by_alias("sec", "champion")
     model_dir = Path(download_artifacts(f"models:/sec/{version.version}", dst_path=str(tmp / "good")))
@@ -165,7 +165,7 @@ def test_s3_no_password_in_output_mlflow_or_optuna(tmp_path: Path, capfd: Any) -
     with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{database}"')
     storage = f"postgresql://postgres:{password}@127.0.0.1:5432/{database}"
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path / "mlflow.db")
     study = write_study(tmp_path, "s3", n_trials=2)
     try:
         common = [str(study), "--storage", storage, "--tracking-uri", tracking]

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from tests.conftest import free_port, need, port_open, run_tuner, tuner_env, write_study
+from tests.conftest import free_port, mlflow_store, need, port_open, run_tuner, tuner_env, write_study
 from tuner.errors import StorageError, TunerError
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
@@ -327,7 +327,7 @@ def test_workers_survive_a_postgres_restart(tmp_path: Path, pg_url: str) -> None
         'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
     )
     study = write_study(tmp_path, "restart", n_trials=n_trials, space=space, body='[pruner]\nname = "none"\n')
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = mlflow_store(tmp_path / "mlflow.db")
     cmd = [
         sys.executable,
         "-m",

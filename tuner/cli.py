@@ -350,9 +350,19 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     storage = open_storage(url)
     _warn_if_public(args.host)
     print(f"optuna-dashboard for {spec.name} at http://{args.host}:{args.port}/dashboard/ (Ctrl-C stops)", flush=True)
+    import signal
+
     import optuna_dashboard
 
-    optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    # A read-only server: Ctrl-C and SIGTERM end the process at once. tuner's handlers raise
+    # KeyboardInterrupt, which wsgiref catches (and prints) when it lands while a request is being
+    # answered: the server then served on, and `kill` did not stop it.
+    previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        optuna_dashboard.run_server(storage, host=args.host, port=args.port)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 0
 
 
