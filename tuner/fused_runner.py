@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tuner.errors import ConfigError
+from tuner.pruning import FinishedTrials, fast_pruning
 
 if TYPE_CHECKING:
     import optuna
@@ -161,21 +162,14 @@ def choose_execution(
     return "sequential", f"auto: fused measured {speedup:.1f}x per trial-step on {device}, below {AUTO_MIN_SPEEDUP}x"
 
 
-class _FinishedTrials:
-    """What the percentile family of pruners (median, percentile) and the threshold and no-op
-    pruners read of a study, with the finished trials re-read once per tell instead of at every
-    epoch of every trial in flight: ``Trial.should_prune`` re-reads all RUNNING trials, with all
-    their intermediate values, on each call, which costs O(K x epochs) rows per check at width K.
-
-    These pruners look at COMPLETE trials only, so the decision is the sequential one for this
-    worker's trials, which are added as they are told; the storage is re-read at most once per
-    ``max_age`` seconds for the trials other workers finish (each read also re-reads every trial
-    in flight, with its intermediate values: ~15 ms at width 12 on SQLite). The same view gives
-    the trial budget its count of finished trials.
-    """
+class _FinishedTrials(FinishedTrials):
+    """The finished trials for the pruner (see ``tuner.pruning``) and for the trial budget's
+    count: the trials this worker tells are added as it tells them, and the storage is re-read at
+    most once per ``max_age`` seconds for the trials other workers finish (each read also re-reads
+    every trial in flight, with its intermediate values: ~15 ms at width 12 on SQLite)."""
 
     def __init__(self, study: optuna.Study, max_age: float = 1.0) -> None:
-        self._study = study
+        super().__init__(study)
         self._max_age = max_age
         self.refresh()
 
@@ -199,23 +193,6 @@ class _FinishedTrials:
         from optuna.trial import TrialState
 
         return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in self._finished)
-
-    @property
-    def direction(self) -> Any:
-        return self._study.direction
-
-    @property
-    def directions(self) -> Any:
-        return self._study.directions
-
-    def get_trials(self, deepcopy: bool = False, states: Any = None) -> list[optuna.trial.FrozenTrial]:
-        return [t for t in self._finished if states is None or t.state in states]
-
-
-def _fast_pruning(study: optuna.Study) -> bool:
-    from optuna.pruners import NopPruner, PercentilePruner, ThresholdPruner
-
-    return isinstance(study.pruner, (PercentilePruner, NopPruner, ThresholdPruner))
 
 
 def run_fused(
@@ -253,7 +230,7 @@ def run_fused(
     metric = objective.spec.metric
     last_beat = time.monotonic()
     finished = _FinishedTrials(study)
-    fast_pruning = _fast_pruning(study)
+    fast = fast_pruning(study)
 
     def jobs() -> Iterator[Job]:
         # Lazily, one ask per free slot: the previous results are told before the next ask.
@@ -299,10 +276,9 @@ def run_fused(
         reported[index].append(epoch)
         if not (on_grid and prunes):
             return False
-        if not fast_pruning:
+        if not fast:
             return trial.should_prune()  # pruners that read running trials (hyperband, ...): the exact path
-        # What should_prune does, against the finished trials read at the last tell.
-        return study.pruner.prune(finished, trial._get_latest_trial())  # type: ignore[arg-type]
+        return finished.prune(trial)  # what should_prune decides, against the finished trials held
 
     def on_trial_end(index: int, result: TrainResult | CVResult) -> None:
         trial = trials[index]

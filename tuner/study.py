@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, Te
 from tuner import interrupts
 from tuner.config import StudySpec, check_options, redact_url
 from tuner.errors import StorageError, TunerError
+from tuner.pruning import FinishedTrials, fast_pruning
 
 if TYPE_CHECKING:
     import optuna
@@ -634,42 +635,20 @@ class Objective:
 
 
 class _Pruning:
-    """``trial.should_prune()`` against the finished trials the sampler read for this trial.
-
-    ``Trial.should_prune`` re-reads the study (this trial and every unfinished one, with all
-    their rows) at each check: 2-5 ms each, several checks per trial. The median/percentile,
-    threshold and no-op pruners judge a trial against COMPLETE trials only, so they are given the
-    finished trials of the study's per-trial cache (filled once after ``ask``, by the sampler or
-    at the first check): in one process the decision is the one ``should_prune`` takes; trials
-    that other workers finish meanwhile count from this worker's next trial (as in the fused
-    runner). Other pruners (hyperband and successive halving read running trials) take the
-    exact path. The object is the study view the pruner reads (``direction``, ``get_trials``).
-    """
+    """``trial.should_prune()`` against the finished trials the sampler read for this trial
+    (the study's per-trial cache, filled once after ``ask``): see ``tuner.pruning``."""
 
     def __init__(self, trial: optuna.Trial) -> None:
         self.trial = trial
-        self._finished: list[optuna.trial.FrozenTrial] | None = None
-
-    @property
-    def direction(self) -> Any:
-        return self.trial.study.direction
-
-    @property
-    def directions(self) -> Any:
-        return self.trial.study.directions
-
-    def get_trials(self, deepcopy: bool = False, states: Any = None) -> list[optuna.trial.FrozenTrial]:
-        return [t for t in self._finished or [] if states is None or t.state in states]
+        self._view: FinishedTrials | None = None
 
     def should_prune(self) -> bool:
-        from tuner.fused_runner import _fast_pruning
-
         study = self.trial.study
-        if not _fast_pruning(study):
+        if not fast_pruning(study):
             return self.trial.should_prune()
-        if self._finished is None:
-            self._finished = [t for t in study._get_trials(deepcopy=False, use_cache=True) if t.state.is_finished()]
-        return study.pruner.prune(self, self.trial._get_latest_trial())  # type: ignore[arg-type]
+        if self._view is None:
+            self._view = FinishedTrials(study, study._get_trials(deepcopy=False, use_cache=True))
+        return self._view.prune(self.trial)
 
 
 def fail_reason(e: BaseException) -> str:
