@@ -157,7 +157,11 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    # tuner returns 130. CPython then exits through SIGINT itself (-2 here; a shell shows 130 for
+    # both) when the KeyboardInterrupt passed through code run by exec()/eval() of a string, e.g.
+    # a dataclass created by a lazy import: it marks the interrupt "unhandled" although main()
+    # handled it. Seen in about 1 in 12 runs on a loaded machine (strace: kill(self, SIGINT)).
+    assert proc.returncode in (130, -signal.SIGINT), err
     assert "interrupted" in err and "Traceback" not in err
     study = optuna.load_study(study_name="study", storage=storage)
     assert not study.get_trials(states=(TrialState.RUNNING,))
