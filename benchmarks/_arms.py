@@ -118,20 +118,21 @@ def overhead(result: dict[str, Any]) -> dict[str, float]:
     (start-up, final model registration).
     """
     trials = sorted(result["trials"], key=lambda r: r["end"])
-    prev = result["started"]
-    per_trial = []
-    for r in trials:
-        per_trial.append((r["end"] - prev) - r["train"])
-        prev = r["end"]
+
+    def gaps(start: float, end: str, train: str) -> list[float]:
+        """Each trial's interval since the previous one ended, less its training."""
+        out, prev = [], start
+        for r in trials:
+            out.append((r[end] - prev) - r[train])
+            prev = r[end]
+        return out
+
+    per_trial = gaps(result["started"], "end", "train")
     steady = per_trial[1:] or per_trial
     # The same on this process's CPU time: what the overhead costs on a machine shared with other
     # jobs (wall time there also counts waiting for a core; CPU time does not count fsync waits
     # or the baseline's requirement-inference subprocess, so it flatters the baseline).
-    prev_cpu = result["started_cpu"]
-    per_trial_cpu = []
-    for r in trials:
-        per_trial_cpu.append((r["end_cpu"] - prev_cpu) - r["train_cpu"])
-        prev_cpu = r["end_cpu"]
+    per_trial_cpu = gaps(result["started_cpu"], "end_cpu", "train_cpu")
     steady_cpu = per_trial_cpu[1:] or per_trial_cpu
     train_total = sum(r["train"] for r in trials)
     n = max(len(trials), 1)
@@ -140,7 +141,7 @@ def overhead(result: dict[str, Any]) -> dict[str, float]:
         "mean_ms": 1000 * (result["wall_s"] - train_total) / n,
         "median_cpu_ms": 1000 * statistics.median(steady_cpu) if steady_cpu else float("nan"),
         "startup_s": per_trial[0] if per_trial else float("nan"),
-        "tail_s": result["started"] + result["wall_s"] - prev,
+        "tail_s": result["started"] + result["wall_s"] - (trials[-1]["end"] if trials else result["started"]),
         "train_s": train_total,
         "wall_s": result["wall_s"],
         "n_trials": len(trials),
