@@ -133,11 +133,11 @@ def test_n_trials_zero_on_the_command_line_is_refused_not_ignored(tmp_path: Path
 
 
 def test_fewer_rows_than_the_largest_batch_size_clamps_with_a_warning(tmp_path: Path) -> None:
-    from tuner.study import _check_batch_sizes
+    from tuner.inputs import check_batch_sizes
 
     spec = load_spec(write_study(tmp_path, "big", space=LR + SPACE.replace("[8, 16]", "[8, 64]")))
     with pytest.warns(UserWarning, match=r"batch sizes up to 64 exceed the 26 training rows; those trials use full batches of 26"):
-        _check_batch_sizes(spec, 26)
+        check_batch_sizes(spec, 26)
 
 
 def test_storage_folder_that_does_not_exist(tmp_path: Path, capsys: Any) -> None:
@@ -204,7 +204,7 @@ def test_tracking_store_folder_that_does_not_exist(tmp_path: Path) -> None:
 
 
 def test_changed_search_space_is_refused_with_the_difference_then_allowed(tmp_path: Path, capsys: Any) -> None:
-    from tuner.study import launch
+    from tuner.session import launch
     from tuner.tracking import Tracker
 
     tracking = mlflow_store(tmp_path / "mlflow.db")

@@ -101,7 +101,7 @@ def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
     np.testing.assert_allclose(via_cli, via_pyfunc, rtol=1e-6)
 
     from tuner.config import load_spec
-    from tuner.study import load_data
+    from tuner.inputs import load_data
 
     prepared, frame = load_data(load_spec(workdir / "studies" / "cars_mlp.toml"))
     val = prepared.val_index
@@ -117,7 +117,7 @@ def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
 @pytest.mark.slow
 def test_predict_refuses_a_csv_without_the_model_columns(workdir: Path) -> None:
     from tuner.config import load_spec
-    from tuner.study import launch
+    from tuner.session import launch
 
     # The model to predict with, launched in this process (the commands under test run in their own).
     spec = load_spec(workdir / "studies" / "cars_linear.toml")
@@ -182,7 +182,7 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
 @pytest.mark.slow
 def test_dashboard_serves_the_study_and_optuna_cli_reads_the_storage(tmp_path: Path) -> None:
     from tuner.config import load_spec
-    from tuner.study import launch
+    from tuner.session import launch
 
     study_file = write_study(tmp_path, n_trials=2)
     # The study to serve, launched in this process (the commands under test run in their own).

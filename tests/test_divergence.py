@@ -15,7 +15,7 @@ from faultkit import (
 )
 
 from tuner.config import load_spec
-from tuner.study import launch
+from tuner.session import launch
 
 SPACE = (
     'lr = { type = "float", low = 1e-2, high = 10.0, log = true }\n'

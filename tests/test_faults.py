@@ -31,7 +31,7 @@ from faultkit import (
 
 from tuner.config import load_spec
 from tuner.errors import TrackingError, TunerError
-from tuner.study import launch
+from tuner.session import launch
 
 
 def _spec(tmp_path: Path, name: str, n_trials: int = 3, **top: Any) -> Any:
@@ -309,7 +309,7 @@ def test_b8_out_of_memory_fails_the_trial_with_its_reason_and_the_study_goes_on(
 
 def test_b8_a_launch_whose_every_trial_runs_out_of_memory_stops_with_the_reason(tmp_path: Path, monkeypatch: Any) -> None:
     import tuner.train
-    from tuner.study import MAX_FAILED_IN_A_ROW
+    from tuner.runners import MAX_FAILED_IN_A_ROW
 
     monkeypatch.setattr(tuner.train, "_loss", _oom(10**6))
     spec = _spec(tmp_path, "b8all", n_trials=2)
@@ -322,15 +322,15 @@ def test_b8_a_launch_whose_every_trial_runs_out_of_memory_stops_with_the_reason(
 
 @pytest.mark.slow
 def test_f6_resident_memory_does_not_grow_per_trial(tmp_path: Path, monkeypatch: Any) -> None:
-    import tuner.study
+    import tuner.trial
 
-    original, rss = tuner.study.Objective.__call__, []
+    original, rss = tuner.trial.Objective.__call__, []
 
-    def measured(self: Any, trial: Any) -> Any:  # at the start of every trial
+    def measured(self: Any, trial: Any, finished: Any = None) -> Any:  # at the start of every trial
         rss.append(_rss_bytes())
-        return original(self, trial)
+        return original(self, trial, finished)
 
-    monkeypatch.setattr(tuner.study.Objective, "__call__", measured)
+    monkeypatch.setattr(tuner.trial.Objective, "__call__", measured)
     space = (
         'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
         'epochs = { type = "fixed", value = 1 }\n'

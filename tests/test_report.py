@@ -10,8 +10,8 @@ from optuna.trial import TrialState, create_trial
 
 from tests.conftest import write_study
 from tuner.config import load_spec
+from tuner.inputs import load_data
 from tuner.report import SECTIONS, write_report
-from tuner.study import load_data
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -14,7 +14,8 @@ from optuna.trial import TrialState
 from tests.conftest import write_study
 from tuner.config import load_spec
 from tuner.errors import StorageError, TrackingError
-from tuner.study import launch, open_study
+from tuner.session import launch
+from tuner.study import open_study
 
 
 def _runs(tracking_uri: str, experiment: str) -> tuple[list, list]:
@@ -76,7 +77,8 @@ def test_n_trials_is_the_total_of_finished_trials_across_launches(
 
 
 def test_pruning_checks_against_the_finished_trials_read_once_decide_as_should_prune(storage_url: str) -> None:
-    from tuner.study import _Pruning, open_storage
+    from tuner.pruning import FinishedTrials
+    from tuner.study import open_storage
 
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
     study = optuna.create_study(storage=open_storage(storage_url), study_name="p", pruner=pruner)
@@ -86,11 +88,11 @@ def test_pruning_checks_against_the_finished_trials_read_once_decide_as_should_p
             done.report(value, step)
         study.tell(done, curve[-1])
     trial = study.ask()
-    judge = _Pruning(trial)  # one per trial, as the objective holds it
+    judge = FinishedTrials(study, study.get_trials())  # the gate's view, read once per ask
     decisions = []
     for step, value in enumerate([3.5, 3.0, 5.0]):  # medians at steps 1, 2: 3.0, 2.0; best so far 3.0
         trial.report(value, step)
-        decisions.append((judge.should_prune(), trial.should_prune()))
+        decisions.append((judge.prune(trial), trial.should_prune()))
     assert decisions == [(False, False), (False, False), (True, True)]
 
 
@@ -103,7 +105,7 @@ def test_linear_study_champion_is_the_least_squares_line(workdir: Path, storage_
     import pandas as pd
 
     cars = pd.read_csv(workdir / "data" / "cars.csv")
-    from tuner.study import load_data
+    from tuner.inputs import load_data
 
     prepared, _ = load_data(spec)
     rows = cars.iloc[prepared.train_index]

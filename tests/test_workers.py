@@ -91,8 +91,8 @@ def test_budget_is_exact_with_concurrent_workers(backend: str, tmp_path: Path, r
     import optuna
 
     from tuner.config import load_spec
-    from tuner.study import open_study
-    from tuner.workers import BudgetedStudy, BudgetSpent, StudyLock
+    from tuner.gate import TrialGate
+    from tuner.study import StudyLock, open_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     spec = load_spec(write_study(tmp_path, "budget"))
@@ -104,11 +104,10 @@ def test_budget_is_exact_with_concurrent_workers(backend: str, tmp_path: Path, r
     def worker(i: int) -> None:
         try:
             lock = StudyLock(url, spec.name)
-            study = BudgetedStudy(open_study(spec, url, sampler_seed=i), n_trials, lock, poll=0.05)
-            try:
-                study.optimize(lambda t: t.suggest_float("x", 0, 1))
-            except BudgetSpent:
-                pass
+            gate = TrialGate(open_study(spec, url, sampler_seed=i), n_trials, lock, poll=0.05)
+            while (trial := gate.ask()) is not None:
+                gate.tell(trial, trial.suggest_float("x", 0, 1))
+            gate.close()
             lock.close()
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -129,32 +128,53 @@ def test_budget_waits_for_running_trials_and_reruns_a_failed_one(tmp_path: Path)
     import optuna
 
     from tuner.config import load_spec
-    from tuner.study import open_study
-    from tuner.workers import BudgetedStudy, BudgetSpent, StudyLock
+    from tuner.gate import TrialGate
+    from tuner.study import StudyLock, open_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     spec = load_spec(write_study(tmp_path, "wait"))
     lock = StudyLock(url, spec.name)
     held = open_study(spec, url).ask()  # another worker's trial, still running
-    study = BudgetedStudy(open_study(spec, url), 2, lock, poll=0.05)
+    gate = TrialGate(open_study(spec, url), 2, lock, poll=0.05)
     threading.Timer(0.5, lambda: held.study.tell(held, state=optuna.trial.TrialState.FAIL)).start()
-    with pytest.raises(BudgetSpent):
-        study.optimize(lambda t: 1.0)
-    states = [t.state.name for t in study.get_trials()]
+    while (trial := gate.ask()) is not None:
+        gate.tell(trial, 1.0)
+    states = [t.state.name for t in gate.study.get_trials()]
     assert states == ["FAIL", "COMPLETE", "COMPLETE"]
 
 
 def test_budget_stops_at_the_deadline(tmp_path: Path) -> None:
     from tuner.config import load_spec
-    from tuner.study import open_study
-    from tuner.workers import BudgetedStudy, BudgetSpent, StudyLock
+    from tuner.gate import TrialGate
+    from tuner.study import StudyLock, open_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     spec = load_spec(write_study(tmp_path, "deadline"))
-    study = BudgetedStudy(open_study(spec, url), 10**6, StudyLock(url, spec.name), deadline=time.monotonic() + 0.3)
-    with pytest.raises(BudgetSpent, match="timeout"):
-        study.optimize(lambda t: time.sleep(0.05) or 1.0)
-    assert 1 <= len(study.trials) <= 10
+    gate = TrialGate(open_study(spec, url), 10**6, StudyLock(url, spec.name), deadline=time.monotonic() + 0.3)
+    while (trial := gate.ask()) is not None:
+        time.sleep(0.05)
+        gate.tell(trial, 1.0)
+    assert 1 <= len(gate.study.trials) <= 10 and gate.in_flight == {}
+
+
+def test_gate_records_the_first_heartbeat_before_handing_a_trial_out(tmp_path: Path) -> None:
+    """A process killed right after ask() leaves a trial the next stale check can judge."""
+    import sqlite3
+
+    from tuner.config import load_spec
+    from tuner.gate import TrialGate
+    from tuner.study import StudyLock, open_study
+
+    db = tmp_path / "optuna.db"
+    spec = load_spec(write_study(tmp_path, "beat"))
+    gate = TrialGate(open_study(spec, f"sqlite:///{db}"), 3, StudyLock(f"sqlite:///{db}", spec.name))
+    trial = gate.ask()
+    assert trial is not None
+    with sqlite3.connect(db) as conn:
+        (n,) = conn.execute("SELECT count(*) FROM trial_heartbeats WHERE trial_id = ?", (trial._trial_id,)).fetchone()
+    assert n == 1
+    gate.tell(trial, 1.0)
+    gate.close()
 
 
 # -- small pieces ----------------------------------------------------------------------------
@@ -162,7 +182,7 @@ def test_budget_stops_at_the_deadline(tmp_path: Path) -> None:
 
 def test_workers_get_distinct_sampler_seeds(tmp_path: Path) -> None:
     from tuner.config import load_spec
-    from tuner.workers import _worker_seed
+    from tuner.session import _worker_seed
 
     spec = load_spec(write_study(tmp_path, "seeds"))
     seeds = [_worker_seed(spec, i) for i in range(8)]
@@ -185,14 +205,14 @@ def test_gpus_pin_one_worker_per_gpu() -> None:
 
 def test_unreachable_postgres_fails_fast_with_host_port_and_no_password(tmp_path: Path) -> None:
     from tuner.config import load_spec
-    from tuner.workers import run_worker
+    from tuner.session import launch
 
     port = free_port()  # nothing listens there: PostgreSQL "stopped"
     url = f"postgresql+psycopg://tuner:s3cret-pw@127.0.0.1:{port}/optuna"
     spec = load_spec(write_study(tmp_path, "down"))
     started = time.monotonic()
     with pytest.raises(StorageError, match=rf"127\.0\.0\.1:{port}") as e:
-        run_worker(spec, storage=url, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+        launch(spec, role="worker", storage=url, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert time.monotonic() - started < 15
     assert "s3cret-pw" not in str(e.value) and "tuner:***@" in str(e.value)
 
@@ -301,7 +321,7 @@ def test_launch_eight_workers_on_postgres_is_exact(tmp_path: Path, pg_url: str) 
     assert "pw-not-checked" not in r.stdout + r.stderr
     assert "alias champion" in r.stdout
     trials = check_study(pg_url, tracking, "pg8", n_trials)
-    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
+    assert len({t.user_attrs["provenance"]["worker"] for t in trials}) >= 2  # the work was shared
     client = MlflowClient(tracking_uri=tracking)
     exp = client.get_experiment_by_name("pg8")
     parents = client.search_runs([exp.experiment_id], "tags.`tuner.role` = 'launch'")

@@ -135,7 +135,7 @@ def _tracking_uri(args: argparse.Namespace, spec: Any = None) -> str:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    from tuner.study import launch
+    from tuner.session import launch
 
     spec = _spec(args)
     options: dict[str, Any] = dict(
@@ -149,14 +149,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
         report=not args.no_report,
     )
     if args.workers is not None or args.gpus:
-        from tuner.workers import launch_workers, parse_gpus
+        from tuner.workers import parse_gpus
 
-        return _print_launch(launch_workers(spec, n_workers=args.workers, gpus=parse_gpus(args.gpus), **options))
+        options.update(workers=args.workers, gpus=parse_gpus(args.gpus))
     return _print_launch(launch(spec, **options))
 
 
 def _print_launch(s: Any) -> int:
     print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
+    if s.note:
+        print(s.note)
     if s.task_note:
         print(f"{s.task_note} (set task in the study file to override)")
     if s.validation:
@@ -181,11 +183,12 @@ def _print_launch(s: Any) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from tuner.workers import run_worker
+    from tuner.session import launch
 
     spec = _spec(args)
-    s = run_worker(
+    s = launch(
         spec,
+        role="worker",
         n_trials=args.n_trials,
         storage=args.storage,
         tracking_uri=_tracking_uri(args, spec),
@@ -203,7 +206,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from tuner.workers import promote_study
+    from tuner.promotion import promote_study
 
     spec = _spec(args)
     _print_promotion(promote_study(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec)))
@@ -221,7 +224,7 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from tuner.study import best_info
+    from tuner.lineage import best_info
 
     spec = _spec(args)
     info = best_info(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError"]
+__all__ = ["TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError", "first_line"]
 
 
 class TunerError(Exception):
@@ -27,3 +27,16 @@ class TrackingError(TunerError):
 
 class ModelError(TunerError):
     """A registered model cannot be found, verified or applied to the input."""
+
+
+def first_line(e: BaseException, hide: str = "") -> str:
+    """The first line of an error (at most 300 characters), with the password of the URL ``hide``
+    masked: database and MLflow errors repeat the URL they failed on, password included."""
+    from urllib.parse import urlsplit
+
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    try:
+        password = urlsplit(hide).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text

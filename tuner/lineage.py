@@ -12,6 +12,9 @@ import os
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable
 
+from tuner.config import redact_url
+from tuner.errors import TunerError
+
 if TYPE_CHECKING:
     import optuna
 
@@ -27,6 +30,7 @@ __all__ = [
     "write_launch_notes",
     "read_note",
     "best_links",
+    "best_info",
 ]
 
 
@@ -141,3 +145,45 @@ def best_links(
         links["champion_tags"] = {k: v for k, v in sorted(champion.tags.items()) if k.startswith("tuner.")}
         links["champion_run_url"] = tracker.run_url(champion.run_id) if champion.run_id else None
     return links
+
+
+def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """The best trial of a stored study with its MLflow run and the registered champion."""
+    from tuner.study import best_trial, finished_count, open_study
+    from tuner.tracking import Tracker
+
+    study = open_study(spec, storage, create=False)
+    best = best_trial(study)
+    if best is None:
+        raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` first")
+    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+    champion = tracker.champion(spec.model_name)
+    info: dict[str, Any] = {
+        "study": spec.name,
+        "storage": redact_url(storage or spec.storage_url),
+        "n_finished": finished_count(study),
+        "best_trial": best.number,
+        "value": best.value,
+        "metric": spec.metric,
+        "params": dict(best.params),
+        "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
+        "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
+        "validation": study.user_attrs.get("validation"),
+        "baselines": study.user_attrs.get("baselines", {}),
+    }
+    if info["baselines"]:
+        from tuner.baselines import verdict
+
+        info["beats_baselines"], info["verdict"] = verdict(
+            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
+        )
+    if champion is not None:
+        info["champion"] = {
+            "model_uri": f"models:/{spec.model_name}@champion",
+            "version": champion.version,
+            "trial": champion.tags.get("tuner.trial"),
+            "value": champion.tags.get("tuner.value"),
+        }
+    info.update(best_links(study, best, spec=spec, tracker=tracker))
+    return info
+

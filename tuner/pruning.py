@@ -31,7 +31,18 @@ class FinishedTrials:
 
     def __init__(self, study: optuna.Study, trials: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
         self._study = study
+        self.replace(trials)
+
+    def replace(self, trials: Iterable[optuna.trial.FrozenTrial]) -> None:
+        """The finished trials of a fresh read of the study."""
         self._finished = [t for t in trials if t.state.is_finished()]
+        self._ids = {t._trial_id for t in self._finished}
+
+    def add(self, trial: optuna.trial.FrozenTrial) -> None:
+        """A trial this process just told."""
+        if trial.state.is_finished() and trial._trial_id not in self._ids:
+            self._finished.append(trial)
+            self._ids.add(trial._trial_id)
 
     @property
     def direction(self) -> Any:

@@ -69,14 +69,13 @@ def reconcile_study(study: optuna.Study, tracker: Tracker, spec: StudySpec) -> R
     """Bring the MLflow runs and the champion alias of one study in line with its trials."""
     from optuna.trial import TrialState
 
-    from tuner.study import _fail_stale_trials
+    from tuner.study import fail_stale_trials
 
     report = ReconcileReport(spec.name)
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     if running:
-        _fail_stale_trials(study)
+        report.stale_trials = sorted(fail_stale_trials(study))
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-    report.stale_trials = sorted(n for n in running if trials[n].state == TrialState.FAIL)
 
     for run in tracker.trial_runs(spec.name):
         try:

@@ -113,7 +113,8 @@ def replay(spec: StudySpec, trial_number: int, *, storage: str | None = None, de
     import torch
     from optuna.trial import TrialState
 
-    from tuner.study import load_data, open_study
+    from tuner.inputs import load_data
+    from tuner.study import open_study
     from tuner.train import resolve_device, train
     from tuner.validation import cross_validate, load_folds
 

@@ -344,7 +344,8 @@ def build_report(
         StorageError: the study does not exist in the storage.
         TrackingError: the MLflow store cannot be opened.
     """
-    from tuner.study import load_data, open_study
+    from tuner.inputs import load_data
+    from tuner.study import open_study
     from tuner.tracking import Tracker
 
     study = open_study(spec, storage, create=False)
