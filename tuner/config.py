@@ -184,6 +184,23 @@ class StudySpec(_Strict):
             raise ValueError("; ".join(problems))
         return space
 
+    @field_validator("registered_model")
+    @classmethod
+    def _check_model_name(cls, name: str | None) -> str | None:
+        # MLflow refuses these only when the model is registered, after every trial has run.
+        if name is None:
+            return name
+        if not name.strip() or name != name.strip():
+            raise ValueError(f"{name!r} must be a non-empty name without leading or trailing spaces")
+        bad = sorted({c for c in name if c in "/:@\\"})
+        if bad or ".." in name:
+            shown = bad or [".."]
+            raise ValueError(
+                f"{name!r} cannot contain {shown} (MLflow refuses '/' and ':' and path-like names; '@' separates "
+                "an alias in NAME@ALIAS); use letters, digits, '-', '_', '.' and spaces"
+            )
+        return name
+
     @model_validator(mode="after")
     def _check_metric(self) -> StudySpec:
         allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS

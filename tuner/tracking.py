@@ -64,6 +64,16 @@ def import_mlflow() -> None:
     import mlflow  # noqa: F401
 
 
+def quote(value: str) -> str:
+    """A string literal for an MLflow search filter (``o'brien`` included): MLflow's filter
+    grammar takes single- or double-quoted strings and has no escape inside them."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise TrackingError(f"{value!r} holds both quote characters, which MLflow's search filters cannot express; rename it")
+
+
 def _tag(name: str) -> str:
     return f"tuner.{name}"
 
@@ -114,6 +124,7 @@ class Tracker:
                 raise TrackingError(f"MLflow store folder {str(db.parent)!r} is not writable; pass another --tracking-uri")
             # Artifacts beside the store, not in ./mlruns of wherever the command runs.
             artifact_location = artifact_location or (db.parent / "mlartifacts" / experiment_name).as_uri()
+            ensure_sqlite_store(db)
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         _quiet()
@@ -242,7 +253,7 @@ class Tracker:
         """Every trial run of a study (any status), for reconciliation with its Optuna trials."""
         return self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.`{_tag('role')}` = 'trial' and tags.`{_tag('study')}` = '{study_name}'",
+            filter_string=f"tags.`{_tag('role')}` = 'trial' and tags.`{_tag('study')}` = {quote(study_name)}",
             max_results=50000,
         )
 
@@ -251,7 +262,7 @@ class Tracker:
         return self.client.search_runs(
             [self.experiment_id],
             filter_string=(
-                f"tags.`{_tag('role')}` = 'launch' and tags.`{_tag('study')}` = '{study_name}' "
+                f"tags.`{_tag('role')}` = 'launch' and tags.`{_tag('study')}` = {quote(study_name)} "
                 "and attributes.status = 'RUNNING'"
             ),
             max_results=10000,
@@ -260,7 +271,7 @@ class Tracker:
     def model_versions(self, model_name: str) -> list[Any]:
         if not self._registered(model_name):
             return []
-        return self.client.search_model_versions(f"name = '{model_name}'")
+        return self.client.search_model_versions(f"name = {quote(model_name)}")
 
     def set_alias(self, model_name: str, alias: str, version: str | None) -> None:
         """Point ``alias`` at ``version``; None removes the alias."""
@@ -303,7 +314,7 @@ class Tracker:
 
     def runs_of(self, parent_run_id: str) -> list[Any]:
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10000
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = {quote(parent_run_id)}", max_results=10000
         )
 
     # -- registry -------------------------------------------------------------------------
@@ -329,7 +340,7 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         existing = self.client.search_model_versions(
-            f"name = '{model_name}' and tags.`{_tag('study')}` = '{study_name}' and "
+            f"name = {quote(model_name)} and tags.`{_tag('study')}` = {quote(study_name)} and "
             f"tags.`{_tag('trial')}` = '{trial_number}'"
         ) if self._registered(model_name) else []
         champion = self._alias_version(model_name, "champion")
@@ -364,9 +375,12 @@ class Tracker:
                             # Explicit requirements: inferring them costs ~5 s per model.
                             pip_requirements=_requirements(),
                         )
-                except Exception as e:
-                    # start_run's exit marked the trial's run FAILED: it is a COMPLETE trial's run.
+                except BaseException as e:
+                    # start_run's exit marked the trial's run FAILED (KILLED on Ctrl-C/SIGTERM): it is
+                    # a COMPLETE trial's run, and a signal after the trials must not rewrite it.
                     self.client.set_terminated(run_id, "FINISHED")
+                    if not isinstance(e, Exception):
+                        raise
                     raise TrackingError(
                         f"cannot register trial {trial_number} of study {study_name!r}: logging its model failed "
                         f"({_first_line(e)}); the champion alias is unchanged, relaunch to retry"
@@ -389,6 +403,8 @@ class Tracker:
                     _tag("direction"): direction,
                     _tag("space_hash"): space_hash,
                     _tag("weights_sha256"): digest,
+                    # pyfunc.load_model imports the stored code: tuner predict checks it first.
+                    _tag("code_sha256"): code_digest(_model_code_files()),
                 },
             )
             # The description names the version itself, so it is written once the version exists.
@@ -449,6 +465,102 @@ def _better(value: float, champion: Any | None, direction: str) -> bool:
     return value < current if direction == "minimize" else value > current
 
 
+# -- SQLite stores: created whole or not at all ---------------------------------------------
+
+
+def ensure_sqlite_store(db: Path) -> None:
+    """Create an MLflow SQLite store atomically, or check that an existing one is whole.
+
+    MLflow migrates a new SQLite file in place (~40 Alembic steps, 1.5-7 s): a process killed
+    meanwhile left a half-made file that every later launch failed on. Here a migrated empty
+    store of this MLflow version is made once per machine (``$XDG_CACHE_HOME/tuner``), copied
+    beside the target and linked into place, so ``db`` appears complete or not at all; it also
+    takes the migrations off every new store's start-up.
+
+    Raises:
+        TrackingError: the existing file is not a SQLite database or its schema is half-made.
+    """
+    import sqlite3
+
+    if db.exists() and db.stat().st_size > 0 and _check_store(db):
+        return
+    template = _empty_store_template()
+    tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
+    try:
+        with sqlite3.connect(template) as src, sqlite3.connect(tmp) as dst:
+            src.backup(dst)
+            # The Default experiment's artifact folder is beside this store, not the template's.
+            dst.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                ((db.parent / "mlartifacts" / "0").as_uri(),),
+            )
+        if db.exists():  # a file without tables (e.g. a store creation killed before its first write)
+            os.replace(tmp, db)
+        else:
+            try:
+                os.link(tmp, db)  # atomic, and never over a store another process just made
+            except FileExistsError:
+                pass
+    except sqlite3.Error as e:
+        raise TrackingError(f"cannot create MLflow store {str(db)!r}: {e}; check the folder's free space and permissions") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _empty_store_template() -> Path:
+    """A migrated, empty MLflow SQLite store of the installed MLflow version (made once)."""
+    from importlib.metadata import version
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tuner"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        base = Path(tempfile.gettempdir()) / f"tuner-cache-{os.getuid()}"
+        base.mkdir(exist_ok=True)
+    template = base / f"mlflow-{version('mlflow')}-empty.db"
+    if template.exists():
+        return template
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    building = base / f".{template.name}.{os.getpid()}.building"
+    building.unlink(missing_ok=True)
+    _quiet()
+    store = SqlAlchemyStore(f"sqlite:///{building}", (base / "mlruns").as_uri())
+    store.engine.dispose()
+    os.replace(building, template)  # whole or not at all, as the stores made from it
+    return template
+
+
+def _check_store(db: Path) -> bool:
+    """True for a whole store, False for a SQLite file without tables (made anew); refuse, in
+    one line, a file that is not SQLite or a schema that is half-made."""
+    import sqlite3
+
+    shown = str(db)
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            found = conn.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
+    except sqlite3.DatabaseError as e:
+        if "locked" in str(e):
+            return True  # busy, not broken: MLflow waits for it
+        raise TrackingError(
+            f"MLflow store {shown!r} is not a readable SQLite database ({e}): truncated or overwritten? "
+            "restore it from a backup, or move it away and relaunch for a new, empty store"
+        ) from None
+    if not tables:
+        return False
+    with sqlite3.connect(f"file:{_empty_store_template()}?mode=ro", uri=True) as conn:
+        (head,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    if found is not None and found[0] == head:
+        return True
+    raise TrackingError(
+        f"MLflow store {shown!r} has schema version {found[0] if found else 'none'}, this MLflow expects {head}: "
+        "if a launch was killed while creating it, move it away and relaunch; if an older MLflow made it, "
+        f"run `mlflow db upgrade sqlite:///{db}`"
+    )
+
+
 def _sqlite_wal(db: Path) -> None:
     """Switch MLflow's SQLite file to WAL (it persists in the file): a commit then syncs one log
     instead of a rollback journal plus the database, and readers (``tuner ui``) do not block the
@@ -486,6 +598,28 @@ def _requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "pandas", "numpy")]
+
+
+def _model_code_files() -> dict[str, Path]:
+    """The code a registered model stores, by its path inside the model folder."""
+    files = {_MODEL_CODE.name: _MODEL_CODE}
+    files.update({f"code/{_PACKAGE_DIR.name}/{p.name}": p for p in _PACKAGE_DIR.glob("*.py")})
+    return files
+
+
+def _stored_code_files(model_dir: Path) -> dict[str, Path]:
+    files = {_MODEL_CODE.name: model_dir / _MODEL_CODE.name}
+    files.update({f"code/{_PACKAGE_DIR.name}/{p.name}": p for p in (model_dir / "code" / _PACKAGE_DIR.name).glob("*.py")})
+    return files
+
+
+def code_digest(files: Mapping[str, Path]) -> str:
+    """SHA-256 over the model's code files (names and contents, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        path = files[name]
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -576,7 +710,7 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
             else:
                 name, _, number = name.partition("/")
                 if number == "latest":
-                    versions = client.search_model_versions(f"name = '{name}'")
+                    versions = client.search_model_versions(f"name = {quote(name)}")
                     if not versions:
                         raise MlflowException(f"registered model {name!r} has no version")
                     version = max(versions, key=lambda v: int(v.version))
@@ -605,6 +739,12 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
         raise ModelError(
             f"model {ref!r}: weights file does not match its recorded SHA-256 ({expected[:12]}...); "
             "the artifact was changed after registration, refusing to load it"
+        )
+    expected_code = version.tags.get(_tag("code_sha256")) if version is not None else None
+    if expected_code and code_digest(_stored_code_files(local)) != expected_code:
+        raise ModelError(
+            f"model {ref!r}: its stored code does not match the SHA-256 recorded at registration "
+            f"({expected_code[:12]}...); it was changed afterwards, refusing it (mlflow.pyfunc.load_model would import it)"
         )
     try:
         with warnings.catch_warnings():
