@@ -332,8 +332,10 @@ def _end_lost_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
     if not run_id:
         return
     try:
-        if tracker.run_status(run_id) != "FAILED":
-            tracker.end_run(run_id, "FAILED", {"tuner.reconciled": f"trial {trial.number} is {trial.state.name} in Optuna"})
+        old = tracker.run_status(run_id)
+        if old not in (None, "FAILED"):
+            reason = f"trial {trial.number} is {trial.state.name} in Optuna; run was {old}"
+            tracker.end_run(run_id, "FAILED", {"tuner.reconciled": reason})
     except Exception:
         pass  # `tuner reconcile` realigns it
 

@@ -116,6 +116,8 @@ def storage_problem(e: BaseException, url: str) -> str:
             return f"the disk of {path!r} is full (free space, then relaunch: finished trials are kept)"
         if "readonly" in lowered or "read-only" in lowered:
             return f"{path!r} is read-only (make it writable or pass another --storage)"
+        if "locked" in lowered:
+            return f"{path!r} stayed locked by another process for the 30 s busy timeout (wait for it, or stop it, then relaunch)"
         if "not a database" in lowered or "malformed" in lowered:
             return f"{path!r} is not a valid SQLite database (truncated or overwritten? restore it or pass another --storage)"
     return text
