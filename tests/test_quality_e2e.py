@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 from tests.conftest import CARS, mlflow_store, write_study
+from tuner.browse import best_info
 from tuner.cli import main
 from tuner.config import load_spec
 from tuner.replay import replay
-from tuner.study import best_info, launch
+from tuner.study import launch
 
 SPACE = (
     'lr = { type = "float", low = 1e-2, high = 1e-1, log = true }\n'

@@ -9,6 +9,7 @@ of a launch, not inside the objective, so a trial pays nothing for them.
 from __future__ import annotations
 
 import os
+import re
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from tuner.tracking import Promotion, Tracker
 
 __all__ = [
+    "DEFAULT_UI_URL",
+    "ui_base",
+    "experiment_link",
+    "run_link",
     "dashboard_base",
     "study_url",
     "trial_url",
@@ -27,7 +32,30 @@ __all__ = [
     "write_launch_notes",
     "read_note",
     "best_links",
+    "rebase_notes",
+    "rebase_study_notes",
 ]
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # what `tuner ui` serves without --host/--port
+
+
+def ui_base(tracking_uri: str) -> str:
+    """Where a browser finds the MLflow UI of a store: the tracking server itself for http(s)
+    URIs, else ``$TUNER_MLFLOW_UI_URL`` or the address ``tuner ui`` serves by default."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return os.environ.get("TUNER_MLFLOW_UI_URL", DEFAULT_UI_URL).rstrip("/")
+
+
+def experiment_link(base: str, experiment_id: str) -> str:
+    """The runs table of an experiment: MLflow 3's bare ``#/experiments/ID`` opens its GenAI
+    overview, not the runs (routes of mlflow/server/js, 3.17)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
+def run_link(base: str, experiment_id: str, run_id: str) -> str:
+    return f"{experiment_link(base, experiment_id)}/{run_id}"
 
 
 def dashboard_base() -> str:
@@ -141,3 +169,50 @@ def best_links(
         links["champion_tags"] = {k: v for k, v in sorted(champion.tags.items()) if k.startswith("tuner.")}
         links["champion_run_url"] = tracker.run_url(champion.run_id) if champion.run_id else None
     return links
+
+
+# ](BASE/#/experiments/ID...) or ](BASE/#/models/...) in a note's Markdown
+_LINK = re.compile(r"\]\((?P<base>https?://[^)\s#]*?)/?#/(?P<path>[^)\s]*)\)")
+
+
+def _rebased(text: str, base: str) -> str:
+    def fix(m: re.Match[str]) -> str:
+        path = m.group("path")
+        if re.fullmatch(r"experiments/[^/]+", path):  # an experiment's overview -> its runs
+            path += "/runs"
+        return f"]({base.rstrip('/')}/#/{path})"
+
+    return _LINK.sub(fix, text)
+
+
+def rebase_notes(study: optuna.Study, base: str) -> int:
+    """Point the MLflow links in a study's optuna-dashboard notes at ``base`` (e.g. the port
+    ``tuner ui`` serves now) and at the runs view; returns the notes rewritten (0: already right).
+
+    Only the study's note is read when nothing needs to change.
+    """
+    from optuna_dashboard import save_note
+
+    study_note = read_note(study)
+    if not study_note or _rebased(study_note, base) == study_note:
+        return 0
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        note = read_note(study, t)
+        new = _rebased(note, base) if note else note
+        if new != note:
+            save_note(_note_target(study, t), new)
+            n += 1
+    save_note(study, _rebased(study_note, base))
+    return n + 1
+
+
+def rebase_study_notes(storage: Any, study_name: str, base: str) -> int:
+    """``rebase_notes`` for the study named ``study_name`` in ``storage`` (0 when it is not there)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return 0  # the dashboard still lists the storage's other studies
+    return rebase_notes(study, base)

@@ -349,7 +349,7 @@ def build_report(
 
     study = open_study(spec, storage, create=False)
     prepared, frame = load_data(spec)
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+    tracker = Tracker(tracking_uri or spec.tracking, spec.name, create=False)
     out = Path(output) if output else Path.cwd() / f"{spec.name}-report.html"
     # The baselines the launch computed (on the study's own folds or split), when it stored them.
     stored = study.user_attrs.get("baselines") or None

@@ -42,7 +42,6 @@ __all__ = [
     "launch",
     "LaunchSummary",
     "finished_count",
-    "best_info",
     "promote_best",
     "check_storage_url",
     "study_lock",
@@ -199,6 +198,10 @@ def open_study(
     from tuner.space import describe_change, incompatible_changes
 
     url = storage_url or spec.storage_url
+    if not create:
+        from tuner.stores import require_storage
+
+        require_storage(url, spec.source)  # a read-only command never creates the SQLite file
     storage = open_storage(url, spec)
     sampler, pruner = make_sampler(spec, sampler_seed), make_pruner(spec)
     if create:
@@ -213,6 +216,8 @@ def open_study(
             )
         except ValueError as e:  # e.g. direction differs from the stored study
             raise StorageError(f"study {spec.name!r} in {redact_url(url)} cannot be resumed: {e}") from None
+        if study.metric_names != [spec.metric]:
+            study.set_metric_names([spec.metric])  # optuna-dashboard and plots say "rmse", not "Objective 0"
     else:
         try:
             study = optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner)
@@ -940,46 +945,3 @@ def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
         return study.best_trial
     except ValueError:
         return None
-
-
-def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The best trial of a stored study with its MLflow run and the registered champion."""
-    from tuner.tracking import Tracker
-
-    study = open_study(spec, storage, create=False)
-    best = _best_trial(study)
-    if best is None:
-        raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` first")
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
-    champion = tracker.champion(spec.model_name)
-    info: dict[str, Any] = {
-        "study": spec.name,
-        "storage": redact_url(storage or spec.storage_url),
-        "n_finished": finished_count(study),
-        "best_trial": best.number,
-        "value": best.value,
-        "metric": spec.metric,
-        "params": dict(best.params),
-        "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
-        "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
-        "validation": study.user_attrs.get("validation"),
-        "baselines": study.user_attrs.get("baselines", {}),
-    }
-    if info["baselines"]:
-        from tuner.baselines import verdict
-
-        info["beats_baselines"], info["verdict"] = verdict(
-            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
-        )
-    if champion is not None:
-        info["champion"] = {
-            "model_uri": f"models:/{spec.model_name}@champion",
-            "version": champion.version,
-            "trial": champion.tags.get("tuner.trial"),
-            "value": champion.tags.get("tuner.value"),
-        }
-    from tuner.lineage import best_links
-
-    info.update(best_links(study, best, spec=spec, tracker=tracker))
-    return info
-
