@@ -118,6 +118,20 @@ def test_read_only_commands_refuse_missing_stores_and_create_none(tmp_path: Path
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_best_against_another_store_that_lacks_the_run_is_one_line(project: Path, tmp_path: Path, capsys: Any) -> None:
+    from tuner.tracking import Tracker
+
+    other = mlflow_store(tmp_path / "other.db")
+    Tracker(other, "s")  # an experiment of the same name, without the study's runs
+    assert main(["best", str(project / "studies" / "s.toml"), "--tracking-uri", other]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(
+        rf"^error: MLflow run [0-9a-f]+ of trial \d+ is not in {re.escape(other)}: study 's' was launched with another "
+        "MLflow store; pass the --tracking-uri its launch used$",
+        err[0],
+    ), err
+
+
 def test_version(capsys: Any) -> None:
     from tuner import __version__
 

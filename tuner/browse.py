@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from tuner.config import redact_url
-from tuner.errors import StorageError, TunerError
+from tuner.errors import StorageError, TrackingError, TunerError
 from tuner.stores import require_storage, resolve_sqlite_url
 
 if TYPE_CHECKING:
@@ -120,6 +120,12 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
     if best is None:
         raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` first")
     tracker = Tracker(tracking_uri or spec.tracking, spec.name, create=False)
+    run_id = best.user_attrs.get("mlflow_run_id")
+    if run_id and tracker.run_status(run_id) is None:
+        raise TrackingError(
+            f"MLflow run {run_id} of trial {best.number} is not in {redact_url(tracker.tracking_uri)}: study "
+            f"{spec.name!r} was launched with another MLflow store; pass the --tracking-uri its launch used"
+        )
     champion = tracker.champion(spec.model_name)
     info: dict[str, Any] = {
         "study": spec.name,

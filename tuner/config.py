@@ -350,8 +350,8 @@ def _format_errors(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-_PARAM_TYPES = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam, "fixed": FixedParam}
-_SECTIONS = {"validation": Validation, "sampler": SamplerSpec, "pruner": PrunerSpec, "heartbeat": Heartbeat}
+_PARAM_TYPES: dict[str, type[BaseModel]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam, "fixed": FixedParam}
+_SECTIONS: dict[str, type[BaseModel]] = {"validation": Validation, "sampler": SamplerSpec, "pruner": PrunerSpec, "heartbeat": Heartbeat}
 _SET_BY_TUNER = ("source", "task_note")
 
 
