@@ -257,6 +257,8 @@ def test_cli_overrides_and_server_defaults(tmp_path: Path) -> None:
     spec = _spec(args)
     assert (spec.seed, spec.timeout) == (7, 30.0)
     assert _spec(_parser().parse_args(["launch", str(study)])).seed == 0
+    # `launch --workers N` hands its overrides to each `tuner worker` on the command line
+    assert _spec(_parser().parse_args(["worker", str(study), "--seed", "7", "--timeout", "30"])).seed == 7
     assert _parser().parse_args(["ui"]).workers == 1  # one server worker, not MLflow's 4 (15 processes)
 
 

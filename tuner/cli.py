@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run one worker on a shared study until it has n_trials finished trials")
     _add_study_args(p)
     p.add_argument("--n-trials", type=int, help="the study's total finished trials (overrides the study file)")
+    p.add_argument("--seed", type=int, help="the study's seed (overrides the study file)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (overrides the study file)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
     p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
     p.add_argument("--no-promote", action="store_true", help="leave promotion to the launch (or `tuner promote`)")

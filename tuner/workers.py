@@ -643,7 +643,9 @@ def launch_workers(
                 "--no-promote",
                 "--no-progress",
             ]
-            cmd += ["--device", worker_device]
+            cmd += ["--device", worker_device, "--seed", str(spec.seed)]  # launch --seed/--timeout reach the workers
+            if spec.timeout is not None:
+                cmd += ["--timeout", str(spec.timeout)]
             log = log_dir / f"worker-{i}.log"
             logs.append(log)
             with open(log, "w") as out:
