@@ -74,7 +74,7 @@ def run_tuner(
 ) -> dict[str, Any]:
     """One ``tuner.study.launch`` of the study in fresh SQLite stores; timings as the baseline's."""
     from tuner.config import load_spec
-    from tuner.study import launch
+    from tuner.session import launch
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="tuner-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

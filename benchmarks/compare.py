@@ -268,7 +268,7 @@ def throughput(data: Any, configs: list[dict[str, Any]], steps: int, repeats: in
 def m3(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str, Any]:
     from tuner.config import load_spec
     from tuner.data import load_table, prepare, select_columns
-    from tuner.study import load_data
+    from tuner.inputs import load_data
 
     cars, _ = load_data(load_spec(CARS_MLP, **ONE_SPLIT))
     cars_rows = throughput(cars, [{"hidden_size": 16, "batch_size": 8}, {"hidden_size": 64, "batch_size": 32}],
@@ -326,7 +326,7 @@ def m4(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str
     import torch
 
     from tuner.config import load_spec
-    from tuner.study import load_data
+    from tuner.inputs import load_data
 
     torch.set_num_threads(1)
     spec0 = load_spec(CARS_MLP, **ONE_SPLIT)
@@ -426,7 +426,7 @@ def m2(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str
 
 def m2_cars(n_seeds: int, work: Path) -> dict[str, Any]:
     from tuner.config import load_spec
-    from tuner.study import load_data
+    from tuner.inputs import load_data
 
     spec0 = load_spec(CARS_MLP, **ONE_SPLIT)
     data, _ = load_data(spec0)

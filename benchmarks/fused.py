@@ -43,7 +43,7 @@ from tuner.train import TrainParams, train  # noqa: E402
 
 def cars() -> Prepared:
     from tuner.config import load_spec
-    from tuner.study import load_data
+    from tuner.inputs import load_data
 
     return load_data(load_spec(ROOT / "studies" / "cars_mlp.toml"))[0]
 

@@ -134,6 +134,8 @@ def workdir(tmp_path: Path) -> Path:
     """A working directory with the shipped studies and data, as a user's checkout has them."""
     shutil.copytree(STUDIES, tmp_path / "studies", ignore=shutil.ignore_patterns("*.db*"))
     shutil.copytree(ROOT / "data", tmp_path / "data")
+    # A checkout's root marker: the MLflow store of its studies is mlflow.db here (tuner.stores).
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 
 

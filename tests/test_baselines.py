@@ -66,3 +66,15 @@ def test_verdict_says_in_plain_words_whether_the_tuned_model_wins() -> None:
     assert text.startswith(
         "the tuned model (accuracy 0.8) does NOT beat the best baseline, logistic regression (accuracy 0.97)"
     )
+
+
+def test_verdict_on_a_tie_says_tie_and_close_values_get_the_digits_that_tell_them_apart() -> None:
+    ref = {"least_squares": {"rmse": 2.5171234}}
+    beats, text = verdict("rmse", "minimize", 2.5171234, ref)
+    assert (beats, text) == (
+        False,
+        "the tuned model ties with the best baseline, least squares (rmse 2.517): it gains nothing; "
+        "use the baseline, or widen the search space or run more trials",
+    )
+    beats, text = verdict("rmse", "minimize", 2.5169, ref)
+    assert beats and text == "the tuned model (rmse 2.5169) beats the best baseline, least squares (rmse 2.5171)"

@@ -71,7 +71,7 @@ def test_impossible_search_space_names_the_parameter(tmp_path: Path, case: str) 
 
 
 def test_unknown_key_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"n_trails: unknown key; remove it or check its spelling"):
+    with pytest.raises(ConfigError, match=r"n_trails: unknown key \(did you mean 'n_trials'\?\); remove it or check its spelling"):
         load_spec(write_study(tmp_path, n_trails=5))
 
 
@@ -113,3 +113,60 @@ def test_missing_study_file(tmp_path: Path) -> None:
 def test_metric_must_fit_the_task(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"metric 'accuracy' does not fit task 'regression'"):
         load_spec(write_study(tmp_path, metric="accuracy"))
+
+
+def _problems(tmp_path: Path, **kw: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_spec(write_study(tmp_path, "m", **kw))  # type: ignore[arg-type]
+    return str(e.value)
+
+
+SPACE_REST = (
+    'epochs = { type = "int", low = 2, high = 3 }\n'
+    'batch_size = { type = "fixed", value = 8 }\n'
+    'hidden_size = { type = "fixed", value = 4 }\n'
+    'activation = { type = "fixed", value = "relu" }\n'
+)
+
+
+def test_a_misspelt_parameter_type_is_named_with_the_valid_types(tmp_path: Path) -> None:
+    msg = _problems(tmp_path, space='lr = { type = "flaot", low = 0.001, high = 0.1 }\n' + SPACE_REST)
+    assert msg.endswith(
+        "m.toml: space.lr.type: 'flaot' is not a parameter type (did you mean 'float'?); "
+        "choose one of ['categorical', 'fixed', 'float', 'int']"
+    )
+    assert "discriminator" not in msg and "tag" not in msg
+
+
+def test_a_parameter_without_a_type_says_how_to_write_one(tmp_path: Path) -> None:
+    msg = _problems(tmp_path, space='lr = { typ = "float", low = 0.001, high = 0.1 }\n' + SPACE_REST)
+    assert "space.lr: no type ('typ': did you mean 'type'?); add type = one of ['categorical', 'fixed', 'float', 'int']" in msg
+    assert "Unable to extract tag" not in msg
+    msg = _problems(tmp_path, space="lr = 0.01\n" + SPACE_REST)
+    assert "space.lr: 0.01 is not a parameter table; write { type = \"fixed\", value = 0.01 }" in msg
+
+
+def test_unknown_keys_suggest_the_closest_valid_key(tmp_path: Path) -> None:
+    msg = _problems(
+        tmp_path,
+        body="report_evry = 10\n[validation]\nfold = 5\n",
+        space='lr = { type = "float", low = 0.001, hihg = 0.1, high = 0.1 }\n' + SPACE_REST,
+    )
+    assert "report_evry: unknown key (did you mean 'report_every'?); remove it or check its spelling" in msg
+    assert "validation.fold: unknown key (did you mean 'folds'?)" in msg
+    assert "space.lr.hihg: unknown key (did you mean 'high'?)" in msg
+    # (parameter names are checked once every parameter's own fields are valid)
+    msg = _problems(tmp_path, space='lr = { type = "float", low = 0.001, high = 0.1 }\n' + SPACE_REST.replace("epochs", "epoch"))
+    assert "unknown parameter 'epoch' (did you mean 'epochs'?); choose from" in msg
+    assert "zzz: unknown key; remove it" in _problems(tmp_path, body="zzz = 1\n")  # nothing close: no guess
+
+
+def test_shipped_studies_do_not_warn_about_their_own_batch_sizes() -> None:
+    import warnings
+
+    from tuner.inputs import load_inputs
+
+    for path in sorted(STUDIES.glob("*.toml")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the clamping warning would raise here
+            load_inputs(load_spec(path))

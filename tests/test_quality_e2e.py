@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from tests.conftest import CARS, mlflow_store, write_study
+from tuner.browse import best_info
 from tuner.cli import main
 from tuner.config import load_spec
-from tuner.lineage import best_info
 from tuner.replay import replay
 from tuner.session import launch
 

@@ -214,6 +214,11 @@ def test_s4_binding_elsewhere_prints_a_warning(tmp_path: Path, monkeypatch: Any,
     monkeypatch.setattr(optuna_dashboard, "run_server", lambda storage, host, port: served.append((host, port)))
     monkeypatch.setattr(os, "execv", lambda exe, cmd: served.append((cmd[cmd.index("--host") + 1], 0)))
     study = write_study(tmp_path, "s4")
+    # Both commands only read: the stores they serve must exist.
+    import optuna
+
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 's4.db'}", study_name="s4")
+    mlflow_store(tmp_path / "mlflow.db")
     assert main(["dashboard", str(study), "--port", "8123"]) == 0
     assert "warning" not in capsys.readouterr().err
     assert main(["dashboard", str(study), "--host", "0.0.0.0", "--port", "8123"]) == 0

@@ -7,6 +7,7 @@ and L2-regularised logistic regression (Newton steps, sklearn's default ``C = 1`
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Sequence
 
 import numpy as np
@@ -53,13 +54,29 @@ def verdict(
     name = pick(scored, key=lambda n: scored[n])
     best = scored[name]
     label = BASELINE_LABELS.get(name) or _label(name)
+    ours, theirs = _distinct(value, best)
+    if math.isclose(value, best, rel_tol=1e-9, abs_tol=1e-12):
+        return False, (
+            f"the tuned model ties with the best baseline, {label} ({metric} {ours}): it gains nothing; "
+            "use the baseline, or widen the search space or run more trials"
+        )
     beats = value < best if direction == "minimize" else value > best
     if beats:
-        return True, f"the tuned model ({metric} {value:.4g}) beats the best baseline, {label} ({metric} {best:.4g})"
+        return True, f"the tuned model ({metric} {ours}) beats the best baseline, {label} ({metric} {theirs})"
     return False, (
-        f"the tuned model ({metric} {value:.4g}) does NOT beat the best baseline, {label} ({metric} {best:.4g}): "
+        f"the tuned model ({metric} {ours}) does NOT beat the best baseline, {label} ({metric} {theirs}): "
         "use the baseline, or widen the search space or run more trials"
     )
+
+
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` with 4 significant digits, or as many more as it takes to tell them apart
+    (never "2.517 vs 2.517" for two different numbers)."""
+    for digits in range(4, 13):
+        x, y = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if x != y:
+            return x, y
+    return f"{a:.4g}", f"{b:.4g}"
 
 
 def _label(name: str) -> str:

@@ -24,17 +24,29 @@ def _add_study_args(p: argparse.ArgumentParser, *, tracking: bool = True) -> Non
         help="Optuna storage URL (default: $TUNER_STORAGE, else a SQLite file next to the study file)",
     )
     if tracking:
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+        p.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: the study file's tracking_uri, $MLFLOW_TRACKING_URI, else mlflow.db "
+            "in the project folder above the study file)",
+        )
+
+
+_FOUND_STORE = "(default: $MLFLOW_TRACKING_URI, else the first mlflow.db here or in a folder above)"
 
 
 def _parser() -> argparse.ArgumentParser:
+    from tuner import __version__
+
     parser = argparse.ArgumentParser(prog="tuner", description="Hyperparameter tuning for PyTorch models on tabular data.")
+    parser.add_argument("--version", action="version", version=f"tuner {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("launch", help="create or resume a study and run it to n_trials finished trials")
     _add_study_args(p)
     p.add_argument("--n-trials", type=int, help="total finished trials to reach (overrides the study file)")
+    p.add_argument("--seed", type=int, help="the study's seed: split, sampler and trial seeds (overrides the study file)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (overrides the study file)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
     p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
@@ -46,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run one worker on a shared study until it has n_trials finished trials")
     _add_study_args(p)
     p.add_argument("--n-trials", type=int, help="the study's total finished trials (overrides the study file)")
+    p.add_argument("--seed", type=int, help="the study's seed (overrides the study file)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (overrides the study file)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
     p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
     p.add_argument("--no-promote", action="store_true", help="leave promotion to the launch (or `tuner promote`)")
@@ -60,6 +74,19 @@ def _parser() -> argparse.ArgumentParser:
     _add_study_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("studies", help="the studies in a storage: trial counts and best values")
+    p.add_argument(
+        "storage",
+        nargs="?",
+        help="storage URL, .db file or study file (default: $TUNER_STORAGE, else the storages of the study files "
+        "here and in studies/)",
+    )
+
+    p = sub.add_parser("trials", help="a table of a study's trials: number, state, value, duration, params")
+    _add_study_args(p, tracking=False)
+    p.add_argument("--csv", action="store_true", help="print every trial as CSV (all columns, full precision)")
+    p.add_argument("--wide", action="store_true", help="add the start time and the MLflow run id")
+
     p = sub.add_parser("reconcile", help="after a crash: fail stale trials, align MLflow runs and the champion")
     _add_study_args(p)
 
@@ -72,23 +99,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="CSV with the raw feature columns (others are ignored)")
     p.add_argument("--output", help="CSV to write (default: stdout)")
     p.add_argument("--proba", action="store_true", help="class probabilities, one column per class (classifiers)")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--keep", action="append", default=[], metavar="COL", help="copy this input column to the output (repeatable)")
+    p.add_argument("--tracking-uri", help=f"MLflow tracking URI {_FOUND_STORE}")
 
     p = sub.add_parser("replay", help="retrain one stored trial from its params and seed; compare the metric")
     _add_study_args(p, tracking=False)
     p.add_argument("--trial", type=int, required=True, help="trial number (see `tuner best` or the dashboard)")
+    p.add_argument("--seed", type=int, help="the --seed the study was launched with, if it was")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the study file's)")
 
     p = sub.add_parser("dashboard", help="optuna-dashboard for a study's storage")
     _add_study_args(p, tracking=False)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--mlflow-url",
+        help="where the MLflow UI is served, for the links in the notes (default: $TUNER_MLFLOW_UI_URL, else "
+        "http://127.0.0.1:5000, what `tuner ui` serves)",
+    )
 
     p = sub.add_parser("ui", help="MLflow UI over the tracking store")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db here)")
+    p.add_argument("--tracking-uri", help=f"MLflow tracking URI {_FOUND_STORE}")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--workers", type=int, help="server worker processes (default: MLflow's, 4)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1; MLflow's own default is 4)")
     return parser
 
 
@@ -121,17 +155,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _spec(args: argparse.Namespace) -> Any:
     from tuner.config import load_spec
 
-    return load_spec(args.study)
+    return load_spec(args.study, seed=getattr(args, "seed", None), timeout=getattr(args, "timeout", None))
 
 
 def _tracking_uri(args: argparse.Namespace, spec: Any = None) -> str:
-    from pathlib import Path
-
-    if getattr(args, "tracking_uri", None):
-        return str(args.tracking_uri)
+    """--tracking-uri, else the study's store (tuner.stores). Without a study (predict, ui): the
+    store found from here, which must exist (opening a missing SQLite store would create it)."""
     if spec is not None:
-        return str(spec.tracking)
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        return str(args.tracking_uri or spec.tracking)
+    from tuner.stores import find_tracking_uri, require_tracking_store
+
+    uri = find_tracking_uri(args.tracking_uri)
+    require_tracking_store(uri)
+    return uri
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -167,12 +203,9 @@ def _print_launch(s: Any) -> int:
         print("no complete trial: nothing to register")
         return 0
     print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
-    metrics = [k for k in ("rmse", "mae", "r2", "accuracy", "log_loss", "f1_macro") if k in s.best_metrics]
-    w = max([16, *(len(n) + 2 for n in s.baselines)])
-    print(f"{'validation':<{w}}" + "".join(f"{m:>10}" for m in metrics))
-    print(f"{'tuned model':<{w}}" + "".join(f"{s.best_metrics[m]:>10.4f}" for m in metrics))
-    for name, values in s.baselines.items():
-        print(f"{name:<{w}}" + "".join(f"{values[m]:>10.4f}" if m in values else f"{'':>10}" for m in metrics))
+    from tuner.browse import metrics_table
+
+    print(metrics_table(s.best_metrics, s.baselines))
     if s.verdict:
         print(("" if s.beats_baselines else "WARNING: ") + s.verdict)
     if s.promotion is not None:
@@ -224,7 +257,7 @@ def _fmt(v: Any) -> str:
 
 
 def cmd_best(args: argparse.Namespace) -> int:
-    from tuner.lineage import best_info
+    from tuner.browse import best_info
 
     spec = _spec(args)
     info = best_info(spec, storage=args.storage, tracking_uri=_tracking_uri(args, spec))
@@ -232,6 +265,7 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     print(f"study {info['study']} ({info['n_finished']} finished trials) in {info['storage']}")
+    print(f"mlflow store: {info['tracking_uri']}")
     print(f"best trial {info['best_trial']}: {info['metric']} = {info['value']:.6g}")
     print("params: " + ", ".join(f"{k}={_fmt(v)}" for k, v in info["params"].items()))
     print("metrics: " + ", ".join(f"{k}={v:.4f}" for k, v in info["metrics"].items()))
@@ -288,6 +322,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.tracking import conform_input, load_model
 
     frame = load_table(args.input)
+    unknown = [c for c in args.keep if c not in frame.columns]
+    if unknown:
+        raise ModelError(f"--keep {unknown}: no such column in {args.input}; its columns are {list(frame.columns)}")
     model, _ = load_model(args.model, _tracking_uri(args))
     features = model.metadata.get_input_schema().input_names()
     missing = [c for c in features if c not in frame.columns]
@@ -304,6 +341,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.proba and getattr(preds, "ndim", 1) == 1:
         raise ModelError(f"model {args.model!r} is a regression model: --proba needs a classifier")
     out = pd.DataFrame({"prediction": preds}) if getattr(preds, "ndim", 1) == 1 else pd.DataFrame(preds)
+    if args.keep:  # e.g. an id column, so the predictions can be joined back
+        out = pd.concat([frame[args.keep].reset_index(drop=True), out.reset_index(drop=True)], axis=1)
     if args.output:
         out.to_csv(args.output, index=False)
         print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
@@ -345,13 +384,37 @@ def _warn_if_public(host: str) -> None:
         print(f"warning: binding to {host}: anyone who can reach this address can read the studies", file=sys.stderr)
 
 
+def cmd_studies(args: argparse.Namespace) -> int:
+    from tuner.browse import studies_report
+
+    print(studies_report(args.storage or os.environ.get("TUNER_STORAGE")))
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace) -> int:
+    from tuner.browse import trial_table, trials_csv
+
+    spec = _spec(args)
+    if args.csv:
+        sys.stdout.write(trials_csv(spec, storage=args.storage))
+    else:
+        print(trial_table(spec, storage=args.storage, wide=args.wide))
+    return 0
+
+
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from tuner.study import open_storage
+    from tuner.browse import open_existing_storage
 
     spec = _spec(args)
     url = args.storage or spec.storage_url
-    storage = open_storage(url)
+    storage = open_existing_storage(url, spec.source)
     _warn_if_public(args.host)
+    from tuner.lineage import rebase_study_notes
+    from tuner.links import ui_base
+
+    base = args.mlflow_url or ui_base(spec.tracking)
+    if n := rebase_study_notes(storage, spec.name, base):
+        print(f"notes: {n} rewritten, their MLflow links now point at {base}", file=sys.stderr)
     print(f"optuna-dashboard for {spec.name} at http://{args.host}:{args.port}/dashboard/ (Ctrl-C stops)", flush=True)
     import signal
 
@@ -372,6 +435,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tuner.links import DEFAULT_UI_URL
+
     uri = _tracking_uri(args)
     _warn_if_public(args.host)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -379,7 +444,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()]
     if args.workers:
         cmd += ["--workers", str(args.workers)]
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    served = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {uri} at {served}/ (Ctrl-C stops)", flush=True)
+    if served != os.environ.get("TUNER_MLFLOW_UI_URL", DEFAULT_UI_URL).rstrip("/"):
+        print(
+            f"note: links written by tuner point at {os.environ.get('TUNER_MLFLOW_UI_URL', DEFAULT_UI_URL)}; "
+            f"`tuner dashboard STUDY --mlflow-url {served}` moves the dashboard's notes here",
+            file=sys.stderr,
+            flush=True,
+        )
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.execv(sys.executable, cmd)
     return 0  # pragma: no cover
@@ -391,6 +464,8 @@ COMMANDS = {
     "promote": cmd_promote,
     "best": cmd_best,
     "reconcile": cmd_reconcile,
+    "studies": cmd_studies,
+    "trials": cmd_trials,
     "report": cmd_report,
     "predict": cmd_predict,
     "replay": cmd_replay,

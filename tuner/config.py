@@ -6,16 +6,17 @@ type checking and collects every problem of one file, so the user fixes them all
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
 import json
-import os
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tuner import stores
 from tuner.errors import ConfigError
 
 __all__ = [
@@ -148,7 +149,7 @@ class StudySpec(_Strict):
     direction: Literal["minimize", "maximize"] | None = None  # None: the metric's own
     registered_model: str | None = None  # None: the study name
     storage: str | None = None  # None: a SQLite file next to the study file
-    tracking_uri: str | None = None  # None: sqlite:///mlflow.db in the working directory
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else mlflow.db in the project root (tuner.stores)
     device: str = "auto"
     # auto: fused (K trials as one batched model, tuner/fused.py) where a calibration at launch
     # measures it cheaper per trial-step than one trial at a time; else sequential.
@@ -173,7 +174,7 @@ class StudySpec(_Strict):
         known = REQUIRED_PARAMS + EXTRA_PARAMS
         for name in space:
             if name not in known:
-                problems.append(f"unknown parameter {name!r}; choose from {list(known)}")
+                problems.append(f"unknown parameter {name!r}{_did_you_mean(name, known)}; choose from {list(known)}")
         for name in REQUIRED_PARAMS:
             if name not in space:
                 problems.append(f"missing parameter {name!r} (every study samples {list(REQUIRED_PARAMS)})")
@@ -225,15 +226,22 @@ class StudySpec(_Strict):
 
     @property
     def storage_url(self) -> str:
+        """The study file's ``storage``, else ``<study file stem>.db`` next to it (``tuner.stores``)."""
         if self.storage:
             return self.storage
-        folder = self.source.parent if self.source else Path.cwd()
-        return f"sqlite:///{folder / (self.source.stem if self.source else self.name)}.db"
+        return stores.default_storage_url(self.source or Path.cwd() / f"{self.name}.toml")
 
     @property
     def tracking(self) -> str:
-        # The environment as MLflow reads it: containers and remote workers point at a server.
-        return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+        """The study file's ``tracking_uri``, else ``$MLFLOW_TRACKING_URI`` (containers and remote
+        workers point at a server), else ``mlflow.db`` in the project root (``tuner.stores``)."""
+        import os
+
+        return (
+            self.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or stores.default_tracking_uri(self.source or Path.cwd() / f"{self.name}.toml")
+        )
 
     def space_dict(self) -> dict[str, Any]:
         """The search space as plain JSON-able data (what the space hash is taken over)."""
@@ -318,6 +326,9 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
     raw["source"] = path.resolve()
     if isinstance(raw.get("data"), str):
         raw["data"] = (path.parent / raw["data"]).resolve()
+    for key in ("storage", "tracking_uri"):  # a relative SQLite path means: beside the study file
+        if isinstance(raw.get(key), str):
+            raw[key] = stores.resolve_sqlite_url(raw[key], path.resolve().parent)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if "task" not in raw and isinstance(raw.get("target"), str) and isinstance(raw.get("data"), Path):
         from tuner.tasks import infer_task
@@ -336,14 +347,59 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
 def _format_errors(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "tagged-union")))
+        where = [x for x in err["loc"] if not str(x).startswith(("function-", "tagged-union"))]
+        if len(where) >= 3 and where[0] == "space" and where[2] in _PARAM_TYPES:
+            del where[2]  # the union's tag, not a key of the file
+        loc = ".".join(str(x) for x in where)
         msg = err["msg"].removeprefix("Value error, ")
+        if len(where) == 2 and where[0] == "space" and err["type"] in ("model_attributes_type", "dict_type"):
+            parts.append(_type_problem(loc, err))
+            continue
         if err["type"] == "extra_forbidden":
-            msg = "unknown key; remove it or check its spelling"
+            key = str(err["loc"][-1])
+            msg = f"unknown key{_did_you_mean(key, _known_keys(err['loc'][:-1]))}; remove it or check its spelling"
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            parts.append(_type_problem(loc, err))
+            continue
         elif err["type"] == "literal_error":
             msg = f"{err.get('input')!r} is not allowed; {msg.lower()}"
         parts.append(f"{loc}: {msg}" if loc and loc != "space" else msg)
     return "; ".join(parts)
+
+
+_PARAM_TYPES: dict[str, type[BaseModel]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam, "fixed": FixedParam}
+_SECTIONS: dict[str, type[BaseModel]] = {"validation": Validation, "sampler": SamplerSpec, "pruner": PrunerSpec, "heartbeat": Heartbeat}
+_SET_BY_TUNER = ("source", "task_note")
+
+
+def _did_you_mean(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _known_keys(parent: tuple[Any, ...]) -> list[str]:
+    """The keys a study file may write at ``parent`` (a pydantic error location)."""
+    if not parent:
+        return [k for k in StudySpec.model_fields if k not in _SET_BY_TUNER]
+    if len(parent) == 1 and parent[0] in _SECTIONS:
+        return list(_SECTIONS[parent[0]].model_fields)
+    if len(parent) == 3 and parent[0] == "space" and parent[2] in _PARAM_TYPES:
+        return [k for k in _PARAM_TYPES[parent[2]].model_fields if k != "type"] + ["type"]
+    return []
+
+
+def _type_problem(loc: str, err: Any) -> str:
+    """A parameter whose ``type`` is missing or misspelt, in tuner's words."""
+    types = sorted(_PARAM_TYPES)
+    given = err.get("input")
+    if err["type"] == "union_tag_invalid":
+        tag = str(err.get("ctx", {}).get("tag", given))
+        return f"{loc}.type: {tag!r} is not a parameter type{_did_you_mean(tag, types)}; choose one of {types}"
+    if isinstance(given, dict):
+        near = [k for k in given if difflib.get_close_matches(str(k), ["type"], n=1, cutoff=0.6)]
+        hint = f" ({near[0]!r}: did you mean 'type'?)" if near else ""
+        return f"{loc}: no type{hint}; add type = one of {types}, e.g. {{ type = \"float\", low = 0.001, high = 0.1 }}"
+    return f"{loc}: {given!r} is not a parameter table; write {{ type = \"fixed\", value = {given!r} }} or another of {types}"
 
 
 def redact_url(url: str) -> str:

@@ -8,12 +8,11 @@ of a launch, not inside the objective, so a trial pays nothing for them.
 
 from __future__ import annotations
 
-import os
+import re
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable
 
-from tuner.config import redact_url
-from tuner.errors import TunerError
+from tuner.links import dashboard_base
 
 if TYPE_CHECKING:
     import optuna
@@ -22,7 +21,6 @@ if TYPE_CHECKING:
     from tuner.tracking import Promotion, Tracker
 
 __all__ = [
-    "dashboard_base",
     "study_url",
     "trial_url",
     "trial_note",
@@ -30,13 +28,9 @@ __all__ = [
     "write_launch_notes",
     "read_note",
     "best_links",
-    "best_info",
+    "rebase_notes",
+    "rebase_study_notes",
 ]
-
-
-def dashboard_base() -> str:
-    """Where a browser finds optuna-dashboard: ``$TUNER_DASHBOARD_URL`` or what ``tuner dashboard`` serves."""
-    return os.environ.get("TUNER_DASHBOARD_URL", "http://127.0.0.1:8080").rstrip("/")
 
 
 def study_url(study: optuna.Study) -> str:
@@ -147,43 +141,48 @@ def best_links(
     return links
 
 
-def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
-    """The best trial of a stored study with its MLflow run and the registered champion."""
-    from tuner.study import best_trial, finished_count, open_study
-    from tuner.tracking import Tracker
+# ](BASE/#/experiments/ID...) or ](BASE/#/models/...) in a note's Markdown
+_LINK = re.compile(r"\]\((?P<base>https?://[^)\s#]*?)/?#/(?P<path>[^)\s]*)\)")
 
-    study = open_study(spec, storage, create=False)
-    best = best_trial(study)
-    if best is None:
-        raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` first")
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
-    champion = tracker.champion(spec.model_name)
-    info: dict[str, Any] = {
-        "study": spec.name,
-        "storage": redact_url(storage or spec.storage_url),
-        "n_finished": finished_count(study),
-        "best_trial": best.number,
-        "value": best.value,
-        "metric": spec.metric,
-        "params": dict(best.params),
-        "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
-        "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
-        "validation": study.user_attrs.get("validation"),
-        "baselines": study.user_attrs.get("baselines", {}),
-    }
-    if info["baselines"]:
-        from tuner.baselines import verdict
 
-        info["beats_baselines"], info["verdict"] = verdict(
-            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
-        )
-    if champion is not None:
-        info["champion"] = {
-            "model_uri": f"models:/{spec.model_name}@champion",
-            "version": champion.version,
-            "trial": champion.tags.get("tuner.trial"),
-            "value": champion.tags.get("tuner.value"),
-        }
-    info.update(best_links(study, best, spec=spec, tracker=tracker))
-    return info
+def _rebased(text: str, base: str) -> str:
+    def fix(m: re.Match[str]) -> str:
+        path = m.group("path")
+        if re.fullmatch(r"experiments/[^/]+", path):  # an experiment's overview -> its runs
+            path += "/runs"
+        return f"]({base.rstrip('/')}/#/{path})"
 
+    return _LINK.sub(fix, text)
+
+
+def rebase_notes(study: optuna.Study, base: str) -> int:
+    """Point the MLflow links in a study's optuna-dashboard notes at ``base`` (e.g. the port
+    ``tuner ui`` serves now) and at the runs view; returns the notes rewritten (0: already right).
+
+    Only the study's note is read when nothing needs to change.
+    """
+    from optuna_dashboard import save_note
+
+    study_note = read_note(study)
+    if not study_note or _rebased(study_note, base) == study_note:
+        return 0
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        note = read_note(study, t)
+        new = _rebased(note, base) if note else note
+        if new != note:
+            save_note(_note_target(study, t), new)
+            n += 1
+    save_note(study, _rebased(study_note, base))
+    return n + 1
+
+
+def rebase_study_notes(storage: Any, study_name: str, base: str) -> int:
+    """``rebase_notes`` for the study named ``study_name`` in ``storage`` (0 when it is not there)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return 0  # the dashboard still lists the storage's other studies
+    return rebase_notes(study, base)

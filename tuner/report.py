@@ -3,7 +3,8 @@
 The Optuna plots come from ``optuna.visualization`` (plotly, interactive in the HTML, plotly.js
 inlined once so the file opens offline) and ``optuna.visualization.matplotlib`` (the PNGs: no
 browser or kaleido needed). Besides Optuna's plots: the champion's predicted-vs-actual on the
-validation rows and the comparison with the baselines (mean predictor, least squares).
+validation rows (all rows, marked in-sample, for a champion refit on them) and the comparison
+with the baselines (mean predictor, least squares).
 
 ``tuner report STUDY`` writes it on demand; every launch logs it on its parent MLflow run.
 """
@@ -34,7 +35,7 @@ SECTIONS: dict[str, str] = {
     "parallel_coordinate": "Parallel coordinates",
     "slice": "Slice plots",
     "intermediate_values": "Intermediate values (pruned trials included)",
-    "predicted_vs_actual": "Champion: predicted vs actual (validation rows)",
+    "predicted_vs_actual": "Champion: predicted vs actual",
     "baselines": "Baseline comparison (validation rows)",
 }
 
@@ -59,6 +60,7 @@ class _Champion:
     label: str
     actual: Any  # numpy array, target units (or class labels)
     predicted: Any
+    rows: str = "validation rows"  # what the points are, for the legend and the caption
 
 
 def _optuna_plots() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
@@ -188,16 +190,19 @@ def _champion(
         label = f"best trial {best.number} (not registered as champion)"
     checkpoint, _ = tracker.load_checkpoint(run_id)
     net = checkpoint.build()
-    if "cross-validation" in str(study.user_attrs.get("validation", "")):
-        label += "; refit on all rows, so these rows are in-sample"
-    rows = frame.iloc[prepared.val_index]
+    refit = "cross-validation" in str(study.user_attrs.get("validation", ""))
+    # A refit champion has seen every row: show them all, and say they are in-sample, rather than
+    # a holdout it was trained on.
+    rows = frame if refit else frame.iloc[prepared.val_index]
+    what = f"all {len(rows)} rows, in-sample (the champion was refit on them)" if refit else "validation rows"
     x = torch.as_tensor(rows[checkpoint.config.feature_names].to_numpy(dtype=np.float32))
     with torch.inference_mode():
         out = net(x).numpy()
     if spec.task == "regression":
-        return _Champion(label, prepared.y_val_raw.double().numpy(), out.astype(np.float64))
+        actual = rows[spec.target].to_numpy(dtype=np.float64) if refit else prepared.y_val_raw.double().numpy()
+        return _Champion(label, actual, out.astype(np.float64), what)
     classes = np.asarray(checkpoint.config.classes, dtype=object)
-    return _Champion(label, rows[spec.target].to_numpy(), classes[out.argmax(axis=1)])
+    return _Champion(label, rows[spec.target].to_numpy(), classes[out.argmax(axis=1)], what)
 
 
 def _predicted_vs_actual(c: _Champion, spec: StudySpec, go: Any, plt: Any) -> tuple[Any, Any]:
@@ -206,12 +211,12 @@ def _predicted_vs_actual(c: _Champion, spec: StudySpec, go: Any, plt: Any) -> tu
         lo, hi = float(min(c.actual.min(), c.predicted.min())), float(max(c.actual.max(), c.predicted.max()))
         pfig = go.Figure(
             [
-                go.Scatter(x=c.actual, y=c.predicted, mode="markers", name="validation rows"),
+                go.Scatter(x=c.actual, y=c.predicted, mode="markers", name=c.rows),
                 go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="predicted = actual", line={"dash": "dash"}),
             ]
         )
         pfig.update_layout(title=c.label, xaxis_title=f"actual {spec.target}", yaxis_title=f"predicted {spec.target}")
-        ax.scatter(c.actual, c.predicted, label="validation rows")
+        ax.scatter(c.actual, c.predicted, label=c.rows)
         ax.plot([lo, hi], [lo, hi], "--", color="grey", label="predicted = actual")
         ax.set_xlabel(f"actual {spec.target}")
         ax.set_ylabel(f"predicted {spec.target}")
@@ -305,7 +310,9 @@ def _html(
     for key, title in SECTIONS.items():
         parts.append(f'<section id="{key}"><h2>{esc(title)}</h2>')
         if key == "predicted_vs_actual" and champion is not None:
-            parts.append(f"<p>{esc(champion.label)}, {len(champion.actual)} validation rows.</p>")
+            n = len(champion.actual)
+            what = champion.rows if champion.rows != "validation rows" else f"{n} validation rows"
+            parts.append(f"<p>{esc(champion.label)}: {esc(what)}.</p>")
         if key == "baselines" and table:
             metrics = [
                 m
@@ -350,7 +357,7 @@ def build_report(
 
     study = open_study(spec, storage, create=False)
     prepared, frame = load_data(spec)
-    tracker = Tracker(tracking_uri or spec.tracking, spec.name)
+    tracker = Tracker(tracking_uri or spec.tracking, spec.name, create=False)
     out = Path(output) if output else Path.cwd() / f"{spec.name}-report.html"
     # The baselines the launch computed (on the study's own folds or split), when it stored them.
     stored = study.user_attrs.get("baselines") or None

@@ -233,6 +233,10 @@ def open_study(
     from tuner.space import describe_change, incompatible_changes
 
     url = storage_url or spec.storage_url
+    if not create:
+        from tuner.stores import require_storage
+
+        require_storage(url, spec.source)  # a read-only command never creates the SQLite file
     storage = open_storage(url, spec)
     sampler, pruner = make_sampler(spec, sampler_seed), make_pruner(spec)
     if create:
@@ -247,6 +251,8 @@ def open_study(
             )
         except ValueError as e:  # e.g. direction differs from the stored study
             raise StorageError(f"study {spec.name!r} in {redact_url(url)} cannot be resumed: {e}") from None
+        if study.metric_names != [spec.metric]:
+            study.set_metric_names([spec.metric])  # optuna-dashboard and plots say "rmse", not "Objective 0"
     else:
         try:
             study = optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner)
@@ -259,9 +265,6 @@ def open_study(
     current = spec.space_dict()
     stored = study.user_attrs.get("space")
     if stored is None:
-        if create:
-            # The dashboard's plots then say "rmse", not "Objective 0".
-            study.set_metric_names([spec.metric])
             for key, value in {
                 "space": current,
                 "space_hash": spec.space_hash(),

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
 from tuner.config import redact_url
 from tuner.errors import ModelError, TrackingError
+from tuner.links import experiment_link, run_link, ui_base
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,14 +79,6 @@ def _tag(name: str) -> str:
     return f"tuner.{name}"
 
 
-def ui_base(tracking_uri: str) -> str:
-    """Where a browser finds the MLflow UI of a store: the tracking server itself for http(s)
-    URIs, else ``$TUNER_MLFLOW_UI_URL`` or the address ``tuner ui`` serves by default."""
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
-    return os.environ.get("TUNER_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/")
-
-
 @dataclass(frozen=True)
 class Promotion:
     """Outcome of registering a study's best trial."""
@@ -109,18 +102,28 @@ class Tracker:
         *,
         client: MlflowClient | None = None,
         artifact_location: str | None = None,
+        create: bool = True,
     ) -> None:
+        """Open (``create=True``: create if missing) the store and the study's experiment.
+
+        ``create=False`` is for read-only commands: a SQLite store that does not exist, or a store
+        without the experiment, is a TrackingError naming it, and nothing is written.
+        """
         import mlflow
         from mlflow import MlflowClient
 
+        from tuner.stores import require_tracking_store
+
         self.tracking_uri = tracking_uri
+        if not create:
+            require_tracking_store(tracking_uri)
         if tracking_uri.startswith("sqlite:///"):
             db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
             if not db.parent.is_dir():
                 raise TrackingError(
                     f"MLflow store folder {str(db.parent)!r} does not exist; create it or pass another --tracking-uri"
                 )
-            if not os.access(db.parent, os.W_OK):
+            if create and not os.access(db.parent, os.W_OK):
                 raise TrackingError(f"MLflow store folder {str(db.parent)!r} is not writable; pass another --tracking-uri")
             # Artifacts beside the store, not in ./mlruns of wherever the command runs.
             artifact_location = artifact_location or (db.parent / "mlartifacts" / experiment_name).as_uri()
@@ -134,7 +137,7 @@ class Tracker:
         # that ``client.log_artifact`` makes to look the URI up.
         self._artifact_uris: dict[str, str] = {}
         try:
-            self.experiment_id = self._experiment(experiment_name, artifact_location)
+            self.experiment_id = self._experiment(experiment_name, artifact_location, create=create)
         except TrackingError:
             raise
         except Exception as e:  # mlflow raises many types for an unreachable or broken store
@@ -142,16 +145,21 @@ class Tracker:
                 f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {_first_line(e, hide=tracking_uri)}; "
                 "check the URI (--tracking-uri) and that the server is running"
             ) from None
-        if tracking_uri.startswith("sqlite:///"):
+        if create and tracking_uri.startswith("sqlite:///"):
             _sqlite_wal(Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]))
             _sqlite_synchronous_normal(self.client)
 
-    def _experiment(self, name: str, artifact_location: str | None) -> str:
+    def _experiment(self, name: str, artifact_location: str | None, *, create: bool = True) -> str:
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
+        if not create:
+            raise TrackingError(
+                f"MLflow store {redact_url(self.tracking_uri)} has no experiment {name!r}: the study was not "
+                "launched with this store; pass the --tracking-uri its launch used"
+            )
         try:
             return self.client.create_experiment(name, artifact_location=artifact_location)
         except MlflowException:  # another worker created it first
@@ -292,10 +300,10 @@ class Tracker:
     # -- links and reports ----------------------------------------------------------------
 
     def experiment_url(self) -> str:
-        return f"{ui_base(self.tracking_uri)}/#/experiments/{self.experiment_id}"
+        return experiment_link(ui_base(self.tracking_uri), self.experiment_id)
 
     def run_url(self, run_id: str) -> str:
-        return f"{self.experiment_url()}/runs/{run_id}"
+        return run_link(ui_base(self.tracking_uri), self.experiment_id, run_id)
 
     def model_version_url(self, model_name: str, version: str | int) -> str:
         return f"{ui_base(self.tracking_uri)}/#/models/{model_name}/versions/{version}"

@@ -131,7 +131,9 @@ def run_pool(
     logs: list[Path] = []
     log_dir = Path(tempfile.mkdtemp(prefix=f"tuner-{spec.name}-workers-"))
     cmd = [sys.executable, "-m", "tuner", "worker", str(spec.source), "--n-trials", str(total), "--no-promote",
-           "--no-progress", "--device", worker_device]
+           "--no-progress", "--device", worker_device, "--seed", str(spec.seed)]  # launch --seed/--timeout reach the workers
+    if spec.timeout is not None:
+        cmd += ["--timeout", str(spec.timeout)]
     bar = _CombinedProgress(total, n_workers, stream, verbose) if progress else None
     try:
         for i in range(n_workers):
