@@ -191,7 +191,9 @@ def _champion(
     if "cross-validation" in str(study.user_attrs.get("validation", "")):
         label += "; refit on all rows, so these rows are in-sample"
     rows = frame.iloc[prepared.val_index]
-    x = torch.as_tensor(rows[checkpoint.config.feature_names].to_numpy(dtype=np.float32))
+    from tuner.model import encode_frame
+
+    x = torch.as_tensor(encode_frame(net, rows)[0])  # raw columns -> the model's inputs (encoder)
     with torch.inference_mode():
         out = net(x).numpy()
     if spec.task == "regression":

@@ -456,21 +456,10 @@ def _told_trial(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.Frozen
 
 
 def load_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
-    """The study's CSV, validated and split; also the raw frame (for input examples)."""
-    from tuner.data import load_table, prepare, select_columns
+    """The study's table, validated, split and encoded; also its rows with a target (for input examples)."""
+    from tuner.data import load_study_data
 
-    frame = load_table(spec.data)
-    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data), task=spec.task)
-    prepared = prepare(
-        x,
-        y,
-        feature_names=names,
-        target=spec.target,
-        fraction=spec.validation.fraction,
-        seed=spec.validation_seed,
-        task=spec.task,
-    )
-    return prepared, frame
+    return load_study_data(spec)
 
 
 def load_inputs(spec: StudySpec) -> tuple[Prepared, pd.DataFrame, CVData]:
@@ -749,7 +738,9 @@ def launch(
             f"{cv.plan.describe()}: use a new study name for a fair comparison",
             stacklevel=2,
         )
-    for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task}.items():
+    print(prepared.columns, file=sys.stderr, flush=True)  # the column roles, decided once
+    for key, value in {"baselines": reference, "validation": cv.plan.describe(), "task": spec.task,
+                       "columns": prepared.columns}.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
 
@@ -916,8 +907,8 @@ def promote_best(
         value=float(best.value),  # type: ignore[arg-type]
         direction=spec.study_direction,
         space_hash=spec.space_hash(),
-        # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
-        input_example=frame[feature_names].head(5),
+        # Raw rows: promote takes the model's input columns, typed for its signature.
+        input_example=frame.head(5),
     )
 
 
@@ -963,6 +954,7 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "metrics": {k: v for k, v in best.user_attrs.items() if isinstance(v, float)},
         "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
         "validation": study.user_attrs.get("validation"),
+        "columns": study.user_attrs.get("columns"),
         "baselines": study.user_attrs.get("baselines", {}),
     }
     if info["baselines"]:
