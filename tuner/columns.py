@@ -433,7 +433,8 @@ class TableEncoder:
 
     def example(self, frame: pd.DataFrame) -> pd.DataFrame:
         """``frame``'s input columns typed as the model's signature should list them: numbers
-        as float64 (a NaN at predict time stays a double), text and bool levels as strings."""
+        as the table has them (int64 stays long: MLflow refuses int64 input for a double column;
+        a column that had missing values is float64 already), text and bool levels as strings."""
         import pandas as pd
 
         out = {}
@@ -441,7 +442,7 @@ class TableEncoder:
             col = frame[c["name"]]
             if c["kind"] == "numeric" or (c["kind"] == "categorical" and pd.api.types.is_numeric_dtype(col)
                                           and not pd.api.types.is_bool_dtype(col)):
-                out[c["name"]] = col.astype(np.float64)
+                out[c["name"]] = col if pd.api.types.is_integer_dtype(col) else col.astype(np.float64)
             elif c["kind"] == "categorical":
                 out[c["name"]] = pd.Series(level_text(col), index=col.index, dtype=object)
             else:
