@@ -52,6 +52,7 @@ ENCODER_VERSION = 1
 DATE_PARTS = ("year", "month", "dayofweek", "dayofyear")
 MISSING, OTHER = "<missing>", "<other>"
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?)?")
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}([,.' ]\d{3})+([.,]\d+)?")
 _ID_NAME = re.compile(r"(?i)(rownames|row_?(id|num(ber)?)?|index|unnamed: ?\d+|id|.*[_ ]id)")
 
 
@@ -187,7 +188,9 @@ def detect_roles(
             dates.append(name)
         elif numeric_share(col) >= 0.5:
             count, shown = bad_numeric_cells(col)
-            problems.append(f"column {name!r} holds numbers but {count} cell(s) are not: {shown}")
+            first = col[pd.to_numeric(col, errors="coerce").isna() & col.notna()].iloc[0]
+            hint = " (thousands separators? write 1234.5, not 1,234.5)" if _THOUSANDS.fullmatch(str(first).strip()) else ""
+            problems.append(f"column {name!r} holds numbers but {count} cell(s) are not: {shown}{hint}")
         elif not explicit and n >= 3 and col.notna().all() and col.nunique() == n:
             excluded[name] = "row id"
         else:
