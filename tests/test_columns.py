@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from tests.conftest import CARS
-from tuner.columns import Roles, TableEncoder, detect_roles
-from tuner.data import load_table, prepare, prepare_table, table_inputs
+from tuner.columns import Roles, detect_roles, table_inputs
+from tuner.data import load_table, prepare, prepare_table
+from tuner.encoder import TableEncoder
 from tuner.errors import DataError
 from tuner.model import Checkpoint, ModelConfig, TabularNet, encode_frame, predict_frame
 from tuner.train import train

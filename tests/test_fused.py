@@ -312,7 +312,7 @@ def _raw_table(n: int = 120, seed: int = 4):
     """A raw table: text levels (one rare), a bool, missing numbers and a missing level."""
     import pandas as pd
 
-    from tuner.data import table_inputs
+    from tuner.columns import table_inputs
 
     rng = np.random.default_rng(seed)
     colour = rng.choice(["red", "green", "blue"], size=n).astype(object)
@@ -342,7 +342,7 @@ def test_fused_equals_train_on_a_raw_table_with_categoricals_and_missing_values(
             _assert_same(ref, res)
     everything = np.arange(len(classification.y))
     layout = prepare_table(classification, fraction=0.2, seed=0, split=(everything, everything)).encoder
-    from tuner.columns import TableEncoder
+    from tuner.encoder import TableEncoder
 
     folds = [prepare_table(classification, fraction=0.2, seed=0, split=s, layout=TableEncoder(layout), class_weight="balanced")
              for s in kfold_indices(classification.y, 3, seed=0, stratify=True)]

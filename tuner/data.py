@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tuner.columns import Roles, TableEncoder, bad_numeric_cells, cut, detect_roles, numeric_share
+from tuner.columns import Roles, Table, cut, numeric_share, table_inputs
+from tuner.encoder import TableEncoder
 from tuner.errors import DataError
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "load_table",
     "select_columns",
-    "table_inputs",
-    "Table",
     "prepare",
     "prepare_table",
     "load_study_data",
@@ -194,84 +193,6 @@ def select_columns(
     if task == "classification":
         return values, frame[target].to_numpy(), list(features)
     return values[:, :-1], values[:, -1], list(features)
-
-
-@dataclass(frozen=True)
-class Table:
-    """A raw table ready to split: its rows with a target, the target, and the column roles."""
-
-    frame: pd.DataFrame  # every column of the rows that have a target (index 0..n-1)
-    y: np.ndarray  # float64 (regression) or the labels as the table has them (classification)
-    roles: Roles
-    target: str
-    task: Literal["regression", "classification"]
-    source: str = "data"
-
-    @property
-    def x(self) -> pd.DataFrame:
-        return self.frame[self.roles.features]
-
-
-def table_inputs(
-    frame: pd.DataFrame,
-    target: str,
-    *,
-    features: Sequence[str] | None = None,
-    categorical: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    source: str = "data",
-    task: Literal["regression", "classification"] = "regression",
-) -> Table:
-    """The target and the feature roles of a raw table (text, missing values and ids left in).
-
-    Rows with an empty target are dropped with a warning that counts them.
-
-    Raises:
-        DataError: no such target; a regression target that is not numbers (the first bad
-            cells named, row and value); one class; a bad override (see ``detect_roles``).
-    """
-    columns = [str(c) for c in frame.columns]
-    if target not in columns:
-        raise DataError(f"target column {target!r} is not in {source}; columns are {columns[:30]}")
-    labels = frame[target]
-    if task == "regression":
-        labels = _numeric_target(labels, target, source)
-        if np.isinf(labels.to_numpy(dtype=np.float64)).any():
-            row = int(np.flatnonzero(np.isinf(labels.to_numpy(dtype=np.float64)))[0]) + 2
-            raise DataError(f"{source}: target {target!r} is infinite at row {row}; fix or drop those rows")
-    empty = labels.isna().to_numpy()
-    if empty.all():
-        raise DataError(f"{source}: target {target!r} is empty in every row; there is nothing to learn")
-    if empty.any():
-        warnings.warn(
-            f"{source}: {int(empty.sum())} row(s) with an empty target {target!r} dropped "
-            f"(first at row {int(np.flatnonzero(empty)[0]) + 2}); {int((~empty).sum())} rows remain",
-            stacklevel=2,
-        )
-        frame, labels = frame[~empty].reset_index(drop=True), labels[~empty].reset_index(drop=True)
-    if task == "classification" and labels.nunique() < 2:
-        raise DataError(f"{source}: target {target!r} has one class {cut(labels.iloc[0])}; there is nothing to classify")
-    roles = detect_roles(frame, target, features=features, categorical=categorical, exclude=exclude, source=source)
-    y = labels.to_numpy(dtype=np.float64) if task == "regression" else labels.to_numpy()
-    return Table(frame, y, roles, target, task, source)
-
-
-def _numeric_target(labels: pd.Series, target: str, source: str) -> pd.Series:
-    import pandas as pd
-
-    if pd.api.types.is_numeric_dtype(labels) and not pd.api.types.is_bool_dtype(labels):
-        return labels.astype(np.float64)
-    if numeric_share(labels) >= 0.9:
-        count, shown = bad_numeric_cells(labels)
-        raise DataError(
-            f"{source}: target {target!r} holds numbers but {count} cell(s) are not: {shown}; fix them or leave "
-            "them empty (rows without a target are dropped)"
-        )
-    example = labels.dropna().iloc[0] if labels.notna().any() else None
-    raise DataError(
-        f"{source}: target {target!r} is not numeric, e.g. {cut(example)}; set task = \"classification\" in the "
-        "study file if it holds class labels"
-    )
 
 
 @dataclass(frozen=True)

@@ -173,7 +173,7 @@ def encode_frame(net: TabularNet, frame: Any, *, first_row: int = 2) -> tuple[An
     import numpy as np
     import pandas as pd
 
-    from tuner.columns import TableEncoder
+    from tuner.encoder import TableEncoder
     from tuner.errors import DataError
 
     config = net.config

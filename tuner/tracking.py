@@ -634,7 +634,7 @@ def model_input_example(config: Any, frame: pd.DataFrame) -> pd.DataFrame:
     """The raw input columns of ``frame`` as the signature should list them: numbers as doubles
     (so a missing value at predict time is not refused), categoricals as strings. A model
     without an encoder keeps the CSV's own dtypes, as before."""
-    from tuner.columns import TableEncoder
+    from tuner.encoder import TableEncoder
 
     if config.encoder is None:
         return frame[config.feature_names]
@@ -650,7 +650,7 @@ def conform_input(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
-    from tuner.columns import level_text
+    from tuner.encoder import level_text
 
     schema = model.metadata.get_input_schema()
     out = frame[schema.input_names()].copy()

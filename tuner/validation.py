@@ -155,8 +155,8 @@ def load_folds(spec: StudySpec, frame: pd.DataFrame) -> CVData:
     missing indicator that a fold's training rows lack is inert in that fold (zero once
     standardised), so no fold learns from its validation rows.
     """
-    from tuner.columns import TableEncoder
     from tuner.data import prepare_table, study_table
+    from tuner.encoder import TableEncoder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # load_data warned about these columns already
