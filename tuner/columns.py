@@ -144,7 +144,7 @@ def detect_roles(
         if name in excluded:
             continue
         col = frame[name]
-        if not explicit and col.nunique(dropna=False) <= 1:
+        if not explicit and _constant(col):
             excluded[name] = "constant" if col.notna().any() else "empty"
             continue
         if name in categorical or pd.api.types.is_bool_dtype(col) or isinstance(col.dtype, pd.CategoricalDtype):
@@ -193,6 +193,16 @@ def _cut_list(names: list[str], limit: int = 30) -> str:
     return str(names) if len(names) <= limit else f"{names[:limit]} and {len(names) - limit} more"
 
 
+def _constant(col: pd.Series) -> bool:
+    """One value (or none) in every row; O(n) without hashing (1M-row tables)."""
+    missing = col.isna()
+    if missing.all():
+        return True
+    if missing.any():
+        return False
+    return bool((col == col.iloc[0]).all())
+
+
 def _is_row_id(name: str, col: pd.Series, n: int) -> bool:
     """An exported row number: integers, unique per row, and monotone or named like an id."""
     import pandas as pd
@@ -210,6 +220,8 @@ def _integral(col: pd.Series) -> bool:
     if not pd.api.types.is_float_dtype(col):
         return False
     values = col.to_numpy(dtype=np.float64)
+    if not (values[:256] % 1 == 0).all():  # measurements: rejected on the first rows, cheaply
+        return False
     return bool(np.isfinite(values).all() and (values % 1 == 0).all())
 
 
