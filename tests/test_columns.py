@@ -265,3 +265,54 @@ def test_balanced_class_weights_come_from_the_training_rows() -> None:
     assert d.class_weight_ == pytest.approx([len(d.y_train) / (2 * c) for c in counts])
     r = train(dict(lr=0.05, epochs=3, batch_size=16, hidden_size=0), d, device="cpu")
     assert np.isfinite(r.metrics["log_loss"])
+
+
+@pytest.mark.slow
+def test_penguins_launch_prints_roles_and_its_champion_predicts_raw_rows_without_pickle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Acceptance: the raw penguins CSV trains with no manual work; the champion predicts every
+    row (NaN rows included) through `tuner predict` and through MLflow's pyfunc with pickle
+    refused, identically; a CSV with an unseen island and an all-empty row gets known labels."""
+    from tests.conftest import mlflow_store, write_study
+    from tuner.cli import main
+
+    tracking = mlflow_store(tmp_path / "mlflow.db")
+    space = ('lr = { type = "float", low = 1e-2, high = 1e-1, log = true }\n'
+             'epochs = { type = "int", low = 5, high = 8 }\n'
+             'batch_size = { type = "categorical", choices = [32] }\n'
+             'hidden_size = { type = "int", low = 4, high = 8 }\n'
+             'activation = { type = "categorical", choices = ["relu", "tanh"] }\n')
+    study = write_study(tmp_path, "penguins", data=PENGUINS, target="species", n_trials=2, space=space)
+    assert main(["--debug", "launch", str(study), "--tracking-uri", tracking, "--no-progress", "--no-report"]) == 0
+    err = capsys.readouterr().err
+    assert "features: 5 numeric, 2 categorical (island, sex)" in err
+    assert main(["--debug", "best", str(study), "--tracking-uri", tracking]) == 0
+    assert "features: 5 numeric, 2 categorical (island, sex)" in capsys.readouterr().out
+
+    out = tmp_path / "all.csv"
+    assert main(["predict", "penguins@champion", "--input", str(PENGUINS), "--tracking-uri", tracking,
+                 "--output", str(out)]) == 0
+    ours = pd.read_csv(out)["prediction"]
+    raw = pd.read_csv(PENGUINS)
+    assert len(ours) == 344 and ours.notna().all() and set(ours) <= set(raw.species)
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    pyfunc = mlflow.pyfunc.load_model("models:/penguins@champion")
+    np.testing.assert_array_equal(pyfunc.predict(raw.drop(columns="species")), ours.to_numpy())
+
+    new = tmp_path / "new.csv"
+    new.write_text("island,bill_length_mm,bill_depth_mm,flipper_length_mm,body_mass_g,sex,year\n"
+                   "Atlantis,39.1,18.7,181,3750,male,2007\n,,,,,,\nBiscoe,47.5,14.2,220,5000,female,2009\n")
+    capsys.readouterr()
+    assert main(["predict", "penguins@champion", "--input", str(new), "--tracking-uri", tracking]) == 0
+    got = capsys.readouterr()
+    assert set(pd.read_csv(io.StringIO(got.out))["prediction"]) <= set(raw.species)
+    assert "levels not seen in training" in got.err
+    capsys.readouterr()
+    assert main(["predict", "penguins@champion", "--input", str(tmp_path / "nosuch.csv"), "--tracking-uri", tracking]) == 2
+    assert "study file" not in capsys.readouterr().err
