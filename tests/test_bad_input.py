@@ -34,11 +34,11 @@ CSV_CASES: dict[str, tuple[str | bytes, str]] = {
     ),
     "thousands_separators": (
         CARS_TEXT.replace(",160,110,", ',"1,160",110,', 1),
-        r"column 'disp' is not numeric, e.g. '1,160' \(row 2\) \(thousands separators\? write 1234.5, not 1,234.5\)",
+        r"column 'disp' holds numbers but 1 cell\(s\) are not: row 2 '1,160' \(thousands separators\? write 1234.5, not 1,234.5\)",
     ),
     "one_question_mark": (
         CARS_TEXT.replace(",175,", ",?,", 1),
-        r"column 'hp' is not numeric, e.g. '\?' \(row 6\); fix or drop those values",
+        r"column 'hp' holds numbers but 1 cell\(s\) are not: row 6 '\?'; fix those cells or leave them empty",
     ),
     "single_target_value": (
         "\n".join([CARS_TEXT.splitlines()[0]] + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]),

@@ -311,3 +311,49 @@ def test_fused_out_of_device_memory_fails_the_trials_in_flight_and_runs_the_rest
     assert states[:2] == ["FAIL", "FAIL"] and states[2:] == ["COMPLETE"] * 4 and summary.n_finished == 4
     runs = Tracker(uri, "study").runs_of(summary.parent_run_id)
     assert sorted(r.info.status for r in runs) == ["FAILED"] * 2 + ["FINISHED"] * 4
+
+
+def _raw_table(n: int = 120, seed: int = 4):
+    """A raw table: text levels (one rare), a bool, missing numbers and a missing level."""
+    import pandas as pd
+
+    from tuner.columns import table_inputs
+
+    rng = np.random.default_rng(seed)
+    colour = rng.choice(["red", "green", "blue"], size=n).astype(object)
+    colour[:3] = "violet"  # rare: shares the <other> slot
+    colour[5:9] = None
+    frame = pd.DataFrame({"x": rng.normal(size=n), "w": rng.normal(size=n), "colour": colour,
+                          "flag": rng.choice([True, False], size=n)})
+    frame.loc[rng.choice(n, 8, replace=False), "x"] = np.nan
+    frame["y"] = np.nan_to_num(frame["x"].to_numpy()) + (frame["colour"] == "red") - 0.5 * frame["w"]
+    frame["label"] = np.where(frame["y"] > 0.3, "hi", np.where(frame["y"] < -0.5, "lo", "mid"))
+    return table_inputs(frame.drop(columns="label"), "y"), table_inputs(frame.drop(columns="y"), "label", task="classification")
+
+
+def test_fused_equals_train_on_a_raw_table_with_categoricals_and_missing_values() -> None:
+    """The encoder is preprocessing into the input matrix: fused trials stay exact, a weighted
+    (class_weight = "balanced") cross-entropy included, and cross-validation folds share one layout."""
+    from tuner.data import prepare_table
+    from tuner.validation import cross_validate, cross_validate_many, kfold_indices
+
+    regression, classification = _raw_table()
+    for table, weight in ((regression, None), (classification, "balanced")):
+        data = prepare_table(table, fraction=0.25, seed=0, class_weight=weight)  # type: ignore[arg-type]
+        assert any(":missing" in n for n in data.feature_names) and any("=<other>" in n for n in data.feature_names)
+        jobs = [Job(p, seed=30 + i) for i, p in enumerate(MIXED[:4])]
+        expected = [train(j.params, data, device="cpu", seed=j.seed) for j in jobs]
+        for ref, res in zip(expected, train_many(jobs, data, device="cpu", width=3)):
+            _assert_same(ref, res)
+    everything = np.arange(len(classification.y))
+    layout = prepare_table(classification, fraction=0.2, seed=0, split=(everything, everything)).encoder
+    from tuner.encoder import TableEncoder
+
+    folds = [prepare_table(classification, fraction=0.2, seed=0, split=s, layout=TableEncoder(layout), class_weight="balanced")
+             for s in kfold_indices(classification.y, 3, seed=0, stratify=True)]
+    jobs = [Job(p, seed=40 + i) for i, p in enumerate(MIXED[1:3])]
+    expected_cv = [cross_validate(j.params, folds, seed=j.seed) for j in jobs]
+    for ref_cv, res_cv in zip(expected_cv, cross_validate_many(jobs, folds, width=4)):
+        for a, b in zip([*ref_cv.history, *ref_cv.fold_metrics], [*res_cv.history, *res_cv.fold_metrics]):
+            for key in a:
+                assert b[key] == pytest.approx(a[key], rel=RTOL, abs=1e-5), key

@@ -140,6 +140,7 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "mlflow_run_id": best.user_attrs.get("mlflow_run_id"),
         "validation": study.user_attrs.get("validation"),
         "baselines": study.user_attrs.get("baselines", {}),
+        "columns": study.user_attrs.get("columns"),
     }
     if info["baselines"]:
         from tuner.baselines import verdict

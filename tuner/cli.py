@@ -272,6 +272,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     print(f"mlflow run: {info['mlflow_run_id']}")
     if info.get("validation"):
         print(f"validation: {info['validation']}")
+    if info.get("columns"):
+        print(info["columns"])
     for name, values in info.get("baselines", {}).items():
         print(f"baseline {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     if info.get("verdict"):
@@ -321,7 +323,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.errors import ModelError
     from tuner.tracking import conform_input, load_model
 
-    frame = load_table(args.input)
+    frame = load_table(args.input, what="input file", fix="pass an existing CSV or Parquet file to --input")
     unknown = [c for c in args.keep if c not in frame.columns]
     if unknown:
         raise ModelError(f"--keep {unknown}: no such column in {args.input}; its columns are {list(frame.columns)}")
@@ -334,6 +336,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             preds = model.predict(conform_input(model, frame), params={"proba": True} if args.proba else None)
+        for note in model.notes:  # imputations training never needed (tuner.model.predict_frame)
+            print(f"warning: {note}", file=sys.stderr)
     except Exception as e:
         raise ModelError(f"prediction failed on {args.input}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     import pandas as pd

@@ -140,7 +140,11 @@ class StudySpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: Path
     target: str
-    features: list[str] | None = None  # None: every numeric column but the target
+    features: list[str] | None = None  # None: every column but the target, ids and constants (tuner.columns)
+    categorical: list[str] = Field(default_factory=list)  # numeric columns to treat as categories
+    exclude: list[str] = Field(default_factory=list)  # columns never used as features
+    # "balanced": cross-entropy weights n / (k * count) per class, counted on the training part.
+    class_weight: Literal["balanced"] | None = None
     task: Literal["regression", "classification"] = "regression"  # load_spec infers it when unset
     n_trials: int = Field(50, gt=0)  # finished (complete + pruned) trials the study should reach
     timeout: float | None = Field(None, gt=0)  # seconds for one launch
@@ -204,6 +208,8 @@ class StudySpec(_Strict):
 
     @model_validator(mode="after")
     def _check_metric(self) -> StudySpec:
+        if self.class_weight is not None and self.task != "classification":
+            raise ValueError(f"class_weight = {self.class_weight!r} needs task = \"classification\"; remove it")
         allowed = REGRESSION_METRICS if self.task == "regression" else CLASSIFICATION_METRICS
         if self.metric not in allowed:
             why = f" ({self.task_note}; set task to override)" if self.task_note else ""

@@ -134,6 +134,11 @@ class _Bank:
         self.padded_val = not bool(self.val_mask.all())
         self.y_mean = torch.tensor([d.y_mean_ for d in datasets], dtype=torch.float32, device=device)
         self.y_std = torch.tensor([d.y_std_ for d in datasets], dtype=torch.float32, device=device)
+        # Per split, the cross-entropy class weights (class_weight = "balanced"), or None.
+        self.class_weight = (
+            torch.tensor([d.class_weight_ for d in datasets], dtype=torch.float32, device=device)
+            if data.class_weight_ else None
+        )
         self.tensors: dict[str, torch.Tensor] = {}
         self.packed = False
         self.act_key: tuple[str | None, ...] = ()
@@ -449,7 +454,12 @@ class _Bank:
         else:
             per_row = task_loss(out.reshape(-1, self.n_out), yb.reshape(-1), self.task, "none").view(yb.shape)
         count = rows.sum(1)
-        loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
+        if self.class_weight is None:
+            loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
+        else:
+            # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
+            w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
+            loss = (per_row * w_rows).sum(1) / w_rows.sum(1).clamp_min(1e-30)
         leaves = list(self.leaves.values())
         grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
         with torch.no_grad():

@@ -40,21 +40,10 @@ class Inputs:
 
 
 def load_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
-    """The study's table, validated and split; also the raw frame (for input examples)."""
-    from tuner.data import load_table, prepare, select_columns
+    """The study's table, validated, split and encoded; also its rows with a target (for input examples)."""
+    from tuner.data import load_study_data
 
-    frame = load_table(spec.data)
-    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data), task=spec.task)
-    prepared = prepare(
-        x,
-        y,
-        feature_names=names,
-        target=spec.target,
-        fraction=spec.validation.fraction,
-        seed=spec.validation_seed,
-        task=spec.task,
-    )
-    return prepared, frame
+    return load_study_data(spec)
 
 
 def load_inputs(spec: StudySpec) -> Inputs:

@@ -1,7 +1,12 @@
 """The network: an MLP (``hidden_size = 0`` is the plain linear model) that carries its own
 preprocessing, so a reloaded model takes raw feature columns and answers in the target's units.
 
-This module imports torch only: the MLflow model code loads it without optuna, mlflow or pandas.
+The preprocessing is the column encoder (``tuner.columns``: imputation, missing indicators,
+one-hot levels) as plain JSON in ``ModelConfig.encoder``, then the standardiser as buffers. A
+config without an encoder (a champion from before it existed) reads numeric columns as they are.
+
+This module imports torch only at import time (numpy and pandas where a frame is predicted): the
+MLflow model code loads it without optuna or mlflow.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "TabularNet", "initial_weights", "make_activation", "predict_frame"]
+__all__ = ["ModelConfig", "TabularNet", "Checkpoint", "initial_weights", "make_activation", "encode_frame", "predict_frame"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -45,10 +50,18 @@ class ModelConfig:
     activation: str = "relu"
     dropout: float = 0.0
     classes: list[Any] | None = None
+    # tuner.columns.TableEncoder state (plain types): raw columns -> the model's inputs, whose
+    # names ``feature_names`` then are. None: ``feature_names`` are raw numeric columns.
+    encoder: dict[str, Any] | None = None
 
     @property
     def n_outputs(self) -> int:
         return len(self.classes) if self.classes is not None else 1
+
+    @property
+    def input_columns(self) -> list[str]:
+        """The raw columns the model reads."""
+        return [c["name"] for c in self.encoder["columns"]] if self.encoder else list(self.feature_names)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,18 +163,65 @@ class Checkpoint:
         return net.eval()
 
 
+def encode_frame(net: TabularNet, frame: Any, *, first_row: int = 2) -> tuple[Any, list[str]]:
+    """Raw columns (a DataFrame; extra columns ignored) -> the network's float32 input matrix,
+    and notes on what had to be imputed that training never saw (for a warning).
+
+    Raises:
+        DataError: a column is missing, or a numeric column holds text (column and row named).
+    """
+    import numpy as np
+    import pandas as pd
+
+    from tuner.encoder import TableEncoder
+    from tuner.errors import DataError
+
+    config = net.config
+    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
+    if config.encoder is not None:
+        x, notes = TableEncoder.from_dict(config.encoder).transform(frame, first_row=first_row)
+        return x.astype(np.float32), notes
+    # A numeric-only model from before the encoder: a missing value takes the training mean
+    # (the standardiser's), i.e. zero once standardised, instead of an empty prediction.
+    missing = [c for c in config.feature_names if c not in frame.columns]
+    if missing:
+        raise DataError(f"input lacks feature column(s) {missing}; the model needs {config.feature_names}")
+    from tuner.columns import bad_numeric_cells
+
+    columns = []
+    for name in config.feature_names:
+        col = frame[name]
+        if not pd.api.types.is_numeric_dtype(col):
+            count, shown = bad_numeric_cells(col, first_row)
+            if count:
+                raise DataError(f"column {name!r} is numeric in the model, but {count} cell(s) are not numbers: {shown}")
+            col = pd.to_numeric(col, errors="coerce")
+        columns.append(col.to_numpy(dtype=np.float64, na_value=np.nan))
+    x = np.stack(columns, axis=1) if columns else np.zeros((len(frame), 0))
+    bad = ~np.isfinite(x)
+    notes = []
+    if bad.any():
+        x = np.where(bad, net.x_mean.detach().cpu().double().numpy(), x)
+        counts = bad.sum(axis=0)
+        notes.append("missing values imputed with the training mean: " + ", ".join(
+            f"{n} ({int(k)} row(s))" for n, k in zip(config.feature_names, counts) if k))
+    return x.astype(np.float32), notes
+
+
 def predict_frame(net: TabularNet, frame: Any, *, proba: bool = False) -> Any:
-    """Raw feature columns (a DataFrame; extra columns ignored) -> predictions in the target's
-    units, class labels, or (``proba``) a DataFrame of class probabilities."""
+    """Raw feature columns (a DataFrame; extra columns ignored; missing values and unseen
+    levels allowed) -> predictions in the target's units, class labels, or (``proba``) a
+    DataFrame of class probabilities. Imputations training never needed are warned about."""
+    import warnings
+
     import numpy as np
     import pandas as pd
 
     config = net.config
-    frame = frame if isinstance(frame, pd.DataFrame) else pd.DataFrame(frame)
-    missing = [c for c in config.feature_names if c not in frame.columns]
-    if missing:
-        raise ValueError(f"input lacks feature column(s) {missing}; the model needs {config.feature_names}")
-    x = torch.from_numpy(np.array(frame[config.feature_names], dtype=np.float32))
+    x_np, notes = encode_frame(net, frame)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    x = torch.from_numpy(x_np)
     with torch.inference_mode():
         out = net(x)
     if config.task == "regression":

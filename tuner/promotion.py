@@ -37,7 +37,6 @@ def promote(
         run_id = best.user_attrs["mlflow_run_id"]
         if inputs.cv.all_rows is not None and not tracker.has_checkpoint(run_id):
             _refit(best, inputs, tracker, device)
-        names = inputs.prepared.feature_names
         promotion = tracker.promote(
             model_name=spec.model_name,
             run_id=run_id,
@@ -47,8 +46,8 @@ def promote(
             value=float(best.value),  # type: ignore[arg-type]
             direction=spec.study_direction,
             space_hash=spec.space_hash(),
-            # The CSV's own dtypes: MLflow refuses int64 input for a float64 schema column.
-            input_example=inputs.frame[names].head(5),
+            # Raw rows: promote takes the model's input columns, typed for its signature.
+            input_example=inputs.frame.head(5),
         )
         if study.user_attrs.get(PROMOTED_ATTR) != best.number:
             study.set_user_attr(PROMOTED_ATTR, best.number)

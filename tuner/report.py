@@ -195,7 +195,9 @@ def _champion(
     # a holdout it was trained on.
     rows = frame if refit else frame.iloc[prepared.val_index]
     what = f"all {len(rows)} rows, in-sample (the champion was refit on them)" if refit else "validation rows"
-    x = torch.as_tensor(rows[checkpoint.config.feature_names].to_numpy(dtype=np.float32))
+    from tuner.model import encode_frame
+
+    x = torch.as_tensor(encode_frame(net, rows)[0])  # raw columns -> the model's inputs (encoder)
     with torch.inference_mode():
         out = net(x).numpy()
     if spec.task == "regression":

@@ -359,7 +359,10 @@ def _record_study_attrs(study: optuna.Study, spec: StudySpec, inputs: Inputs, re
             f"{plan}: use a new study name for a fair comparison",
             stacklevel=3,
         )
-    for key, value in {"baselines": reference, "validation": plan, "task": spec.task}.items():
+    # The column roles, decided once (tuner.columns), printed and kept for `tuner best`.
+    print(inputs.prepared.columns, file=sys.stderr, flush=True)
+    attrs = {"baselines": reference, "validation": plan, "task": spec.task, "columns": inputs.prepared.columns}
+    for key, value in attrs.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
 

@@ -27,8 +27,14 @@ def infer_task_of(column: pd.Series) -> tuple[Task, str]:
     import numpy as np
     import pandas as pd
 
+    from tuner.columns import numeric_share
+
     name = column.name
     values = column.dropna()
+    if not pd.api.types.is_bool_dtype(column) and not pd.api.types.is_numeric_dtype(column) and numeric_share(column) >= 0.9:
+        # Numbers with a few stray cells ('?'): a quantity with typos, not 25 classes; the data
+        # check then names the bad cells.
+        return "regression", f"task inferred as regression: target {name!r} is numbers but for a few cells"
     if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
         return "classification", f"task inferred as classification: target {name!r} is not numeric"
     n_distinct = int(values.nunique())
@@ -47,7 +53,10 @@ def infer_task(data: Path, target: str) -> tuple[Task, str] | None:
     import pandas as pd
 
     try:
-        column = pd.read_csv(data, usecols=[target], encoding="utf-8")[target]
+        if data.suffix.lower() in (".parquet", ".pq"):
+            column = pd.read_parquet(data, columns=[target])[target]
+        else:
+            column = pd.read_csv(data, usecols=[target], encoding="utf-8")[target]
     except Exception:  # any unreadable file: data.load_table explains it later
         return None
     if column.notna().sum() == 0:

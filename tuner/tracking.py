@@ -35,6 +35,7 @@ __all__ = [
     "load_model",
     "LoadedModel",
     "conform_input",
+    "model_input_example",
     "import_mlflow",
     "ui_base",
     "WEIGHTS_FILE",
@@ -342,6 +343,9 @@ class Tracker:
     ) -> Promotion:
         """Log the trial's model once, register it, and move ``champion`` only if it is better.
 
+        ``input_example``: a few raw rows of the table (any extra columns); the model's input
+        columns of them, typed for its signature, become the input example.
+
         The previous champion keeps its alias unless every step before the alias move succeeded.
         """
         import mlflow
@@ -358,6 +362,7 @@ class Tracker:
         else:
             new_version = True
             checkpoint, _ = self.load_checkpoint(run_id)
+            input_example = model_input_example(checkpoint.config, input_example)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "checkpoint.pt"
                 import torch
@@ -677,11 +682,16 @@ class LoadedModel:
 
     def __init__(self, net: Any, metadata: Any) -> None:
         self.net, self.metadata = net, metadata
+        self.notes: list[str] = []  # the last predict's imputations that training never needed
 
     def predict(self, frame: pd.DataFrame, params: dict[str, Any] | None = None) -> Any:
         from tuner.model import predict_frame
 
-        return predict_frame(self.net, frame, proba=bool(params and params.get("proba")))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = predict_frame(self.net, frame, proba=bool(params and params.get("proba")))
+        self.notes = [str(w.message) for w in caught if w.category is UserWarning]
+        return out
 
 
 def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
@@ -768,19 +778,36 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
     return LoadedModel(net, metadata), version
 
 
+def model_input_example(config: Any, frame: pd.DataFrame) -> pd.DataFrame:
+    """The raw input columns of ``frame`` as the signature should list them: numbers as doubles
+    (so a missing value at predict time is not refused), categoricals as strings. A model
+    without an encoder keeps the CSV's own dtypes, as before."""
+    from tuner.encoder import TableEncoder
+
+    if config.encoder is None:
+        return frame[config.feature_names]
+    encoder = TableEncoder.from_dict(config.encoder)
+    return encoder.example(frame[encoder.input_columns])
+
+
 def conform_input(model: Any, frame: pd.DataFrame) -> pd.DataFrame:
-    """The model's feature columns of ``frame``, cast to its signature's number types where that
+    """The model's feature columns of ``frame``, cast to its signature's types where that
     loses nothing: a CSV whose ``disp`` happens to hold whole numbers reads as int64, which MLflow
-    refuses for a double column (and a whole-valued float column for a long one)."""
+    refuses for a double column (and a whole-valued float column for a long one); a categorical
+    read as numbers, bools or an all-empty column becomes the level strings the model knows."""
     import numpy as np
     import pandas as pd
+
+    from tuner.encoder import level_text
 
     schema = model.metadata.get_input_schema()
     out = frame[schema.input_names()].copy()
     for name, kind in zip(schema.input_names(), schema.input_types()):
         kind = getattr(kind, "name", str(kind))
         col = out[name]
-        if kind in ("double", "float") and pd.api.types.is_integer_dtype(col):
+        if kind == "string" and not (col.dtype == object or isinstance(col.dtype, pd.StringDtype)):
+            out[name] = pd.Series(level_text(col), index=col.index, dtype=object)
+        elif kind in ("double", "float") and pd.api.types.is_integer_dtype(col):
             out[name] = col.astype(np.float64 if kind == "double" else np.float32)
         elif kind in ("long", "integer") and pd.api.types.is_float_dtype(col) and col.notna().all():
             if bool((col % 1 == 0).all()):

@@ -24,6 +24,7 @@ __all__ = [
     "resolve_device",
     "EpochHook",
     "task_loss",
+    "class_weights",
     "output_metrics",
     "epoch_record",
     "cosine_factor",
@@ -109,16 +110,26 @@ def _optimizer(params: TrainParams, model: torch.nn.Module, device: torch.device
 
 
 def task_loss(
-    out: torch.Tensor, y: torch.Tensor, task: str, reduction: Literal["mean", "none"] = "mean"
+    out: torch.Tensor,
+    y: torch.Tensor,
+    task: str,
+    reduction: Literal["mean", "none"] = "mean",
+    weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The training loss of a task: MSE on the standardised target, or cross-entropy on logits."""
+    """The training loss of a task: MSE on the standardised target, or cross-entropy on logits
+    (``weight``: per class, as ``class_weight = "balanced"`` sets it; the mean is then weighted)."""
     if task == "regression":
         return F.mse_loss(out, y, reduction=reduction)
-    return F.cross_entropy(out, y, reduction=reduction)
+    return F.cross_entropy(out, y, reduction=reduction, weight=weight)
 
 
-def _loss(model: TabularNet, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    return task_loss(model.core_output(xb), yb, model.config.task)
+def class_weights(data: Prepared, device: torch.device) -> torch.Tensor | None:
+    """The split's cross-entropy class weights on ``device``, or None (unweighted)."""
+    return torch.tensor(data.class_weight_, dtype=torch.float32, device=device) if data.class_weight_ else None
+
+
+def _loss(model: TabularNet, xb: torch.Tensor, yb: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    return task_loss(model.core_output(xb), yb, model.config.task, weight=weight)
 
 
 @torch.inference_mode()
@@ -211,6 +222,7 @@ def model_config(p: TrainParams, data: Prepared) -> ModelConfig:
         activation=p.activation,
         dropout=p.dropout,
         classes=data.classes,
+        encoder=data.encoder,
     )
 
 
@@ -277,6 +289,7 @@ def _fit(
     diverged = False
     n_steps = 0
     total_steps = p.epochs * math.ceil(n / batch_size)
+    weight = class_weights(data, dev)
     start = time.perf_counter()
     for epoch in range(p.epochs):
         index_batches = batches(n, batch_size, generator)
@@ -292,7 +305,7 @@ def _fit(
                 lr = p.lr * cosine_factor(n_steps, total_steps)
                 for group in opt.param_groups:
                     group["lr"] = lr
-            loss = _loss(model, xb, yb)
+            loss = _loss(model, xb, yb, weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -148,10 +148,20 @@ class CVData:
 
 def load_folds(spec: StudySpec, frame: pd.DataFrame) -> CVData:
     """Plan the study's validation on its table and, for cross-validation, prepare every fold
-    (standardiser fitted on each fold's training rows only)."""
-    from tuner.data import prepare, select_columns
+    (encoder values and standardiser fitted on each fold's training rows only).
 
-    x, y, names = select_columns(frame, spec.target, spec.features, source=str(spec.data), task=spec.task)
+    The folds share one input layout, the encoder of all rows (which the champion is refit on):
+    fused training stacks the folds of a trial as one batch of equal-width models. A level or a
+    missing indicator that a fold's training rows lack is inert in that fold (zero once
+    standardised), so no fold learns from its validation rows.
+    """
+    from tuner.data import prepare_table, study_table
+    from tuner.encoder import TableEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # load_data warned about these columns already
+        table = study_table(spec, frame)
+    y = table.y
     plan = plan_validation(spec.validation, len(y), seed=spec.validation_seed, task=spec.task)
     if plan.kind == "holdout":
         return CVData(plan, [], None)
@@ -163,16 +173,16 @@ def load_folds(spec: StudySpec, frame: pd.DataFrame) -> CVData:
                 "some folds validate without it",
                 stacklevel=2,
             )
-    common = dict(feature_names=names, target=spec.target, fraction=spec.validation.fraction, seed=plan.seed,
-                  task=spec.task)
+    common = dict(fraction=spec.validation.fraction, seed=plan.seed, class_weight=spec.class_weight)
+    everything = np.arange(len(y))
+    all_rows = prepare_table(table, split=(everything, everything), **common)  # type: ignore[arg-type]
+    layout = TableEncoder(all_rows.encoder) if all_rows.encoder else None
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a constant column warns once below, not once per fold
+        warnings.simplefilter("ignore")  # a constant column warns once above, not once per fold
         folds = [
-            prepare(x, y, split=s, **common)  # type: ignore[arg-type]
+            prepare_table(table, split=s, layout=layout, **common)  # type: ignore[arg-type]
             for s in kfold_indices(y, plan.folds, repeats=plan.repeats, seed=plan.seed, stratify=plan.stratified)
         ]
-    everything = np.arange(len(y))
-    all_rows = prepare(x, y, split=(everything, everything), **common)  # type: ignore[arg-type]
     return CVData(plan, folds, all_rows)
 
 
