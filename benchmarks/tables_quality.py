@@ -65,7 +65,8 @@ def sklearn_scores(frame: Any, target: str, task: str, numeric: list[str], categ
 
 def run(target: str, task: str, metric: str, n_trials: int) -> dict[str, Any]:
     from tuner.config import load_spec
-    from tuner.study import launch, load_data
+    from tuner.inputs import load_data
+    from tuner.session import launch
 
     with tempfile.TemporaryDirectory() as tmp:
         spec = load_spec(STUDY, name=f"penguins-{target}", target=target, task=task, metric=metric,

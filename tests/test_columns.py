@@ -126,7 +126,7 @@ def test_imputation_and_indicators_are_fitted_on_the_training_rows_only() -> Non
 def test_folds_share_one_layout_and_a_level_a_fold_never_trained_on_is_inert(tmp_path: Path) -> None:
     from tests.conftest import write_study
     from tuner.config import load_spec
-    from tuner.study import load_data
+    from tuner.inputs import load_data
     from tuner.validation import load_folds
 
     rng = np.random.default_rng(3)

@@ -116,12 +116,17 @@ def test_s1_stored_model_code_never_runs_and_a_tuner_model_still_predicts(regist
         code.write_text(f"open({str(marker)!r}, 'w')\n" + code.read_text())
     ref = _register(registry, "sec-evil-code", evil, dict(registry["version"].tags))
 
-    model, version = load_model(ref, registry["uri"])
-    frame = pd.read_csv(CARS)
-    predictions = model.predict(frame)
+    # The code digest recorded at registration no longer matches: refused, and nothing ran.
+    expected = registry["version"].tags["tuner.code_sha256"]
+    with pytest.raises(ModelError, match=rf"its stored code does not match the SHA-256 recorded at registration \({expected[:12]}"):
+        load_model(ref, registry["uri"])
     assert not marker.exists()
 
-    # The same numbers as MLflow's own loader gives for the genuine champion.
+    # The genuine champion predicts without running its stored code, the numbers MLflow's own loader gives.
+    genuine = _register(registry, "sec-genuine", _copy_model(registry, "genuine"), dict(registry["version"].tags))
+    model, version = load_model(genuine, registry["uri"])
+    frame = pd.read_csv(CARS)
+    predictions = model.predict(frame)
     reference = mlflow.pyfunc.load_model(str(registry["model_dir"])).predict(frame[model.metadata.get_input_schema().input_names()])
     assert predictions.shape == (32,) and np.allclose(predictions, reference, rtol=1e-6)
     assert version is not None and version.tags["tuner.weights_sha256"] == registry["version"].tags["tuner.weights_sha256"]

@@ -89,7 +89,7 @@ def launch(
     from tuner.reconcile import reconcile_study
     from tuner.replay import provenance
     from tuner.runners import choose_execution, fused_width
-    from tuner.study import make_pruner, make_sampler, open_study
+    from tuner.study import check_storage_url, make_pruner, make_sampler, open_study
     from tuner.tracking import Tracker, import_mlflow
 
     # -- prepare: everything that can be wrong is checked before the study or a run is written
@@ -111,6 +111,7 @@ def launch(
     make_sampler(spec), make_pruner(spec)  # unknown options refused before anything is written
     url = storage or spec.storage_url
     tracking = tracking_uri or spec.tracking
+    check_storage_url(url)  # a missing or read-only folder, before the MLflow store is made
     lock = StudyLock(url, spec.name)
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
