@@ -7,6 +7,7 @@ Real SQLite files, the real PostgreSQL server on 127.0.0.1 (a database per test)
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,8 +22,7 @@ import pytest
 from tests.conftest import free_port, mlflow_store, need, port_open, run_tuner, tuner_env, write_study
 from tuner.errors import StorageError, TunerError
 
-PG_HOST, PG_PORT = "127.0.0.1", 5432
-RESTART = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main"
+PG_HOST, PG_PORT = "127.0.0.1", 5432  # the machine's server: databases of our own, never stopped
 
 
 def pg_admin(sql: str) -> None:
@@ -41,17 +41,7 @@ def pg_url() -> Iterator[str]:
     name = f"tuner_scale_{uuid.uuid4().hex[:10]}"
     pg_admin(f"CREATE DATABASE {name}")
     yield f"postgresql+psycopg://postgres:pw-not-checked@{PG_HOST}:{PG_PORT}/{name}"
-    _ensure_pg_running()
     pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-
-
-def _ensure_pg_running() -> None:
-    if not port_open(PG_HOST, PG_PORT):
-        subprocess.run(f"{RESTART} start", shell=True, check=False, timeout=60)
-        for _ in range(60):
-            if port_open(PG_HOST, PG_PORT):
-                return
-            time.sleep(0.5)
 
 
 def check_study(storage: str, tracking: str, name: str, n_trials: int, *, all_runs: bool = True) -> list[Any]:
@@ -312,12 +302,13 @@ def test_launch_eight_workers_on_postgres_is_exact(tmp_path: Path, pg_url: str) 
 
 
 @pytest.mark.slow
-def test_workers_survive_a_postgres_restart(tmp_path: Path, pg_url: str) -> None:
+def test_workers_survive_a_postgres_restart(tmp_path: Path, pg_cluster: Any) -> None:
     """The server restarts mid-study: workers reconnect (pool pre-ping), the trials in flight end
-    COMPLETE or FAIL (never RUNNING), and the study still reaches exactly n_trials."""
+    COMPLETE or FAIL (never RUNNING), and the study still reaches exactly n_trials. The server is
+    a throwaway cluster of this test's own (``pg_cluster``), never the machine's."""
     import optuna
 
-    need(subprocess.run("command -v pg_ctlcluster", shell=True).returncode == 0, "pg_ctlcluster to restart PostgreSQL")
+    pg_url = pg_cluster.create_database("restart")
     n_trials = 10
     space = (
         'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
@@ -343,7 +334,8 @@ def test_workers_survive_a_postgres_restart(tmp_path: Path, pg_url: str) -> None
         "-v",
     ]
     proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its workers are in its process group: all stopped if the test fails
     )
     try:
         storage = optuna.storages.RDBStorage(pg_url)
@@ -358,13 +350,28 @@ def test_workers_survive_a_postgres_restart(tmp_path: Path, pg_url: str) -> None
             time.sleep(0.3)
         storage.engine.dispose()
         assert proc.poll() is None, "the study ended before the restart"
-        restarted = subprocess.run(f"{RESTART} restart", shell=True, capture_output=True, text=True, timeout=120)
-        assert restarted.returncode == 0, restarted.stderr
+        started = time.monotonic()
+        pg_cluster.restart()
+        restart_seconds = time.monotonic() - started
         out, err = proc.communicate(timeout=300)
     finally:
-        _ensure_pg_running()
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 0, err
+    assert restart_seconds < 30, f"the throwaway cluster took {restart_seconds:.1f}s to restart"
     trials = check_study(pg_url, tracking, "restart", n_trials, all_runs=False)
     assert {t.state.name for t in trials} <= {"COMPLETE", "PRUNED", "FAIL"}
+
+
+def test_the_throwaway_cluster_is_its_own_server(pg_cluster: Any) -> None:
+    """pg_cluster listens on its own port, restarts, and is not the machine's server."""
+    import psycopg
+
+    assert pg_cluster.port != PG_PORT and pg_cluster.is_up()
+    url = pg_cluster.create_database("own")
+    pg_cluster.restart()
+    with psycopg.connect(f"host={pg_cluster.host} port={pg_cluster.port} user=postgres dbname=own", connect_timeout=10) as conn:
+        (data_dir,) = conn.execute("SHOW data_directory").fetchone()
+    assert data_dir == str(pg_cluster.data) and url.endswith(f":{pg_cluster.port}/own")
+    assert pg_cluster.startup_seconds is not None and pg_cluster.startup_seconds < 60
