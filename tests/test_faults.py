@@ -223,11 +223,12 @@ def test_a_live_trial_failed_by_another_worker_does_not_stop_the_launch(tmp_path
 def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(tmp_path: Path, execution: str) -> None:
     # A grace period well above the heartbeat interval: on a loaded machine a 2 s grace lets one
     # worker fail the other's live trial (tuner survives that, but this test counts trials).
-    # 8 trials: fused runs them 2 at a time (n_trials // 4) in each process. Trials of ~2-3 s (50-70
-    # epochs at batch 4): the study outlasts the few seconds by which one process starts after the
-    # other (it waits for the first one's store creation), so both run trials.
+    # 8 trials: fused runs them 2 at a time (n_trials // 4) in each process. Fused trials of ~2-3 s
+    # (50-70 epochs at batch 4): the study outlasts the seconds by which one process starts after
+    # the other (it waits for the first one's store creation), so both run trials. Sequential
+    # trials interleave by their slot claims: the default 2-3 epochs.
     n_trials = 8
-    space = (
+    space = None if execution == "sequential" else (
         'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
         'epochs = { type = "int", low = 50, high = 70 }\n'
         'batch_size = { type = "categorical", choices = [4] }\n'
