@@ -184,3 +184,20 @@ def tracking_uri(tmp_path: Path) -> str:
 @pytest.fixture
 def storage_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[Any]:
+    """A throwaway PostgreSQL server of this test's own (tests/pgcluster.py): free to stop,
+    restart or fill. Yields a ``PgCluster`` (``host``, ``port``, ``url(db)``,
+    ``create_database(name)``, ``restart()``, ``stop(mode)``, ``start()``); stopped and removed after."""
+    from pgcluster import PG_CLUSTER_MISSING, PgCluster
+
+    need(PG_CLUSTER_MISSING is None, PG_CLUSTER_MISSING or "")
+    cluster = PgCluster(free_port())
+    try:
+        cluster.init()
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()

@@ -198,3 +198,25 @@ def states(trials: Sequence[Any]) -> dict[str, int]:
     for t in trials:
         out[t.state.name] = out.get(t.state.name, 0) + 1
     return out
+
+
+def launch_together(spec: Any, cwd: Path, *extra: str, n: int = 2, timeout: float = 300) -> list[tuple[int, str]]:
+    """Start ``n`` `tuner launch` processes on one study at the same moment; wait (bounded) for all.
+    Returns (exit code, stdout+stderr) per process; all are killed if one outlives ``timeout``."""
+    import subprocess
+
+    from conftest import tuner_env
+
+    cmd = [sys.executable, "-m", "tuner", "launch", str(spec.source), "--no-progress", "--no-report", "-v", *extra]
+    procs = [
+        subprocess.Popen(cmd, cwd=cwd, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(n)
+    ]
+    try:
+        outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out) for p, out in zip(procs, outputs)]

@@ -20,6 +20,7 @@ from faultkit import (
     check_consistent,
     exit_code,
     fork_cli,
+    launch_together,
     load_trials,
     mlflow_runs,
     running_trial_with_run,
@@ -218,37 +219,45 @@ def test_a_live_trial_failed_by_another_worker_does_not_stop_the_launch(tmp_path
 
 
 @pytest.mark.slow
-def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from conftest import tuner_env
-
+@pytest.mark.parametrize("execution", ["sequential", "fused"])
+def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(tmp_path: Path, execution: str) -> None:
     # A grace period well above the heartbeat interval: on a loaded machine a 2 s grace lets one
     # worker fail the other's live trial (tuner survives that, but this test counts trials).
+    # 8 trials: fused runs them 2 at a time (n_trials // 4) in each process. Fused trials of ~2-3 s
+    # (50-70 epochs at batch 4): the study outlasts the seconds by which one process starts after
+    # the other (it waits for the first one's store creation), so both run trials. Sequential
+    # trials interleave by their slot claims: the default 2-3 epochs.
+    n_trials = 8
+    space = None if execution == "sequential" else (
+        'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
+        'epochs = { type = "int", low = 50, high = 70 }\n'
+        'batch_size = { type = "categorical", choices = [4] }\n'
+        'hidden_size = { type = "int", low = 2, high = 8 }\n'
+        'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
+    )
     path = write_study(
         tmp_path,
         "f4",
         body="[heartbeat]\ninterval = 1\ngrace_period = 60\n",
-        n_trials=6,
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        space=space,
+        n_trials=n_trials,
+        execution=execution,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",  # a new store: the two processes race to create it
     )
     spec = load_spec(path)
-    cmd = [sys.executable, "-m", "tuner", "launch", str(spec.source), "--no-progress", "-v"]
-    procs = [
-        subprocess.Popen(cmd, cwd=tmp_path, env=tuner_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    results = launch_together(spec, tmp_path)
+    outputs = [out for _, out in results]
+    assert [code for code, _ in results] == [0, 0], outputs
+    assert any(f"execution: {execution}" in out for out in outputs), outputs
     assert not any("database is locked" in out for out in outputs), outputs
     trials, runs = check_consistent(spec)
-    assert len(trials) == 6 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    assert len({t.number for t in trials}) == 6
+    assert len(trials) == n_trials and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials), states(trials)
+    assert len({t.number for t in trials}) == n_trials
     trial_runs = sorted(int(r.data.tags["tuner.trial"]) for r in runs if r.data.tags["tuner.role"] == "trial")
-    assert trial_runs == list(range(6))  # exactly one MLflow child run per trial
+    assert trial_runs == list(range(n_trials))  # exactly one MLflow child run per trial
     ran = [int(re.search(r"\((\d+) run now", out).group(1)) for out in outputs]  # type: ignore[union-attr]
-    assert sum(ran) == 6, outputs  # both workers took part and together ran exactly n_trials
-    assert all(n > 0 for n in ran), outputs
+    assert sum(ran) == n_trials, outputs  # together they ran exactly n_trials
+    assert all(n > 0 for n in ran), outputs  # both took part
 
 
 def test_f7_failed_promotion_leaves_the_previous_champion_where_it_was(tmp_path: Path, monkeypatch: Any) -> None:
