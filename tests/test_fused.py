@@ -170,8 +170,9 @@ def test_fused_study_gives_the_sequential_trials_and_a_promotable_model(
     # mlflow.set_tracking_uri writes these into os.environ: keep them out of later subprocess tests.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from tuner.registry import load_model
     from tuner.session import launch
-    from tuner.tracking import Tracker, load_model
+    from tuner.tracking import Tracker
 
     body = '[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n'
     results = {}

@@ -91,7 +91,8 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
     import optuna
     import torch
 
-    from tuner.tracking import Tracker, conform_input, load_model
+    from tuner.registry import conform_input, load_model
+    from tuner.tracking import Tracker
     from tuner.validation import fold_seeds, load_folds, refit
 
     study = write_study(tmp_path, "repro", n_trials=3, body="[validation]\nfolds = 3\n", space=SPACE)

@@ -14,8 +14,8 @@ from conftest import CARS, free_port, mlflow_store, need, port_open, write_study
 
 from tuner.config import load_spec
 from tuner.errors import ModelError
+from tuner.registry import load_model
 from tuner.session import launch
-from tuner.tracking import load_model
 
 
 class _Marker:

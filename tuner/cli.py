@@ -321,7 +321,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tuner.data import load_table
     from tuner.errors import ModelError
-    from tuner.tracking import conform_input, load_model
+    from tuner.registry import conform_input, load_model
 
     frame = load_table(args.input, what="input file", fix="pass an existing CSV or Parquet file to --input")
     unknown = [c for c in args.keep if c not in frame.columns]

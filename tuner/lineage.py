@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     import optuna
 
     from tuner.config import StudySpec
-    from tuner.tracking import Promotion, Tracker
+    from tuner.registry import Promotion
+    from tuner.tracking import Tracker
 
 __all__ = [
     "study_url",

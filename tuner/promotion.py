@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
     from tuner.config import StudySpec
     from tuner.inputs import Inputs
-    from tuner.tracking import Promotion, Tracker
+    from tuner.registry import Promotion
+    from tuner.tracking import Tracker
 
 __all__ = ["promote", "promote_study", "PROMOTED_ATTR"]
 
@@ -37,7 +38,10 @@ def promote(
         run_id = best.user_attrs["mlflow_run_id"]
         if inputs.cv.all_rows is not None and not tracker.has_checkpoint(run_id):
             _refit(best, inputs, tracker, device)
-        promotion = tracker.promote(
+        from tuner.registry import promote as register
+
+        promotion = register(
+            tracker,
             model_name=spec.model_name,
             run_id=run_id,
             study_name=spec.name,

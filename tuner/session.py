@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     import optuna
 
     from tuner.inputs import Inputs
-    from tuner.tracking import Promotion, Tracker
+    from tuner.registry import Promotion
+    from tuner.tracking import Tracker
 
 __all__ = ["launch", "LaunchSummary", "PARENT_ATTR"]
 
