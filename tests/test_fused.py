@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from tests.conftest import mlflow_store, write_study
+from tuner.bank import Bank
 from tuner.config import load_spec
 from tuner.data import prepare
 from tuner.errors import ConfigError
-from tuner.fused import Job, _Bank, train_many
+from tuner.fused import Job, train_many
 from tuner.inputs import load_data
 from tuner.runners import choose_execution
 from tuner.train import TrainParams, train
@@ -100,7 +101,7 @@ def test_fused_classification_matches_train() -> None:
 
 
 def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
-    bank = _Bank([cars], torch.device("cpu"), linear=False, sgd=False, width=8)
+    bank = Bank([cars], torch.device("cpu"), linear=False, sgd=False, width=8)
     configs = []
     for i, p in enumerate([TrainParams(lr=0.1, epochs=3, batch_size=4, hidden_size=3, activation="sigmoid"),
                            TrainParams(lr=0.1, epochs=3, batch_size=8, hidden_size=8, n_layers=3, weight_decay=0.1)]):
@@ -111,7 +112,7 @@ def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
         bank.add(i, Job(p, i), configs[-1])
     for _ in range(10):
         bank.step()
-    bank._unpack()  # the optimizer state of the real entries back into the (K, P) blocks
+    bank.unpack()  # the optimizer state of the real entries back into the (K, P) blocks
     flat, mask = bank.tensors["flat"], bank.tensors["pmask"]
     assert mask.sum() < mask.numel()  # something is padded: width 8 and depth 3 for a 3-unit 1-layer trial
     assert torch.count_nonzero(flat[mask == 0]) == 0

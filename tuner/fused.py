@@ -1,63 +1,40 @@
-"""Fused trials: K small models trained at once as one batched model on one device.
+"""Fused trials: ``train_many()`` trains K small models at once as one batched model on one device.
 
-A tiny MLP step is almost all Python and kernel-launch overhead, so ``train_many`` stacks the
-weights of K trials on a leading dimension and runs one ``baddbmm`` per layer for all of them.
-Each trial keeps its own learning rate, Adam state and step count (stacked tensors, one batched
-update), hidden size (padded to the group's widest and masked: padded units stay exactly zero and
-get no gradient), depth (missing layers pass their input through), activation (each one present
-is computed and selected per trial), batch size (padded rows masked out of the loss), epoch count
-and shuffled order from its own seed. With the same params and seed a trial sees the same
-initial weights, batches and schedule as in ``train()``, so its per-epoch validation metrics are
-the same to float32 rounding, and the same ``on_epoch_end`` decision stops it at the same epoch.
+A tiny MLP step is almost all Python and kernel-launch overhead, so the trials are trained as
+stacked tensors (a ``Bank``, see ``bank.py``: per-trial learning rate, optimizer state, hidden
+size, depth, activation, batch size, epoch count and shuffled order). With the same params and
+seed a trial sees the same initial weights, batches and schedule as in ``train()``, so its
+per-epoch validation metrics are the same to float32 rounding, and the same ``on_epoch_end``
+decision stops it at the same epoch.
 
-A finished or stopped trial is frozen and its slot is refilled from the next job, pulled lazily
-from ``params_list`` (a study's ask), so the batch stays full.
+This module holds the jobs (``Job``, ``fusable``), the loop that feeds the banks, and the epoch
+events: validate, report, stop or go on, and freeze a finished trial into a ``TabularNet``. A
+finished or stopped trial's slot is refilled from the next job, pulled lazily from
+``params_list`` (a study's ask), so the batch stays full.
 
 Like ``train.py`` this module imports torch only.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 
+from tuner.bank import Bank, Job
 from tuner.data import Prepared
-from tuner.model import ModelConfig, TabularNet, initial_weights, make_activation
-from tuner.train import (
-    TrainParams,
-    TrainResult,
-    epoch_record,
-    model_config,
-    output_metrics,
-    resolve_device,
-    task_loss,
-)
+from tuner.model import ModelConfig, TabularNet, make_activation
+from tuner.train import TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
 
 __all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable"]
+
 
 # Called after each epoch of each trial with (job index, epoch, metrics); True stops that trial.
 ManyEpochHook = Callable[[int, int, dict[str, float]], bool]
 # Called once per trial, as soon as it finished or stopped, with (job index, result).
 TrialEndHook = Callable[[int, TrainResult], None]
-
-_BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults, train()'s SGD momentum
-
-
-@dataclass(frozen=True)
-class Job:
-    """One trial for ``train_many``: its params, the seed ``train()`` would get, which of the
-    prepared splits it trains on (a cross-validation fold), and whether its model is wanted
-    (a fold of a cross-validated trial only reports metrics)."""
-
-    params: TrainParams
-    seed: int = 0
-    data: int = 0
-    keep_model: bool = True
 
 
 def fusable(params: TrainParams) -> str | None:
@@ -80,525 +57,144 @@ def _as_job(item: Job | TrainParams | Mapping[str, Any]) -> Job:
     return job
 
 
-@dataclass
-class _Slot:
-    """Host-side state of one trial in a bank."""
+@dataclass(frozen=True)
+class _Validation:
+    """Every split's validation rows padded to the longest split (padded rows are masked out of
+    the metrics), and the target scaling the metrics are reported in."""
 
-    index: int
-    job: Job
-    config: ModelConfig
-    data: Prepared
-    generator: torch.Generator
-    batch_size: int
-    steps_per_epoch: int
-    epoch: int = 0
-    epoch_end_t: int = 0  # bank step count at which the current epoch ends
-    start: float = 0.0
-    history: list[dict[str, float]] | None = None
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor
+    padded: bool
+    y_mean: torch.Tensor
+    y_std: torch.Tensor
 
-
-class _Bank:
-    """K trials of one shape family (MLP or linear; Adam-like or SGD) as stacked tensors.
-
-    Parameters live in one flat ``(K, P)`` leaf: per-layer weights are views of it, so the
-    backward pass fills one gradient tensor and the optimizer update is a handful of ops.
-    """
-
-    def __init__(
-        self, datasets: list[Prepared], device: torch.device, *, linear: bool, sgd: bool, width: int
-    ) -> None:
+    @classmethod
+    def of(cls, datasets: list[Prepared], device: torch.device) -> _Validation:
         data = datasets[0]
-        self.datasets, self.device, self.linear, self.sgd = datasets, device, linear, sgd
-        self.n_in, self.n_out = data.n_features, data.n_outputs
-        self.task = data.task
-        self.K, self.H, self.L = 0, 0, 0
-        self.slots: list[_Slot | None] = []
-        self.t = 0
-        self.next_event = -1
-        # Every split's training rows in one table (a slot reads its own at an offset), and its
-        # validation rows padded to the longest split (padded rows are masked out of the metrics).
-        sizes = [len(d.x_train) for d in datasets]
-        self.n = max(sizes)
-        self.sizes = torch.tensor(sizes, device=device)
-        self.offsets = torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device)
-        self.x_all = torch.cat([d.x_train for d in datasets]) if len(datasets) > 1 else data.x_train
-        self.y_all = torch.cat([d.y_train for d in datasets]) if len(datasets) > 1 else data.y_train
         v_max = max(len(d.x_val) for d in datasets)
-        self.x_val = torch.zeros(len(datasets), v_max, self.n_in, device=device)
-        self.y_val = torch.zeros(len(datasets), v_max, dtype=data.y_val_raw.dtype, device=device)
-        self.val_mask = torch.zeros(len(datasets), v_max, dtype=torch.bool, device=device)
+        x = torch.zeros(len(datasets), v_max, data.n_features, device=device)
+        y = torch.zeros(len(datasets), v_max, dtype=data.y_val_raw.dtype, device=device)
+        mask = torch.zeros(len(datasets), v_max, dtype=torch.bool, device=device)
         for i, d in enumerate(datasets):
-            self.x_val[i, : len(d.x_val)] = d.x_val
-            self.y_val[i, : len(d.x_val)] = d.y_val_raw
-            self.val_mask[i, : len(d.x_val)] = True
-        self.padded_val = not bool(self.val_mask.all())
-        self.y_mean = torch.tensor([d.y_mean_ for d in datasets], dtype=torch.float32, device=device)
-        self.y_std = torch.tensor([d.y_std_ for d in datasets], dtype=torch.float32, device=device)
-        # Per split, the cross-entropy class weights (class_weight = "balanced"), or None.
-        self.class_weight = (
-            torch.tensor([d.class_weight_ for d in datasets], dtype=torch.float32, device=device)
-            if data.class_weight_ else None
-        )
-        self.tensors: dict[str, torch.Tensor] = {}
-        self.packed = False
-        self.act_key: tuple[str | None, ...] = ()
-        self.act_groups: list[tuple[torch.nn.Module, int]] = []  # activation, its run of slots
-        # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
-        self.host: dict[str, np.ndarray] = {}
-        self.arange = torch.arange(self.n, device=device)
-        self.b_max = 1
-        self._resize(1, 0 if linear else width, 0 if linear else 1)
+            x[i, : len(d.x_val)] = d.x_val
+            y[i, : len(d.x_val)] = d.y_val_raw
+            mask[i, : len(d.x_val)] = True
+        y_mean = torch.tensor([d.y_mean_ for d in datasets], dtype=torch.float32, device=device)
+        y_std = torch.tensor([d.y_std_ for d in datasets], dtype=torch.float32, device=device)
+        return cls(x, y, mask, not bool(mask.all()), y_mean, y_std)
 
-    # -- layout ---------------------------------------------------------------------------
 
-    def _layout(self, H: int, L: int) -> list[tuple[str, int, int]]:
-        shapes: list[tuple[str, int, int]] = []
-        width = self.n_in
-        for layer in range(L):
-            shapes += [(f"w{layer}", width, H), (f"b{layer}", 1, H)]
-            width = H
-        return shapes + [("wout", width, self.n_out), ("bout", 1, self.n_out)]
-
-    def _views(self, flat: torch.Tensor, H: int | None = None, L: int | None = None) -> dict[str, torch.Tensor]:
-        views, offset = {}, 0
-        for name, rows, cols in self._layout(self.H if H is None else H, self.L if L is None else L):
-            views[name] = flat[:, offset : offset + rows * cols].view(flat.shape[0], rows, cols)
-            offset += rows * cols
-        return views
-
-    def _resize(self, K: int, H: int, L: int, keep: list[int] | None = None) -> None:
-        """Re-lay the bank out as K slots of width H and depth L, keeping every slot's weights and
-        optimizer state: all slots in place (growing), or the slots ``keep`` moved to the front
-        (shrinking: H and L must still fit them)."""
-        P = sum(r * c for _, r, c in self._layout(H, L))
-        dev = self.device
-        new: dict[str, torch.Tensor] = {
-            # per slot
-            "flat": torch.zeros(K, P, device=dev),
-            "m": torch.zeros(K, P, device=dev),
-            "v": torch.zeros(K, P, device=dev),
-            "pmask": torch.zeros(K, P, device=dev),
-            "wd_l2": torch.zeros(K, 1, device=dev),
-            "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
-            "n": torch.ones(K, 1, dtype=torch.long, device=dev),  # training rows of the slot's split
-            "off": torch.zeros(K, 1, dtype=torch.long, device=dev),  # where they start in x_all
-            "ds": torch.zeros(K, dtype=torch.long, device=dev),  # the slot's split
-            "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
-            "live": torch.zeros(K, dtype=torch.bool, device=dev),
-            "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
-            "loss_sum": torch.zeros(K, device=dev),
-            "unit_mask": torch.zeros(K, 1, H, device=dev),
-            "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
-        }
-        host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
-                "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
-        order = list(range(self.K)) if keep is None else keep
-        k = len(order)
-        for key, array in self.host.items():
-            host[key][:k] = array[order]
-        self.host = host
-        if self.K:
-            index = torch.tensor(order, dtype=torch.long, device=dev)
-            h, depth = min(H, self.H), min(L, self.L)
-            for key in ("flat", "m", "v", "pmask"):
-                old_views = self._views(self.tensors[key])
-                new_views = self._views(new[key], H, L)
-                for name, view in new_views.items():
-                    if name in old_views:
-                        old = old_views[name].index_select(0, index)
-                        rows, cols = min(view.shape[1], old.shape[1]), min(view.shape[2], old.shape[2])
-                        view[:k, :rows, :cols] = old[:, :rows, :cols]
-            for key, value in self.tensors.items():
-                if key in ("flat", "m", "v", "pmask"):
-                    continue
-                if key == "unit_mask":
-                    new[key][:k, :, :h] = value.index_select(0, index)[:, :, :h]
-                elif key == "layer_on":
-                    new[key][: max(depth, 1), :k] = value.index_select(1, index)[: max(depth, 1)]
-                else:
-                    new[key][:k] = value.index_select(0, index)
-            self.slots = [self.slots[i] for i in order] + [None] * (K - k)
-        self.tensors = new
-        self.K, self.H, self.L = K, H, L
-        # Leaves that share the flat buffer's memory: the update writes the buffer in place, and
-        # autograd gives each layer its own gradient (no full-size zero fill per view).
-        self.leaves = {name: view.detach().requires_grad_(True) for name, view in self._views(new["flat"]).items()}
-        self.slots += [None] * (K - len(self.slots))
-        self.act_key = ()  # slots moved: regroup the activations
-
-    def _shrink(self) -> None:
-        """After trials ended: when at most half the slots are live, or the widest live trial is
-        at most half the bank's width, or no live trial uses the deepest layer, lay the bank out
-        again for the live trials only. The last trials of a study (stragglers) would otherwise
-        keep paying for the widest, deepest and most numerous group that was ever in flight."""
-        live = [k for k, s in enumerate(self.slots) if s is not None]
-        if not live or self.packed:
-            return
-        params = [self.slots[k].job.params for k in live]  # type: ignore[union-attr]
-        H = self.H if self.linear else max(p.hidden_size for p in params)
-        L = self.L if self.linear else max(p.n_layers for p in params)
-        if len(live) <= self.K // 2 or H <= self.H // 2 or L < self.L:
-            self._resize(len(live), H, L, keep=live)
-
-    def _permute(self, order: list[int]) -> None:
-        """Move slot ``order[i]`` to position i, with all its state."""
-        index = torch.tensor(order, device=self.device)
-        self.tensors = {
-            key: value.index_select(1 if key == "layer_on" else 0, index) for key, value in self.tensors.items()
-        }
-        self.host = {key: array[order] for key, array in self.host.items()}
-        self.slots = [self.slots[k] for k in order]
-        self.leaves = {name: v.detach().requires_grad_(True) for name, v in self._views(self.tensors["flat"]).items()}
-
-    # -- slots ----------------------------------------------------------------------------
-
-    def add(self, index: int, job: Job, config: ModelConfig, *, refresh: bool = True) -> _Slot:
-        """Put one trial in a free slot; see ``add_many``."""
-        return self.add_many([(index, job, config)], refresh=refresh)[0]
-
-    def add_many(self, items: list[tuple[int, Job, ModelConfig]], *, refresh: bool = True) -> list[_Slot]:
-        """Put trials ``(index, job, config)`` in free slots (growing the bank if needed), each
-        with ``train()``'s initial weights for its seed, in a few batched writes (one per tensor,
-        not per trial: a refill at large K, or any start on a GPU, would otherwise be thousands
-        of tiny copies). ``refresh=False`` when more are added at once (then call ``_refresh``)."""
-        if not items:
-            return []
-        self._unpack()  # before a resize copies the optimizer state
-        free = [i for i, s in enumerate(self.slots) if s is None][: len(items)]
-        free += list(range(self.K, self.K + len(items) - len(free)))
-        params = [job.params for _, job, _ in items]
-        H = self.H if self.linear else max(self.H, *(p.hidden_size for p in params))
-        L = self.L if self.linear else max(self.L, *(p.n_layers for p in params))
-        if free[-1] >= self.K or H > self.H or L > self.L:
-            self._resize(max(self.K * 2, free[-1] + 1) if free[-1] >= self.K else self.K, H, L)
-        T, h = self.tensors, self.host
-        P = T["flat"].shape[1]
-        # Weights and masks of the new slots, built on the host and copied over once.
-        flat, pmask = torch.zeros(len(items), P), torch.zeros(len(items), P)
-        views, masks = self._views(flat), self._views(pmask)
-        n_rows, batch, steps = [], [], []
-        for row, (_, job, config) in enumerate(items):
-            layers = initial_weights(config, job.seed)
-            names = [f"w{i}" for i in range(len(layers) - 1)] + ["wout"]
-            for name, (weight, bias) in zip(names, layers):
-                b_name = "bout" if name == "wout" else "b" + name[1:]
-                cols, rows = weight.shape
-                views[name][row, :rows, :cols] = weight.T
-                views[b_name][row, 0, :cols] = bias
-                masks[name][row, :rows, :cols] = 1
-                masks[b_name][row, 0, :cols] = 1
-            n = len(self.datasets[job.data].x_train)
-            n_rows.append(n)
-            batch.append(min(job.params.batch_size, n))
-            steps.append(math.ceil(n / batch[-1]))
-        dev = self.device
-        index = torch.tensor(free, device=dev)
-
-        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
-
-        with torch.no_grad():
-            T["flat"][index] = flat.to(dev)
-            T["pmask"][index] = pmask.to(dev)
-            T["m"][index] = 0
-            T["v"][index] = 0
-            T["wd_l2"][index] = column([[p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0] for p in params],
-                                       torch.float32)
-            T["bs"][index] = column([[b] for b in batch], torch.long)
-            T["n"][index] = column([[n] for n in n_rows], torch.long)
-            T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
-            T["off"][index] = self.offsets[T["ds"][index]][:, None]
-            T["live"][index] = True
-            if not self.linear:
-                hidden = column([p.hidden_size for p in params], torch.long)
-                depth = column([p.n_layers for p in params], torch.long)
-                T["unit_mask"][index] = (torch.arange(self.H, device=dev) < hidden[:, None]).float()[:, None, :]
-                T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
-        for k, p, s in zip(free, params, steps):
-            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
-            h["step"][k], h["live"][k] = 0, True
-            h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
-        slots = []
-        start = time.perf_counter()
-        for k, (index_, job, config), b, s in zip(free, items, batch, steps):
-            slot = _Slot(
-                index=index_,
-                job=job,
-                config=config,
-                data=self.datasets[job.data],
-                generator=torch.Generator().manual_seed(job.seed),
-                batch_size=b,
-                steps_per_epoch=s,
-                start=start,
-                history=[],
-            )
-            self.slots[k] = slot
-            slots.append(slot)
-        self._start_epochs(free)
-        if refresh:
-            self._refresh()
-        return slots
-
-    def _start_epochs(self, ks: list[int]) -> None:
-        """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
-        (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
-        T = self.tensors
-        perms = []
-        for k in ks:
-            slot = self.slots[k]
-            assert slot is not None
-            perms.append(torch.randperm(len(slot.data.x_train), generator=slot.generator))
-            slot.epoch_end_t = self.t + slot.steps_per_epoch
-        index = torch.tensor(ks, device=self.device)
-        sizes = {len(p) for p in perms}
-        if len(sizes) == 1:
-            T["perm"][index, : sizes.pop()] = torch.stack(perms).to(self.device)
-        else:
-            for k, perm in zip(ks, perms):
-                T["perm"][k, : len(perm)] = perm.to(self.device)
-        T["s"][index] = 0
-        T["loss_sum"][index] = 0
-
-    def _refresh(self) -> None:
-        """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
-        self._shrink()
-        live = [s for s in self.slots if s is not None]
-        self.next_event = min((s.epoch_end_t for s in live), default=-1)
-        self.b_max = max((s.batch_size for s in live), default=1)
-        # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
-        # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
-        # the backward pass). Free slots ride with a neighbouring run.
-        names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-        if names != self.act_key:
-            used = sorted({n for n in names if n is not None})
-            if self.linear or len(used) <= 1:
-                self.act_groups = [(make_activation(used[0] if used else "relu"), self.K)]
-            else:
-                if not _contiguous(names):
-                    assert not self.packed, "slots move only while the optimizer state is unpacked"
-                    self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
-                    names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-                runs: list[list[Any]] = []
-                for n in names:
-                    n = n if n is not None else (runs[-1][0] if runs else used[0])
-                    if runs and runs[-1][0] == n:
-                        runs[-1][1] += 1
-                    else:
-                        runs.append([n, 1])
-                self.act_groups = [(make_activation(a), count) for a, count in runs]
-        self.act_key = names
-        if not self.packed:
-            self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
-            self.any_wd_dec = bool(self.host["wd_dec"].any())
-            self._pack()
-
-    def _pack(self) -> None:
-        """Gather the optimizer state of the real (unpadded, live) parameters into compact vectors.
-
-        The update then touches only those entries: with mixed shapes padded to the widest and
-        deepest trial, most of the ``(K, P)`` block is padding (often >90%), and a full-block
-        update was most of a step's time.
-        """
-        T = self.tensors
-        P = T["flat"].shape[1]
-        self.idx = T["pmask"].view(-1).nonzero().squeeze(1)
-        self.entry_slot = torch.div(self.idx, P, rounding_mode="floor")
-        self.mc = T["m"].view(-1).index_select(0, self.idx)
-        self.vc = T["v"].view(-1).index_select(0, self.idx)
-        self.wd_l2c = T["wd_l2"].view(-1).index_select(0, self.entry_slot) if self.any_wd_l2 else None
-        self.packed = True
-
-    def _unpack(self) -> None:
-        """Write the compact optimizer state back into the ``(K, P)`` blocks (before slots change)."""
-        if self.packed:
-            T = self.tensors
-            T["m"].view(-1).index_copy_(0, self.idx, self.mc)
-            T["v"].view(-1).index_copy_(0, self.idx, self.vc)
-            self.packed = False
-
-    @property
-    def n_live(self) -> int:
-        return sum(s is not None for s in self.slots)
-
-    # -- compute --------------------------------------------------------------------------
-
-    def _forward(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = x
-        T = self.tensors
-        for layer in range(self.L):
-            z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
-            if len(self.act_groups) == 1:
-                a = self.act_groups[0][0](z)
-            else:
-                parts = z.split([count for _, count in self.act_groups])
-                a = torch.cat([act(part) for (act, _), part in zip(self.act_groups, parts)])
-            a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
-            h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
-        out = torch.baddbmm(w["bout"], h, w["wout"])
-        return out.squeeze(-1) if self.task == "regression" else out
-
-    def step(self) -> None:
-        """One optimizer step of every live slot on its next batch."""
-        T = self.tensors
-        flat = T["flat"]
-        cols = self.arange[: self.b_max]
-        pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
-        rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
-        idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
-        if len(self.datasets) > 1:
-            idx = idx + T["off"]
-        xb, yb = self.x_all[idx], self.y_all[idx]
-        out = self._forward(self.leaves, xb)
-        if self.task == "regression":
-            per_row = task_loss(out, yb, self.task, "none")
-        else:
-            per_row = task_loss(out.reshape(-1, self.n_out), yb.reshape(-1), self.task, "none").view(yb.shape)
-        count = rows.sum(1)
-        if self.class_weight is None:
-            loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
-        else:
-            # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
-            w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
-            loss = (per_row * w_rows).sum(1) / w_rows.sum(1).clamp_min(1e-30)
-        leaves = list(self.leaves.values())
-        grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
-        with torch.no_grad():
-            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1).view(-1).index_select(0, self.idx)
-            T["loss_sum"] += loss.detach() * count
-            self._update(flat.view(-1), grad)
-            T["s"] += T["live"][:, None]
-        self.t += 1
-
-    def _update(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
-        """torch's Adam / AdamW / SGD(momentum) update, per slot, on the compact real entries."""
-        h = self.host
-        factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
-        lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
-        h["step"] += h["live"]
-        safe = np.maximum(h["step"], 1)
-        scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
-        s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
-        s = s.index_select(0, self.entry_slot)  # per real entry
-        lr_t, step_size, bc2_sqrt, decay = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
-        p = flat.index_select(0, self.idx)
-        if self.wd_l2c is not None:
-            grad = grad.add_(self.wd_l2c * p)
-        if self.sgd:
-            self.mc.mul_(_MOMENTUM).add_(grad)
-            p.sub_(lr_t * self.mc)
-        else:
-            if self.any_wd_dec:
-                p.mul_(decay)
-            self.mc.lerp_(grad, 1 - _BETA1)
-            self.vc.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-            denom = (self.vc.sqrt() / bc2_sqrt).add_(_EPS)
-            p.addcdiv_(step_size * self.mc, denom, value=-1.0)
-        flat.index_copy_(0, self.idx, p)
-
-    @torch.no_grad()
-    def validate(self) -> torch.Tensor:
-        """Every slot's validation metrics, ``(K, 3)``."""
-        if len(self.datasets) == 1:
-            x = self.x_val.expand(self.K, *self.x_val.shape[1:])
-            out = self._forward(self._views(self.tensors["flat"]), x)
-            _, values = output_metrics(out, self.y_val[0], self.task, self.y_mean[0], self.y_std[0])
-            return values
-        ds = self.tensors["ds"]
-        out = self._forward(self._views(self.tensors["flat"]), self.x_val.index_select(0, ds))
-        mean, std = self.y_mean.index_select(0, ds)[:, None], self.y_std.index_select(0, ds)[:, None]
-        if self.task != "regression":
-            mean, std = mean[:, :, None], std[:, :, None]
-        mask = self.val_mask.index_select(0, ds) if self.padded_val else None
-        _, values = output_metrics(out, self.y_val.index_select(0, ds), self.task, mean, std, mask)
+@torch.no_grad()
+def _validate(bank: Bank, val: _Validation) -> torch.Tensor:
+    """Every slot's validation metrics, ``(K, 3)``."""
+    if len(bank.datasets) == 1:
+        x = val.x.expand(bank.K, *val.x.shape[1:])
+        out = bank.forward(bank.views(bank.tensors["flat"]), x)
+        _, values = output_metrics(out, val.y[0], bank.task, val.y_mean[0], val.y_std[0])
         return values
+    ds = bank.tensors["ds"]
+    out = bank.forward(bank.views(bank.tensors["flat"]), val.x.index_select(0, ds))
+    mean, std = val.y_mean.index_select(0, ds)[:, None], val.y_std.index_select(0, ds)[:, None]
+    if bank.task != "regression":
+        mean, std = mean[:, :, None], std[:, :, None]
+    mask = val.mask.index_select(0, ds) if val.padded else None
+    _, values = output_metrics(out, val.y.index_select(0, ds), bank.task, mean, std, mask)
+    return values
 
-    def metric_names(self) -> tuple[str, ...]:
-        return ("rmse", "mae", "r2") if self.task == "regression" else ("accuracy", "log_loss", "f1_macro")
 
-    def events(
-        self, on_epoch_end: ManyEpochHook | None, should_stop: Callable[[int], bool] | None = None
-    ) -> list[tuple[int, TrainResult]]:
-        """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on.
+def _metric_names(bank: Bank) -> tuple[str, ...]:
+    return ("rmse", "mae", "r2") if bank.task == "regression" else ("accuracy", "log_loss", "f1_macro")
 
-        Every ending slot's hook runs first; then ``should_stop(index)`` is asked for each of
-        them, so a decision that needs several slots' epochs (the folds of a cross-validated
-        trial) stops all of them at this same epoch.
-        """
-        ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
-        T = self.tensors
-        losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
-        values = self.validate()[ending].tolist()
-        names = self.metric_names()
-        outcomes: list[tuple[int, str | None, bool]] = []
-        for k, train_loss, row in zip(ending, losses, values):
-            slot = self.slots[k]
-            assert slot is not None and slot.history is not None
-            p = slot.job.params
-            epoch = slot.epoch
-            record, reason = epoch_record(
-                epoch, train_loss, dict(zip(names, row)), task=self.task, y_std=slot.data.y_std_, lr=p.lr
-            )
-            diverged = record is None
-            if record is not None:
-                slot.history.append(record)
-                if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
-                    reason = f"stopped by the epoch hook after epoch {epoch}"
-            outcomes.append((k, reason, diverged))
-        finished: list[tuple[int, TrainResult]] = []
-        going_on: list[int] = []
-        for k, reason, diverged in outcomes:
-            slot = self.slots[k]
-            assert slot is not None
-            if reason is None and should_stop is not None and should_stop(slot.index):
-                reason = f"stopped by the epoch hook after epoch {slot.epoch}"
-            if reason is not None or slot.epoch + 1 == slot.job.params.epochs:
-                self._unpack()  # the slot's optimizer state is about to be cleared
-                finished.append((slot.index, self._finish(k, reason, diverged)))
-            else:
-                slot.epoch += 1
-                going_on.append(k)
-        if going_on:
-            self._start_epochs(going_on)
-        self._refresh()
-        return finished
 
-    def _finish(self, k: int, reason: str | None, diverged: bool) -> TrainResult:
-        """Freeze slot k: its weights become a TabularNet, the slot is zeroed and freed."""
-        slot = self.slots[k]
+def _events(
+    bank: Bank,
+    val: _Validation,
+    on_epoch_end: ManyEpochHook | None,
+    should_stop: Callable[[int], bool] | None = None,
+) -> list[tuple[int, TrainResult]]:
+    """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on.
+
+    Every ending slot's hook runs first; then ``should_stop(index)`` is asked for each of
+    them, so a decision that needs several slots' epochs (the folds of a cross-validated
+    trial) stops all of them at this same epoch.
+    """
+    ending = [k for k, s in enumerate(bank.slots) if s is not None and s.epoch_end_t == bank.t]
+    T = bank.tensors
+    losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
+    values = _validate(bank, val)[ending].tolist()
+    names = _metric_names(bank)
+    outcomes: list[tuple[int, str | None, bool]] = []
+    for k, train_loss, row in zip(ending, losses, values):
+        slot = bank.slots[k]
         assert slot is not None and slot.history is not None
-        T = self.tensors
-        net = TabularNet(slot.config) if slot.job.keep_model else None
-        with torch.no_grad():
-            if net is not None:
-                views = self._views(T["flat"])
-                linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-                names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
-                for name, lin in zip(names, linears):
-                    bias = "bout" if name == "wout" else "b" + name[1:]
-                    rows, cols = lin.weight.shape[1], lin.weight.shape[0]
-                    lin.weight.copy_(views[name][k, :rows, :cols].T)
-                    lin.bias.copy_(views[bias][k, 0, :cols])
-            n_steps = int(self.host["step"][k])
-            for key in ("flat", "m", "v", "pmask", "loss_sum"):
-                T[key][k] = 0
-            T["live"][k] = False
-            self.host["live"][k] = False
-        if net is not None:
-            d = slot.data
-            net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
-            if self.device.type != "cpu":
-                net.to(self.device)
-            net.eval()
-        self.slots[k] = None
-        return TrainResult(
-            model=net,
-            history=slot.history,
-            metrics=slot.history[-1] if slot.history else {},
-            stop_reason=reason,
-            diverged=diverged,
-            n_steps=n_steps,
-            seconds=time.perf_counter() - slot.start,
+        p = slot.job.params
+        epoch = slot.epoch
+        record, reason = epoch_record(
+            epoch, train_loss, dict(zip(names, row)), task=bank.task, y_std=slot.data.y_std_, lr=p.lr
         )
+        diverged = record is None
+        if record is not None:
+            slot.history.append(record)
+            if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
+                reason = f"stopped by the epoch hook after epoch {epoch}"
+        outcomes.append((k, reason, diverged))
+    finished: list[tuple[int, TrainResult]] = []
+    going_on: list[int] = []
+    for k, reason, diverged in outcomes:
+        slot = bank.slots[k]
+        assert slot is not None
+        if reason is None and should_stop is not None and should_stop(slot.index):
+            reason = f"stopped by the epoch hook after epoch {slot.epoch}"
+        if reason is not None or slot.epoch + 1 == slot.job.params.epochs:
+            bank.unpack()  # the slot's optimizer state is about to be cleared
+            finished.append((slot.index, _finish(bank, k, reason, diverged)))
+        else:
+            slot.epoch += 1
+            going_on.append(k)
+    if going_on:
+        bank.start_epochs(going_on)
+    bank.refresh()
+    return finished
+
+
+def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResult:
+    """Freeze slot k: its weights become a TabularNet, the slot is zeroed and freed."""
+    slot = bank.slots[k]
+    assert slot is not None and slot.history is not None
+    T = bank.tensors
+    net = TabularNet(slot.config) if slot.job.keep_model else None
+    with torch.no_grad():
+        if net is not None:
+            views = bank.views(T["flat"])
+            linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+            names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
+            for name, lin in zip(names, linears):
+                bias = "bout" if name == "wout" else "b" + name[1:]
+                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
+                lin.weight.copy_(views[name][k, :rows, :cols].T)
+                lin.bias.copy_(views[bias][k, 0, :cols])
+        n_steps = int(bank.host["step"][k])
+        for key in ("flat", "m", "v", "pmask", "loss_sum"):
+            T[key][k] = 0
+        T["live"][k] = False
+        bank.host["live"][k] = False
+    if net is not None:
+        d = slot.data
+        net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
+        if bank.device.type != "cpu":
+            net.to(bank.device)
+        net.eval()
+    bank.slots[k] = None
+    return TrainResult(
+        model=net,
+        history=slot.history,
+        metrics=slot.history[-1] if slot.history else {},
+        stop_reason=reason,
+        diverged=diverged,
+        n_steps=n_steps,
+        seconds=time.perf_counter() - slot.start,
+    )
 
 
 _MALLOC_TUNED = False
@@ -625,17 +221,6 @@ def _keep_freed_memory() -> None:
         libc.mallopt(-1, 256 * 1024 * 1024)  # M_TRIM_THRESHOLD: keep up to 256 MB of freed heap
     except (OSError, AttributeError):
         pass
-
-
-def _contiguous(names: tuple[str | None, ...]) -> bool:
-    """Whether each name fills one run of positions (None fits anywhere)."""
-    seen: list[str] = []
-    for n in names:
-        if n is not None and (not seen or seen[-1] != n):
-            if n in seen:
-                return False
-            seen.append(n)
-    return True
 
 
 def _padded_width(hidden_size: int) -> int:
@@ -669,7 +254,7 @@ def train_many(
         on_trial_end: called with ``(index, result)`` as soon as a trial finished or stopped,
             before its slot is refilled.
         should_stop: asked with ``index`` after the hooks of all the trials whose epoch ends
-            at the same step ran; True stops that trial there too (see ``_Bank.events``).
+            at the same step ran; True stops that trial there too (see ``_events``).
         width: how many trials train at once.
         group_widths: train hidden sizes in power-of-two width groups (padding wastes at most
             half a layer) instead of one group padded to the widest. ``None``: group on a CPU
@@ -692,7 +277,7 @@ def train_many(
     if group_widths is None:
         group_widths = dev.type == "cpu" and width >= 128
     jobs = iter(params_list)
-    banks: dict[tuple[bool, bool, int], _Bank] = {}
+    banks: dict[tuple[bool, bool, int], tuple[Bank, _Validation]] = {}  # each bank, its validation rows
     results: dict[int, TrainResult] = {}
     in_flight = 0
     n_jobs = 0
@@ -718,18 +303,18 @@ def train_many(
             in_flight += 1
         for key, items in pending.items():
             if key not in banks:
-                banks[key] = _Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2])
-            banks[key].add_many(items)
+                banks[key] = (Bank(datasets, dev, linear=key[0], sgd=key[1], width=key[2]), _Validation.of(datasets, dev))
+            banks[key][0].add_many(items)
 
     fill()
     while in_flight:
-        for bank in list(banks.values()):
+        for bank, val in list(banks.values()):
             if not bank.n_live:
                 continue
             bank.step()
             if bank.t != bank.next_event:
                 continue
-            for index, result in bank.events(on_epoch_end, should_stop):
+            for index, result in _events(bank, val, on_epoch_end, should_stop):
                 results[index] = result
                 in_flight -= 1
                 if on_trial_end is not None:

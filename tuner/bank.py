@@ -1,0 +1,454 @@
+"""The batched model behind ``train_many``: K trials of one shape family as stacked tensors.
+
+A ``Bank`` keeps each trial's weights, optimizer state, learning rate and schedule, hidden size
+and depth (padded and masked), activation, batch size and shuffled order in one slot (``Slot``,
+trained from a ``Job``), and runs one forward/backward and one batched optimizer step for all
+of them. Validating, stopping and freezing a trial into a ``TabularNet`` live in ``fused.py``.
+
+Like ``train.py`` this module imports torch only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tuner.data import Prepared
+from tuner.model import ModelConfig, initial_weights, make_activation
+from tuner.train import TrainParams, task_loss
+
+__all__ = ["Bank", "Job", "Slot"]
+
+_BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults, train()'s SGD momentum
+
+
+@dataclass(frozen=True)
+class Job:
+    """One trial for ``train_many``: its params, the seed ``train()`` would get, which of the
+    prepared splits it trains on (a cross-validation fold), and whether its model is wanted
+    (a fold of a cross-validated trial only reports metrics)."""
+
+    params: TrainParams
+    seed: int = 0
+    data: int = 0
+    keep_model: bool = True
+
+
+@dataclass
+class Slot:
+    """Host-side state of one trial in a bank."""
+
+    index: int
+    job: Job
+    config: ModelConfig
+    data: Prepared
+    generator: torch.Generator
+    batch_size: int
+    steps_per_epoch: int
+    epoch: int = 0
+    epoch_end_t: int = 0  # bank step count at which the current epoch ends
+    start: float = 0.0
+    history: list[dict[str, float]] | None = None
+
+
+class Bank:
+    """K trials of one shape family (MLP or linear; Adam-like or SGD) as stacked tensors.
+
+    Parameters live in one flat ``(K, P)`` leaf: per-layer weights are views of it, so the
+    backward pass fills one gradient tensor and the optimizer update is a handful of ops.
+    """
+
+    def __init__(
+        self, datasets: list[Prepared], device: torch.device, *, linear: bool, sgd: bool, width: int
+    ) -> None:
+        data = datasets[0]
+        self.datasets, self.device, self.linear, self.sgd = datasets, device, linear, sgd
+        self.n_in, self.n_out = data.n_features, data.n_outputs
+        self.task = data.task
+        self.K, self.H, self.L = 0, 0, 0
+        self.slots: list[Slot | None] = []
+        self.t = 0
+        self.next_event = -1
+        # Every split's training rows in one table (a slot reads its own at an offset).
+        sizes = [len(d.x_train) for d in datasets]
+        self.n = max(sizes)
+        self.sizes = torch.tensor(sizes, device=device)
+        self.offsets = torch.tensor(np.cumsum([0, *sizes[:-1]]), device=device)
+        self.x_all = torch.cat([d.x_train for d in datasets]) if len(datasets) > 1 else data.x_train
+        self.y_all = torch.cat([d.y_train for d in datasets]) if len(datasets) > 1 else data.y_train
+        # Per split, the cross-entropy class weights (class_weight = "balanced"), or None.
+        self.class_weight = (
+            torch.tensor([d.class_weight_ for d in datasets], dtype=torch.float32, device=device)
+            if data.class_weight_ else None
+        )
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.packed = False
+        self.act_key: tuple[str | None, ...] = ()
+        self.act_groups: list[tuple[torch.nn.Module, int]] = []  # activation, its run of slots
+        # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
+        self.host: dict[str, np.ndarray] = {}
+        self.arange = torch.arange(self.n, device=device)
+        self.b_max = 1
+        self._resize(1, 0 if linear else width, 0 if linear else 1)
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _layout(self, H: int, L: int) -> list[tuple[str, int, int]]:
+        shapes: list[tuple[str, int, int]] = []
+        width = self.n_in
+        for layer in range(L):
+            shapes += [(f"w{layer}", width, H), (f"b{layer}", 1, H)]
+            width = H
+        return shapes + [("wout", width, self.n_out), ("bout", 1, self.n_out)]
+
+    def views(self, flat: torch.Tensor, H: int | None = None, L: int | None = None) -> dict[str, torch.Tensor]:
+        views, offset = {}, 0
+        for name, rows, cols in self._layout(self.H if H is None else H, self.L if L is None else L):
+            views[name] = flat[:, offset : offset + rows * cols].view(flat.shape[0], rows, cols)
+            offset += rows * cols
+        return views
+
+    def _resize(self, K: int, H: int, L: int, keep: list[int] | None = None) -> None:
+        """Re-lay the bank out as K slots of width H and depth L, keeping every slot's weights and
+        optimizer state: all slots in place (growing), or the slots ``keep`` moved to the front
+        (shrinking: H and L must still fit them)."""
+        P = sum(r * c for _, r, c in self._layout(H, L))
+        dev = self.device
+        new: dict[str, torch.Tensor] = {
+            # per slot
+            "flat": torch.zeros(K, P, device=dev),
+            "m": torch.zeros(K, P, device=dev),
+            "v": torch.zeros(K, P, device=dev),
+            "pmask": torch.zeros(K, P, device=dev),
+            "wd_l2": torch.zeros(K, 1, device=dev),
+            "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
+            "n": torch.ones(K, 1, dtype=torch.long, device=dev),  # training rows of the slot's split
+            "off": torch.zeros(K, 1, dtype=torch.long, device=dev),  # where they start in x_all
+            "ds": torch.zeros(K, dtype=torch.long, device=dev),  # the slot's split
+            "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
+            "live": torch.zeros(K, dtype=torch.bool, device=dev),
+            "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
+            "loss_sum": torch.zeros(K, device=dev),
+            "unit_mask": torch.zeros(K, 1, H, device=dev),
+            "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
+        }
+        host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
+                "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
+        order = list(range(self.K)) if keep is None else keep
+        k = len(order)
+        for key, array in self.host.items():
+            host[key][:k] = array[order]
+        self.host = host
+        if self.K:
+            index = torch.tensor(order, dtype=torch.long, device=dev)
+            h, depth = min(H, self.H), min(L, self.L)
+            for key in ("flat", "m", "v", "pmask"):
+                old_views = self.views(self.tensors[key])
+                new_views = self.views(new[key], H, L)
+                for name, view in new_views.items():
+                    if name in old_views:
+                        old = old_views[name].index_select(0, index)
+                        rows, cols = min(view.shape[1], old.shape[1]), min(view.shape[2], old.shape[2])
+                        view[:k, :rows, :cols] = old[:, :rows, :cols]
+            for key, value in self.tensors.items():
+                if key in ("flat", "m", "v", "pmask"):
+                    continue
+                if key == "unit_mask":
+                    new[key][:k, :, :h] = value.index_select(0, index)[:, :, :h]
+                elif key == "layer_on":
+                    new[key][: max(depth, 1), :k] = value.index_select(1, index)[: max(depth, 1)]
+                else:
+                    new[key][:k] = value.index_select(0, index)
+            self.slots = [self.slots[i] for i in order] + [None] * (K - k)
+        self.tensors = new
+        self.K, self.H, self.L = K, H, L
+        # Leaves that share the flat buffer's memory: the update writes the buffer in place, and
+        # autograd gives each layer its own gradient (no full-size zero fill per view).
+        self.leaves = {name: view.detach().requires_grad_(True) for name, view in self.views(new["flat"]).items()}
+        self.slots += [None] * (K - len(self.slots))
+        self.act_key = ()  # slots moved: regroup the activations
+
+    def _shrink(self) -> None:
+        """After trials ended: when at most half the slots are live, or the widest live trial is
+        at most half the bank's width, or no live trial uses the deepest layer, lay the bank out
+        again for the live trials only. The last trials of a study (stragglers) would otherwise
+        keep paying for the widest, deepest and most numerous group that was ever in flight."""
+        live = [k for k, s in enumerate(self.slots) if s is not None]
+        if not live or self.packed:
+            return
+        params = [self.slots[k].job.params for k in live]  # type: ignore[union-attr]
+        H = self.H if self.linear else max(p.hidden_size for p in params)
+        L = self.L if self.linear else max(p.n_layers for p in params)
+        if len(live) <= self.K // 2 or H <= self.H // 2 or L < self.L:
+            self._resize(len(live), H, L, keep=live)
+
+    def _permute(self, order: list[int]) -> None:
+        """Move slot ``order[i]`` to position i, with all its state."""
+        index = torch.tensor(order, device=self.device)
+        self.tensors = {
+            key: value.index_select(1 if key == "layer_on" else 0, index) for key, value in self.tensors.items()
+        }
+        self.host = {key: array[order] for key, array in self.host.items()}
+        self.slots = [self.slots[k] for k in order]
+        self.leaves = {name: v.detach().requires_grad_(True) for name, v in self.views(self.tensors["flat"]).items()}
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def add(self, index: int, job: Job, config: ModelConfig, *, refresh: bool = True) -> Slot:
+        """Put one trial in a free slot; see ``add_many``."""
+        return self.add_many([(index, job, config)], refresh=refresh)[0]
+
+    def add_many(self, items: list[tuple[int, Job, ModelConfig]], *, refresh: bool = True) -> list[Slot]:
+        """Put trials ``(index, job, config)`` in free slots (growing the bank if needed), each
+        with ``train()``'s initial weights for its seed, in a few batched writes (one per tensor,
+        not per trial: a refill at large K, or any start on a GPU, would otherwise be thousands
+        of tiny copies). ``refresh=False`` when more are added at once (then call ``refresh``)."""
+        if not items:
+            return []
+        self.unpack()  # before a resize copies the optimizer state
+        free = [i for i, s in enumerate(self.slots) if s is None][: len(items)]
+        free += list(range(self.K, self.K + len(items) - len(free)))
+        params = [job.params for _, job, _ in items]
+        H = self.H if self.linear else max(self.H, *(p.hidden_size for p in params))
+        L = self.L if self.linear else max(self.L, *(p.n_layers for p in params))
+        if free[-1] >= self.K or H > self.H or L > self.L:
+            self._resize(max(self.K * 2, free[-1] + 1) if free[-1] >= self.K else self.K, H, L)
+        T, h = self.tensors, self.host
+        P = T["flat"].shape[1]
+        # Weights and masks of the new slots, built on the host and copied over once.
+        flat, pmask = torch.zeros(len(items), P), torch.zeros(len(items), P)
+        views, masks = self.views(flat), self.views(pmask)
+        n_rows, batch, steps = [], [], []
+        for row, (_, job, config) in enumerate(items):
+            layers = initial_weights(config, job.seed)
+            names = [f"w{i}" for i in range(len(layers) - 1)] + ["wout"]
+            for name, (weight, bias) in zip(names, layers):
+                b_name = "bout" if name == "wout" else "b" + name[1:]
+                cols, rows = weight.shape
+                views[name][row, :rows, :cols] = weight.T
+                views[b_name][row, 0, :cols] = bias
+                masks[name][row, :rows, :cols] = 1
+                masks[b_name][row, 0, :cols] = 1
+            n = len(self.datasets[job.data].x_train)
+            n_rows.append(n)
+            batch.append(min(job.params.batch_size, n))
+            steps.append(math.ceil(n / batch[-1]))
+        dev = self.device
+        index = torch.tensor(free, device=dev)
+
+        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+
+        with torch.no_grad():
+            T["flat"][index] = flat.to(dev)
+            T["pmask"][index] = pmask.to(dev)
+            T["m"][index] = 0
+            T["v"][index] = 0
+            T["wd_l2"][index] = column([[p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0] for p in params],
+                                       torch.float32)
+            T["bs"][index] = column([[b] for b in batch], torch.long)
+            T["n"][index] = column([[n] for n in n_rows], torch.long)
+            T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
+            T["off"][index] = self.offsets[T["ds"][index]][:, None]
+            T["live"][index] = True
+            if not self.linear:
+                hidden = column([p.hidden_size for p in params], torch.long)
+                depth = column([p.n_layers for p in params], torch.long)
+                T["unit_mask"][index] = (torch.arange(self.H, device=dev) < hidden[:, None]).float()[:, None, :]
+                T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
+        for k, p, s in zip(free, params, steps):
+            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
+            h["step"][k], h["live"][k] = 0, True
+            h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
+        slots = []
+        start = time.perf_counter()
+        for k, (index_, job, config), b, s in zip(free, items, batch, steps):
+            slot = Slot(
+                index=index_,
+                job=job,
+                config=config,
+                data=self.datasets[job.data],
+                generator=torch.Generator().manual_seed(job.seed),
+                batch_size=b,
+                steps_per_epoch=s,
+                start=start,
+                history=[],
+            )
+            self.slots[k] = slot
+            slots.append(slot)
+        self.start_epochs(free)
+        if refresh:
+            self.refresh()
+        return slots
+
+    def start_epochs(self, ks: list[int]) -> None:
+        """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
+        (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
+        T = self.tensors
+        perms = []
+        for k in ks:
+            slot = self.slots[k]
+            assert slot is not None
+            perms.append(torch.randperm(len(slot.data.x_train), generator=slot.generator))
+            slot.epoch_end_t = self.t + slot.steps_per_epoch
+        index = torch.tensor(ks, device=self.device)
+        sizes = {len(p) for p in perms}
+        if len(sizes) == 1:
+            T["perm"][index, : sizes.pop()] = torch.stack(perms).to(self.device)
+        else:
+            for k, perm in zip(ks, perms):
+                T["perm"][k, : len(perm)] = perm.to(self.device)
+        T["s"][index] = 0
+        T["loss_sum"][index] = 0
+
+    def refresh(self) -> None:
+        """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
+        self._shrink()
+        live = [s for s in self.slots if s is not None]
+        self.next_event = min((s.epoch_end_t for s in live), default=-1)
+        self.b_max = max((s.batch_size for s in live), default=1)
+        # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
+        # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
+        # the backward pass). Free slots ride with a neighbouring run.
+        names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+        if names != self.act_key:
+            used = sorted({n for n in names if n is not None})
+            if self.linear or len(used) <= 1:
+                self.act_groups = [(make_activation(used[0] if used else "relu"), self.K)]
+            else:
+                if not _contiguous(names):
+                    assert not self.packed, "slots move only while the optimizer state is unpacked"
+                    self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
+                    names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+                runs: list[list[Any]] = []
+                for n in names:
+                    n = n if n is not None else (runs[-1][0] if runs else used[0])
+                    if runs and runs[-1][0] == n:
+                        runs[-1][1] += 1
+                    else:
+                        runs.append([n, 1])
+                self.act_groups = [(make_activation(a), count) for a, count in runs]
+        self.act_key = names
+        if not self.packed:
+            self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
+            self.any_wd_dec = bool(self.host["wd_dec"].any())
+            self._pack()
+
+    def _pack(self) -> None:
+        """Gather the optimizer state of the real (unpadded, live) parameters into compact vectors.
+
+        The update then touches only those entries: with mixed shapes padded to the widest and
+        deepest trial, most of the ``(K, P)`` block is padding (often >90%), and a full-block
+        update was most of a step's time.
+        """
+        T = self.tensors
+        P = T["flat"].shape[1]
+        self.idx = T["pmask"].view(-1).nonzero().squeeze(1)
+        self.entry_slot = torch.div(self.idx, P, rounding_mode="floor")
+        self.mc = T["m"].view(-1).index_select(0, self.idx)
+        self.vc = T["v"].view(-1).index_select(0, self.idx)
+        self.wd_l2c = T["wd_l2"].view(-1).index_select(0, self.entry_slot) if self.any_wd_l2 else None
+        self.packed = True
+
+    def unpack(self) -> None:
+        """Write the compact optimizer state back into the ``(K, P)`` blocks (before slots change)."""
+        if self.packed:
+            T = self.tensors
+            T["m"].view(-1).index_copy_(0, self.idx, self.mc)
+            T["v"].view(-1).index_copy_(0, self.idx, self.vc)
+            self.packed = False
+
+    @property
+    def n_live(self) -> int:
+        return sum(s is not None for s in self.slots)
+
+    # -- compute --------------------------------------------------------------------------
+
+    def forward(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = x
+        T = self.tensors
+        for layer in range(self.L):
+            z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
+            if len(self.act_groups) == 1:
+                a = self.act_groups[0][0](z)
+            else:
+                parts = z.split([count for _, count in self.act_groups])
+                a = torch.cat([act(part) for (act, _), part in zip(self.act_groups, parts)])
+            a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
+            h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
+        out = torch.baddbmm(w["bout"], h, w["wout"])
+        return out.squeeze(-1) if self.task == "regression" else out
+
+    def step(self) -> None:
+        """One optimizer step of every live slot on its next batch."""
+        T = self.tensors
+        flat = T["flat"]
+        cols = self.arange[: self.b_max]
+        pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
+        rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
+        idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
+        if len(self.datasets) > 1:
+            idx = idx + T["off"]
+        xb, yb = self.x_all[idx], self.y_all[idx]
+        out = self.forward(self.leaves, xb)
+        if self.task == "regression":
+            per_row = task_loss(out, yb, self.task, "none")
+        else:
+            per_row = task_loss(out.reshape(-1, self.n_out), yb.reshape(-1), self.task, "none").view(yb.shape)
+        count = rows.sum(1)
+        if self.class_weight is None:
+            loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
+        else:
+            # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
+            w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
+            loss = (per_row * w_rows).sum(1) / w_rows.sum(1).clamp_min(1e-30)
+        leaves = list(self.leaves.values())
+        grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
+        with torch.no_grad():
+            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1).view(-1).index_select(0, self.idx)
+            T["loss_sum"] += loss.detach() * count
+            self._update(flat.view(-1), grad)
+            T["s"] += T["live"][:, None]
+        self.t += 1
+
+    def _update(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
+        """torch's Adam / AdamW / SGD(momentum) update, per slot, on the compact real entries."""
+        h = self.host
+        factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
+        lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
+        h["step"] += h["live"]
+        safe = np.maximum(h["step"], 1)
+        scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
+        s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
+        s = s.index_select(0, self.entry_slot)  # per real entry
+        lr_t, step_size, bc2_sqrt, decay = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
+        p = flat.index_select(0, self.idx)
+        if self.wd_l2c is not None:
+            grad = grad.add_(self.wd_l2c * p)
+        if self.sgd:
+            self.mc.mul_(_MOMENTUM).add_(grad)
+            p.sub_(lr_t * self.mc)
+        else:
+            if self.any_wd_dec:
+                p.mul_(decay)
+            self.mc.lerp_(grad, 1 - _BETA1)
+            self.vc.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+            denom = (self.vc.sqrt() / bc2_sqrt).add_(_EPS)
+            p.addcdiv_(step_size * self.mc, denom, value=-1.0)
+        flat.index_copy_(0, self.idx, p)
+
+
+def _contiguous(names: tuple[str | None, ...]) -> bool:
+    """Whether each name fills one run of positions (None fits anywhere)."""
+    seen: list[str] = []
+    for n in names:
+        if n is not None and (not seen or seen[-1] != n):
+            if n in seen:
+                return False
+            seen.append(n)
+    return True
