@@ -85,7 +85,8 @@ def test_budget_is_exact_with_concurrent_workers(backend: str, tmp_path: Path, r
 
     from tuner.config import load_spec
     from tuner.gate import TrialGate
-    from tuner.study import StudyLock, open_study
+    from tuner.lock import StudyLock
+    from tuner.study import open_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     spec = load_spec(write_study(tmp_path, "budget"))
@@ -122,7 +123,8 @@ def test_budget_waits_for_running_trials_and_reruns_a_failed_one(tmp_path: Path)
 
     from tuner.config import load_spec
     from tuner.gate import TrialGate
-    from tuner.study import StudyLock, open_study
+    from tuner.lock import StudyLock
+    from tuner.study import open_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     spec = load_spec(write_study(tmp_path, "wait"))
@@ -139,7 +141,8 @@ def test_budget_waits_for_running_trials_and_reruns_a_failed_one(tmp_path: Path)
 def test_budget_stops_at_the_deadline(tmp_path: Path) -> None:
     from tuner.config import load_spec
     from tuner.gate import TrialGate
-    from tuner.study import StudyLock, open_study
+    from tuner.lock import StudyLock
+    from tuner.study import open_study
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     spec = load_spec(write_study(tmp_path, "deadline"))
@@ -156,7 +159,8 @@ def test_gate_records_the_first_heartbeat_before_handing_a_trial_out(tmp_path: P
 
     from tuner.config import load_spec
     from tuner.gate import TrialGate
-    from tuner.study import StudyLock, open_study
+    from tuner.lock import StudyLock
+    from tuner.study import open_study
 
     db = tmp_path / "optuna.db"
     spec = load_spec(write_study(tmp_path, "beat"))

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tuner import interrupts
 from tuner.errors import StorageError, TunerError
+from tuner.lock import StudyLock
 from tuner.pruning import FinishedTrials
 from tuner.study import (
-    StudyLock,
     caused_by_storage,
     fail_stale_trials,
     fail_waiting_trials,

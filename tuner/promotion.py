@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import TunerError
-from tuner.study import StudyLock, best_trial
+from tuner.lock import StudyLock
+from tuner.study import best_trial
 
 if TYPE_CHECKING:
     import optuna
