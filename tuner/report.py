@@ -85,8 +85,10 @@ def write_report(
     frame: pd.DataFrame,
     tracker: Tracker | None = None,
     baselines: dict[str, dict[str, float]] | None = None,
+    pngs: bool = True,
 ) -> ReportFiles:
-    """Write ``output`` (HTML) and ``<stem>.<section>.png`` beside it.
+    """Write ``output`` (HTML) and ``<stem>.<section>.png`` beside it (``pngs=False``: the
+    interactive HTML only, as a launch logs it: the matplotlib PNGs cost seconds).
 
     Args:
         study: the stored study.
@@ -120,6 +122,8 @@ def write_report(
                 continue
             try:
                 figures[key] = plotly_fn(study)
+                if not pngs:
+                    continue
                 axes = mpl_fn(study)
             except Exception as e:  # e.g. importances with fewer than two complete trials
                 files.skipped[key] = _first_line(e)
@@ -139,13 +143,15 @@ def write_report(
             files.skipped["predicted_vs_actual"] = "no MLflow tracker given"
         if champion is not None:
             figures["predicted_vs_actual"], png_fig = _predicted_vs_actual(champion, spec, go, plt)
-            files.pngs["predicted_vs_actual"] = _save_png(png_fig, output, "predicted_vs_actual")
+            if pngs:
+                files.pngs["predicted_vs_actual"] = _save_png(png_fig, output, "predicted_vs_actual")
             plt.close(png_fig)
 
         table = _comparison(study, spec, baselines if baselines is not None else compute_baselines(prepared))
         if table:
             figures["baselines"], png_fig = _baseline_plot(table, spec.metric, go, plt)
-            files.pngs["baselines"] = _save_png(png_fig, output, "baselines")
+            if pngs:
+                files.pngs["baselines"] = _save_png(png_fig, output, "baselines")
             plt.close(png_fig)
         else:
             files.skipped["baselines"] = "no complete trial to compare"
@@ -392,6 +398,7 @@ def log_launch_report(
                 frame=frame,
                 tracker=tracker,
                 baselines=baselines,
+                pngs=False,  # `tuner report` draws them; a launch logs the interactive HTML only
             )
             tracker.log_report(run_id, Path(tmp))
         return files
