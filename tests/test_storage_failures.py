@@ -66,46 +66,62 @@ def _store_revision(db: Path) -> tuple[int, str | None] | None:
     return n, (row[0] if row else None)
 
 
-# Kill points, by the tables the migration has made (of ~65): whether MLflow can go on from a
-# half-made store depends on the migration cut (seen: cut at 12 or 41 tables it can, at 20, 23
-# or 60 it cannot: "table ... already exists", exit 1 with a traceback).
+# Kill points: while the migrated empty store (the template, made once per MLflow version) is
+# being built, and the moment the study's store appears. The store is copied from the template
+# and linked into place, so it is never seen half-made (before, a kill 0.5 s after `mlflow.db`
+# appeared left a half-migrated store that every later launch failed on).
 @pytest.mark.slow
-@pytest.mark.parametrize("n_tables", [20, 60], ids=["a-third-migrated", "nearly-migrated"])
+@pytest.mark.parametrize("moment", ["building-the-template", "store-just-appeared"])
 def test_a_launch_killed_while_it_creates_the_mlflow_store_leaves_a_store_the_next_launch_uses(
-    tmp_path: Path, n_tables: int
+    tmp_path: Path, moment: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     head = _get_latest_schema_revision()
+    cache = tmp_path / "cache"  # a cache of its own: this launch builds the template
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
     db = tmp_path / "mlflow.db"  # a new store: not the migrated template of mlflow_store()
     spec = load_spec(write_study(tmp_path, "birth", body=HEARTBEAT, n_trials=2, tracking_uri=f"sqlite:///{db}"))
     pid = fork_cli(["launch", str(spec.source), "--no-progress"], tmp_path / "killed.log")
-    seen: tuple[int, str | None] | None = None
     try:
         deadline = time.monotonic() + 120
-        # Kill mid-migration: ``n_tables`` tables made, not yet the newest schema revision.
         while True:
-            seen = _store_revision(db) if db.exists() else None
-            if seen is not None and seen[0] >= n_tables and seen[1] != head:
+            building = [p for p in cache.glob("tuner/.*.building") if (_store_revision(p) or (0, None))[0] >= 20]
+            if (moment == "building-the-template" and building) or (moment == "store-just-appeared" and db.exists()):
                 break
-            assert os.waitpid(pid, os.WNOHANG) == (0, 0), f"the launch ended before its store was half made; last {seen}"
-            assert time.monotonic() < deadline, f"no MLflow store migration seen within 120s; last {seen}"
-            time.sleep(0.01)
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), f"the launch ended before the kill point ({moment})"
+            assert time.monotonic() < deadline, f"{moment} not seen within 120s"
+            time.sleep(0.005)
     finally:
         os.kill(pid, signal.SIGKILL)
         exit_code(pid)
-    half = _store_revision(db)
-    assert half is not None and half[1] != head, f"the store was complete at the kill ({half}): the kill came too late"
+    # Whole or not at all: no half-made store, whatever the moment.
+    assert not db.exists() or _store_revision(db) == (_store_revision(db) or (0, None))[:1] + (head,)
 
     r = run_tuner("launch", str(spec.source), "--no-progress", "--no-report", cwd=tmp_path, timeout=180)
 
     last = (r.stderr.strip().splitlines() or ["(no stderr)"])[-1][:300]
     if r.returncode != 0 or "Traceback" in r.stderr:
-        n_lines = r.stderr.count("\n")
-        pytest.fail(f"after a kill at {half} (tables, revision): exit {r.returncode}, stderr {n_lines} lines ending {last!r}")
+        pytest.fail(f"after a kill at {moment}: exit {r.returncode}, stderr {r.stderr.count(chr(10))} lines ending {last!r}")
     assert "alias champion" in r.stdout
     assert champion(spec) is not None
     check_consistent(spec)
+
+
+def test_a_half_made_mlflow_store_is_one_line_naming_the_file_and_the_fix(tmp_path: Path) -> None:
+    """A store an older tuner left half-migrated (killed mid-migration): named, with the fix."""
+    db = tmp_path / "mlflow.db"
+    mlflow_store(db)
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = 'f5a4f2784254'")  # a revision from the middle
+        conn.commit()
+    study = write_study(tmp_path, "half", n_trials=2, tracking_uri=f"sqlite:///{db}")
+
+    r = run_tuner("launch", str(study), "--no-progress", cwd=tmp_path, timeout=120)
+
+    line = assert_one_line_exit_2(r, str(db), "f5a4f2784254")
+    assert "move it away and relaunch" in line and "mlflow db upgrade" in line
+    assert not (tmp_path / "half.db").exists() or load_trials(load_spec(study)) == []  # no trial ran
 
 
 def test_a_truncated_mlflow_store_is_one_line_naming_the_file(tmp_path: Path) -> None:
@@ -188,7 +204,7 @@ def test_cpu_out_of_memory_fails_each_trial_with_the_reason_and_stops_in_one_lin
     """hidden_size 100000 x 2 layers: a 10^10-weight layer (40 GB) the CPU allocator refuses. Every
     trial ends FAIL with a reason naming memory; after MAX_FAILED_IN_A_ROW the launch stops with one
     line and exit 2."""
-    from tuner.study import MAX_FAILED_IN_A_ROW
+    from tuner.runners import MAX_FAILED_IN_A_ROW
 
     space = (
         'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'

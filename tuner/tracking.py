@@ -52,6 +52,9 @@ def quiet_mlflow() -> None:
     """MLflow configures its loggers on import: lower them afterwards (store creation chatter)."""
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # It logs every SQLAlchemy error with its traceback before raising it as an MlflowException,
+    # which tuner reports in one line (a read-only or full store): the raise is enough.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def import_mlflow() -> None:
