@@ -302,7 +302,8 @@ def _study_curve(spec: Any, data: Any, n_trials: int, work: Path) -> dict[str, A
     """Run a study without tracking; per trial its epochs and value (None when pruned)."""
     import optuna
 
-    from tuner.study import Objective, open_study
+    from tuner.study import open_study
+    from tuner.trial import Objective
 
     study = open_study(spec, f"sqlite:///{work / 'optuna.db'}")
     objective = Objective(spec, data, None, None, "cpu")

@@ -152,7 +152,8 @@ def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dic
     from contextlib import redirect_stderr
 
     from tuner.config import load_spec
-    from tuner.study import launch, open_study
+    from tuner.session import launch
+    from tuner.study import open_study
 
     spec = load_spec(
         ROOT / "studies" / "cars_mlp.toml",

@@ -156,8 +156,12 @@ def assert_finished_cleanly(spec: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["early", "mid", "late"])
-@pytest.mark.parametrize("execution", ["sequential", "fused"])
+# Sequential early is test_faults.py's F1 (kill -9 in the first trial, then the stale retry).
+@pytest.mark.parametrize(
+    ("execution", "moment"),
+    [("sequential", "mid"), ("sequential", "late"), ("fused", "early"), ("fused", "mid"), ("fused", "late")],
+    ids=["sequential-mid", "sequential-late", "fused-early", "fused-mid", "fused-late"],
+)
 def test_a_launch_killed_at_any_moment_is_finished_exactly_by_the_next(tmp_path: Path, execution: str, moment: str) -> None:
     spec = _study(tmp_path, execution)
     pid = fork_cli(["launch", str(spec.source), "--no-progress"], tmp_path / "killed.log")
@@ -280,3 +284,48 @@ def test_workers_of_a_launch_killed_with_9_stop_and_reconcile_ends_its_run(tmp_p
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+# -- F3 on the other paths: Ctrl-C / SIGTERM of a fused launch and of a launch with workers ----
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("execution", "workers", "sig"),
+    [("fused", None, signal.SIGINT), ("fused", "2", signal.SIGTERM), ("sequential", "2", signal.SIGINT)],
+    ids=["fused-SIGINT", "fused-workers-SIGTERM", "sequential-workers-SIGINT"],
+)
+def test_f3_an_interrupted_launch_fails_its_trials_in_flight_kills_their_runs_and_resumes(
+    tmp_path: Path, execution: str, workers: str | None, sig: int
+) -> None:
+    spec = _study(tmp_path, execution, "f3")
+    argv = ["launch", str(spec.source), "--no-progress"] + (["--workers", workers] if workers else [])
+    pid = fork_cli(argv, tmp_path / "interrupted.log")
+    db = tmp_path / "f3.db"
+    try:
+        deadline = time.monotonic() + 120
+        while not MOMENTS["early"](store_state(db)):
+            assert os.waitpid(pid, os.WNOHANG) == (0, 0), (tmp_path / "interrupted.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "no running trial with its run within 120 s"
+            time.sleep(0.02)
+        os.kill(pid, sig)
+        code = exit_code(pid, timeout=60)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        exit_code(pid)
+        raise
+    assert code == 130, (tmp_path / "interrupted.log").read_text()[-2000:]
+    trials = load_trials(spec)
+    assert "RUNNING" not in states(trials), states(trials)  # nothing left for the heartbeat to find
+    failed = [t for t in trials if t.state.name == "FAIL"]
+    assert failed and all("interrupted" in t.user_attrs.get("fail_reason", "") for t in failed)
+    runs = {r.info.run_id: r for r in mlflow_runs(spec)}
+    assert all(runs[t.user_attrs["mlflow_run_id"]].info.status == "KILLED" for t in failed)
+    assert [r.info.status for r in runs.values() if r.data.tags["tuner.role"] == "launch"] == ["KILLED"]
+
+    r = run_tuner("launch", str(spec.source), "--no-progress", "--no-report", cwd=tmp_path, timeout=RELAUNCH_TIMEOUT)
+
+    assert r.returncode == 0, r.stderr[-2000:]
+    trials, _ = check_consistent(spec)
+    assert sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials) == N_TRIALS
+    assert champion(spec) is not None

@@ -153,6 +153,31 @@ def test_budget_stops_at_the_deadline(tmp_path: Path) -> None:
     assert 1 <= len(gate.study.trials) <= 10 and gate.in_flight == {}
 
 
+def test_a_retry_left_waiting_once_the_study_is_full_is_failed_not_left_for_ever(tmp_path: Path) -> None:
+    """Issue 12 (5): a stale trial's retry that no slot is left for is failed with the reason; a
+    trial the user enqueued stays WAITING (a larger n_trials runs it)."""
+    import optuna
+
+    from tuner.config import load_spec
+    from tuner.gate import TrialGate
+    from tuner.lock import StudyLock
+    from tuner.study import open_study
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    spec = load_spec(write_study(tmp_path, "full"))
+    study = open_study(spec, url)
+    for value in (1.0, 2.0):
+        study.tell(study.ask(), value)
+    study.enqueue_trial({"lr": 0.01}, user_attrs={})  # the user's
+    retry = optuna.trial.create_trial(state=optuna.trial.TrialState.WAITING, system_attrs={"failed_trial": 0})
+    study.add_trial(retry)
+    gate = TrialGate(open_study(spec, url), 2, StudyLock(url, spec.name))
+    assert gate.ask() is None
+    trials = {t.number: t for t in optuna.load_study(study_name=spec.name, storage=url).get_trials()}
+    assert [(n, t.state.name) for n, t in sorted(trials.items())] == [(0, "COMPLETE"), (1, "COMPLETE"), (2, "WAITING"), (3, "FAIL")]
+    assert trials[3].user_attrs["fail_reason"] == "not run: the study reached n_trials first"
+
+
 def test_gate_records_the_first_heartbeat_before_handing_a_trial_out(tmp_path: Path) -> None:
     """A process killed right after ask() leaves a trial the next stale check can judge."""
     import sqlite3
@@ -306,9 +331,9 @@ def test_launch_eight_workers_on_postgres_is_exact(tmp_path: Path, pg_url: str) 
     under the one parent run the launch created, one champion."""
     from mlflow import MlflowClient
 
-    # The issue's 8 x 20. One holdout split (not the default 5 folds): the test is about the
+    # 8 x 6 (the issue's 8 x 20 with TUNER_TEST_PG_TRIALS=160). One holdout split (not the default 5 folds): the test is about the
     # storage, and each trial stays a few milliseconds of training. TUNER_TEST_PG_TRIALS overrides.
-    n_trials = int(os.environ.get("TUNER_TEST_PG_TRIALS", "160"))
+    n_trials = int(os.environ.get("TUNER_TEST_PG_TRIALS", "48"))
     body = '[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n'
     study = write_study(tmp_path, "pg8", n_trials=n_trials, body=body)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -405,7 +430,8 @@ def test_the_throwaway_cluster_is_its_own_server(pg_cluster: Any) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("execution", ["sequential", "fused"])
+# Fused only: sequential exactness on PostgreSQL is test_launch_eight_workers_on_postgres_is_exact's.
+@pytest.mark.parametrize("execution", ["fused"])
 def test_f4_two_launches_on_one_postgres_study_run_exactly_n_trials(tmp_path: Path, pg_url: str, execution: str) -> None:
     """Issue 12, F4 on PostgreSQL: two `tuner launch` processes started together on one study
     (the machine's server, a database of this test's own) end with exactly n_trials finished."""

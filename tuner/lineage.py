@@ -9,6 +9,7 @@ of a launch, not inside the objective, so a trial pays nothing for them.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -71,8 +72,7 @@ def write_notes(
     promotion: Promotion | None = None,
 ) -> int:
     """Write the note of each given trial and the study's note; returns the trial notes written."""
-    from optuna_dashboard import save_note
-
+    save_note = _notes().save_note
     n = 0
     for t in trials:
         run_id = t.user_attrs.get("mlflow_run_id")
@@ -95,9 +95,7 @@ def write_notes(
 
 def read_note(study: optuna.Study, trial: optuna.trial.FrozenTrial | None = None) -> str:
     """A trial's note (or the study's with ``trial=None``); empty when none was written."""
-    from optuna_dashboard import get_note
-
-    return str(get_note(study if trial is None else _note_target(study, trial)))
+    return str(_notes().get_note(study if trial is None else _note_target(study, trial)))
 
 
 def write_launch_notes(
@@ -162,7 +160,7 @@ def rebase_notes(study: optuna.Study, base: str) -> int:
 
     Only the study's note is read when nothing needs to change.
     """
-    from optuna_dashboard import save_note
+    save_note = _notes().save_note
 
     study_note = read_note(study)
     if not study_note or _rebased(study_note, base) == study_note:
@@ -187,3 +185,32 @@ def rebase_study_notes(storage: Any, study_name: str, base: str) -> int:
     except KeyError:
         return 0  # the dashboard still lists the storage's other studies
     return rebase_notes(study, base)
+
+
+_NOTES: Any = None
+
+
+def _notes() -> Any:
+    """optuna-dashboard's ``save_note``/``get_note`` (its ``_note`` module, which imports only
+    optuna), loaded without the package: ``import optuna_dashboard`` imports its server, and with it
+    ``optuna.importance`` and scikit-learn, 2-3 s of every launch for two functions that write a
+    study's system attributes. The package's own import is the fallback."""
+    global _NOTES
+    if _NOTES is None:
+        import importlib.util
+
+        try:
+            found = importlib.util.find_spec("optuna_dashboard")  # finds the folder, imports nothing
+            assert found is not None and found.submodule_search_locations
+            path = Path(list(found.submodule_search_locations)[0]) / "_note.py"
+            spec = importlib.util.spec_from_file_location("tuner_dashboard_note", path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module.save_note, module.get_note  # noqa: B018 - both must be there
+            _NOTES = module
+        except Exception:
+            import optuna_dashboard
+
+            _NOTES = optuna_dashboard
+    return _NOTES

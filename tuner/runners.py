@@ -227,7 +227,9 @@ def _run_one(gate: TrialGate, objective: Objective, callbacks: Sequence[Callback
         if caused_by_storage(e):
             raise  # the gate recovers: the trial fails once the storage is back
         frozen = gate.tell(trial, state=TrialState.FAIL)
-        if not is_out_of_memory(e):
+        # Another process judged this live trial stale (its heartbeat was late, e.g. on an
+        # overloaded machine) and failed it: it stays FAIL (its run too) and the launch goes on.
+        if not (is_out_of_memory(e) or isinstance(e, optuna.exceptions.UpdateFinishedTrialError)):
             raise
     else:
         frozen = gate.tell(trial, value)
@@ -271,18 +273,28 @@ def _run_fused(
             reporters.append(EpochReporter(trial, objective.spec, int(params["epochs"]), gate.finished))
             yield Job(TrainParams.from_mapping(params), seed)
 
+    lost: dict[int, BaseException] = {}  # trials another process failed (stale) while they trained
+
     def on_epoch_end(index: int, epoch: int, metrics: dict[str, float]) -> bool:
-        return reporters[index](epoch, metrics)
+        try:
+            return reporters[index](epoch, metrics)
+        except optuna.exceptions.UpdateFinishedTrialError as e:
+            lost[index] = e
+            return True  # stop this trial only; it stays FAIL
 
     def on_trial_end(index: int, result: TrainResult | CVResult) -> None:
         trial = trials[index]
         params, seed, run_id = opened[index]
-        try:
-            value = objective.finish(trial, params, seed, run_id, result, reporters[index].reported)
-        except optuna.TrialPruned:
-            frozen = gate.tell(trial, state=TrialState.PRUNED)
+        if index in lost:
+            objective.abort(trial, params, run_id, lost[index])
+            frozen = gate.tell(trial, state=TrialState.FAIL)
         else:
-            frozen = gate.tell(trial, value)
+            try:
+                value = objective.finish(trial, params, seed, run_id, result, reporters[index].reported)
+            except optuna.TrialPruned:
+                frozen = gate.tell(trial, state=TrialState.PRUNED)
+            else:
+                frozen = gate.tell(trial, value)
         told.append(frozen)
         for callback in callbacks:
             callback(gate.study, frozen)

@@ -172,7 +172,8 @@ def launch(
                     width=fused_width(remaining),
                 )
         except BaseException as e:
-            _end_parent_quietly(tracker, parent_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            if role == "launch":  # a worker shares the launch run with others: the launch ends it
+                _end_parent_quietly(tracker, parent_run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             if _is_store_failure(e):
                 raise _as_tuner_error(e, url, tracking) from None
             raise
@@ -186,7 +187,8 @@ def launch(
         try:
             promotion = promote_best(spec, study, tracker, inputs, lock, dev)
         except BaseException as e:
-            _end_parent_quietly(tracker, parent_run_id, "FAILED")
+            if role == "launch":
+                _end_parent_quietly(tracker, parent_run_id, "FAILED")
             if _is_store_failure(e):
                 raise _as_tuner_error(e, url, tracking) from None
             raise
