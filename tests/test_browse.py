@@ -138,6 +138,7 @@ def test_every_launch_logs_the_report_on_its_parent_run(launched: Launched) -> N
     html = client.download_artifacts(parent.info.run_id, "report/report.html")
     text = open(html, encoding="utf-8").read()
     assert all(f'id="{key}"' in text for key in SECTIONS)
+    assert "drawn by `tuner report`" in text  # importances: the full report draws them
     _, study = _study(launched)
     assert parent.data.tags["tuner.dashboard_url"] == f"http://127.0.0.1:8080/dashboard/studies/{study._study_id}"
 

@@ -85,10 +85,12 @@ def write_report(
     frame: pd.DataFrame,
     tracker: Tracker | None = None,
     baselines: dict[str, dict[str, float]] | None = None,
-    pngs: bool = True,
+    full: bool = True,
 ) -> ReportFiles:
-    """Write ``output`` (HTML) and ``<stem>.<section>.png`` beside it (``pngs=False``: the
-    interactive HTML only, as a launch logs it: the matplotlib PNGs cost seconds).
+    """Write ``output`` (HTML) and ``<stem>.<section>.png`` beside it. ``full=False`` is what a
+    launch logs: the interactive HTML without PNGs and without parameter importances (matplotlib,
+    and the fANOVA behind importances, which imports scikit-learn: seconds of every launch);
+    ``tuner report`` draws them.
 
     Args:
         study: the stored study.
@@ -97,12 +99,15 @@ def write_report(
         tracker: reads the champion's weights from MLflow; None leaves that section out.
         baselines: validation metrics of the reference models (computed when None).
     """
-    import matplotlib
     import optuna
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
     import plotly.graph_objects as go
+
+    plt: Any = _Discard()
+    if full:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never a window
+        import matplotlib.pyplot as plt
 
     from tuner.baselines import baselines as compute_baselines
 
@@ -120,9 +125,12 @@ def write_report(
                 # Optuna would draw an empty frame; say why instead.
                 files.skipped[key] = "no complete trial yet"
                 continue
+            if key == "importances" and not full:
+                files.skipped[key] = "drawn by `tuner report` (fANOVA: seconds a launch does not spend)"
+                continue
             try:
                 figures[key] = plotly_fn(study)
-                if not pngs:
+                if not full:
                     continue
                 axes = mpl_fn(study)
             except Exception as e:  # e.g. importances with fewer than two complete trials
@@ -143,14 +151,14 @@ def write_report(
             files.skipped["predicted_vs_actual"] = "no MLflow tracker given"
         if champion is not None:
             figures["predicted_vs_actual"], png_fig = _predicted_vs_actual(champion, spec, go, plt)
-            if pngs:
+            if full:
                 files.pngs["predicted_vs_actual"] = _save_png(png_fig, output, "predicted_vs_actual")
             plt.close(png_fig)
 
         table = _comparison(study, spec, baselines if baselines is not None else compute_baselines(prepared))
         if table:
             figures["baselines"], png_fig = _baseline_plot(table, spec.metric, go, plt)
-            if pngs:
+            if full:
                 files.pngs["baselines"] = _save_png(png_fig, output, "baselines")
             plt.close(png_fig)
         else:
@@ -158,6 +166,19 @@ def write_report(
     output.write_text(_html(study, spec, figures, files, table, champion), encoding="utf-8")
     files.seconds = time.perf_counter() - started
     return files
+
+
+class _Discard:
+    """Stands in for matplotlib where no PNG is drawn: every attribute and call does nothing."""
+
+    def __getattr__(self, name: str) -> Any:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self
+
+    def __iter__(self) -> Any:
+        return iter((self, self))  # fig, ax = plt.subplots()
 
 
 def _figure_of(axes: Any) -> Any:
@@ -398,7 +419,7 @@ def log_launch_report(
                 frame=frame,
                 tracker=tracker,
                 baselines=baselines,
-                pngs=False,  # `tuner report` draws them; a launch logs the interactive HTML only
+                full=False,  # `tuner report` draws the PNGs and importances
             )
             tracker.log_report(run_id, Path(tmp))
         return files
