@@ -154,6 +154,29 @@ def _kill_after_tell() -> None:
 
 
 @pytest.mark.parametrize("window", ["run_finished_before_tell", "told_complete"])
+def test_f5_fused_crash_between_optuna_and_mlflow_is_reconciled(tmp_path: Path, window: str) -> None:
+    """The fused loop finishes and tells each trial through the same Objective and gate: a kill in
+    either window leaves the trials in flight for the stale check and reconcile, as sequentially."""
+    from tuner.reconcile import reconcile
+
+    spec = _spec(tmp_path, "f5f", n_trials=2, execution="fused")  # both trials in flight at once
+    setup = _kill_after_run_finished if window == "run_finished_before_tell" else _kill_after_tell
+    pid = fork_cli(["launch", str(spec.source)], tmp_path / "child.log", setup)
+    assert exit_code(pid) == -signal.SIGKILL
+    trials = load_trials(spec)
+    running = sorted(t.number for t in trials if t.state.name == "RUNNING")
+    assert len(trials) == 2 and running and all(t.state.name in ("RUNNING", "COMPLETE") for t in trials)
+    assert wait_stale(spec) == running  # every trial in flight had its heartbeat row
+
+    report = reconcile(spec)
+
+    check_consistent(spec)  # no RUNNING trial or run, no FINISHED run of a trial that is not COMPLETE
+    assert report.stale_trials == running and len(report.launch_runs) == 1
+    if window == "run_finished_before_tell":
+        assert any(old == "FINISHED" and new == "FAILED" for _, _, old, new in report.runs)
+
+
+@pytest.mark.parametrize("window", ["run_finished_before_tell", "told_complete"])
 def test_f5_crash_between_optuna_and_mlflow_is_reconciled(tmp_path: Path, window: str) -> None:
     from mlflow import MlflowClient
 
