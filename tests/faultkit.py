@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 HEARTBEAT = "[heartbeat]\ninterval = 1\ngrace_period = 2\n"
+# Fused F4: trials of ~2-3 s (50-70 epochs at batch 4), 2 in flight per process, so the study
+# outlasts the seconds by which one of two processes started together starts after the other.
+FUSED_F4_SPACE = (
+    'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
+    'epochs = { type = "int", low = 50, high = 70 }\n'
+    'batch_size = { type = "categorical", choices = [4] }\n'
+    'hidden_size = { type = "int", low = 2, high = 8 }\n'
+    'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
+)
 GRACE = 2.0
 
 

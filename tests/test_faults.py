@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from conftest import mlflow_store, write_study
 from faultkit import (
+    FUSED_F4_SPACE,
     GRACE,
     HEARTBEAT,
     champion,
@@ -251,13 +252,7 @@ def test_f4_two_launch_processes_on_one_fresh_sqlite_study_run_exactly_n_trials(
     # the other (it waits for the first one's store creation), so both run trials. Sequential
     # trials interleave by their slot claims: the default 2-3 epochs.
     n_trials = 8
-    space = None if execution == "sequential" else (
-        'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
-        'epochs = { type = "int", low = 50, high = 70 }\n'
-        'batch_size = { type = "categorical", choices = [4] }\n'
-        'hidden_size = { type = "int", low = 2, high = 8 }\n'
-        'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
-    )
+    space = None if execution == "sequential" else FUSED_F4_SPACE
     path = write_study(
         tmp_path,
         "f4",

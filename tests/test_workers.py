@@ -435,19 +435,13 @@ def test_the_throwaway_cluster_is_its_own_server(pg_cluster: Any) -> None:
 def test_f4_two_launches_on_one_postgres_study_run_exactly_n_trials(tmp_path: Path, pg_url: str, execution: str) -> None:
     """Issue 12, F4 on PostgreSQL: two `tuner launch` processes started together on one study
     (the machine's server, a database of this test's own) end with exactly n_trials finished."""
-    from tests.faultkit import launch_together
+    from tests.faultkit import FUSED_F4_SPACE, launch_together
     from tuner.config import load_spec
 
     n_trials = 8
     # Fused: 2 in flight per process, trials of ~2-3 s so that the study outlasts the seconds by
     # which one process starts after the other. Sequential trials interleave by their slot claims.
-    space = None if execution == "sequential" else (
-        'lr = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
-        'epochs = { type = "int", low = 50, high = 70 }\n'
-        'batch_size = { type = "categorical", choices = [4] }\n'
-        'hidden_size = { type = "int", low = 2, high = 8 }\n'
-        'activation = { type = "categorical", choices = ["relu", "tanh"] }\n'
-    )
+    space = None if execution == "sequential" else FUSED_F4_SPACE
     body = '[heartbeat]\ninterval = 1\ngrace_period = 60\n[pruner]\nname = "none"\n'
     spec = load_spec(write_study(tmp_path, "pgf4", n_trials=n_trials, space=space, body=body, execution=execution))
     tracking = mlflow_store(tmp_path / "mlflow.db")
