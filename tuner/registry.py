@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, Mapping
 
 from tuner.config import redact_url
 from tuner.errors import ModelError, TrackingError, first_line
+from tuner.replay import file_sha256
 from tuner.tracking import quiet_mlflow, quote, tag
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def promote(
             import torch
 
             torch.save(checkpoint.to_payload(), path)
-            digest = _sha256(path)
+            digest = file_sha256(path)
             try:
                 # The trial's run owns the model; MLflow's advice on type hints is silenced: our
                 # schema comes from the input example.
@@ -211,8 +212,6 @@ def code_digest(files: Mapping[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _weights_error(e: BaseException) -> str:
@@ -315,7 +314,7 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
             f"model {ref!r} (version {version.version}) has no {tag('weights_sha256')} tag: it was not "
             "registered by `tuner launch`, so its weights cannot be verified; refusing to load it"
         )
-    if expected and _sha256(checkpoint) != expected:
+    if expected and file_sha256(checkpoint) != expected:
         raise ModelError(
             f"model {ref!r}: weights file does not match its recorded SHA-256 ({expected[:12]}...); "
             "the artifact was changed after registration, refusing to load it"

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from tuner.errors import first_line
+
 if TYPE_CHECKING:
     import optuna
     import pandas as pd
@@ -134,7 +136,7 @@ def write_report(
                     continue
                 axes = mpl_fn(study)
             except Exception as e:  # e.g. importances with fewer than two complete trials
-                files.skipped[key] = _first_line(e)
+                files.skipped[key] = first_line(e)
                 continue
             fig = _figure_of(axes)
             fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
@@ -146,7 +148,7 @@ def write_report(
             try:
                 champion = _champion(study, spec, prepared, frame, tracker)
             except Exception as e:  # no complete trial, weights missing, store unreachable
-                files.skipped["predicted_vs_actual"] = _first_line(e)
+                files.skipped["predicted_vs_actual"] = first_line(e)
         else:
             files.skipped["predicted_vs_actual"] = "no MLflow tracker given"
         if champion is not None:
@@ -193,10 +195,6 @@ def _save_png(fig: Any, output: Path, key: str) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     return path
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def _champion(
@@ -424,5 +422,5 @@ def log_launch_report(
             tracker.log_report(run_id, Path(tmp))
         return files
     except Exception as e:
-        warnings.warn(f"could not write or log the study report: {_first_line(e)}", stacklevel=2)
+        warnings.warn(f"could not write or log the study report: {first_line(e)}", stacklevel=2)
         return None

@@ -8,7 +8,6 @@ model is ``tuner.registry``; the two modules are the only ones that import mlflo
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 from tuner.config import redact_url
 from tuner.errors import TrackingError, first_line
 from tuner.links import experiment_link, run_link, ui_base
+from tuner.replay import file_sha256
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -237,7 +237,7 @@ class Tracker:
 
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(self.client.download_artifacts(run_id, WEIGHTS_FILE, tmp))
-            digest = _sha256(path)
+            digest = file_sha256(path)
             payload = torch.load(path, weights_only=True, map_location="cpu")
         return Checkpoint.from_payload(payload), digest
 
@@ -418,8 +418,11 @@ def _check_store(db: Path) -> bool:
         ) from None
     if not tables:
         return False
-    with sqlite3.connect(f"file:{_empty_store_template()}?mode=ro", uri=True) as conn:
-        (head,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    # MLflow's own head revision (what its schema check compares): reading it from the template
+    # would build one, a migration, just to check a store that exists.
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    head = _get_latest_schema_revision()
     if found is not None and found[0] == head:
         return True
     raise TrackingError(
@@ -462,5 +465,3 @@ def _normal_if_wal(dbapi_connection: Any, connection_record: Any) -> None:
         dbapi_connection.execute("PRAGMA synchronous=NORMAL")
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
