@@ -62,16 +62,32 @@ def test_too_many_folds_for_the_rows_is_refused() -> None:
         kfold_indices(np.arange(4.0), 5)
 
 
-def test_default_is_five_folds_under_200_rows_and_the_study_file_wins() -> None:
+def test_default_is_five_folds_under_5000_rows_and_the_study_file_wins() -> None:
     assert plan_validation(Validation(), 32, seed=0).describe() == (
-        "5-fold cross-validation (seed 0; default for data under 200 rows; this has 32)"
+        "5-fold cross-validation (seed 0; default for data under 5000 rows; this has 32)"
     )
-    assert plan_validation(Validation(), 500, seed=0).kind == "holdout"
+    # 500 or 4999 rows: a 20% holdout would pick the champion on 100-1000 rows of noise
+    assert plan_validation(Validation(), 4999, seed=0).kind == "cv"
+    assert plan_validation(Validation(), 5000, seed=0).describe() == (
+        "one split, 20% of rows held out (seed 0; default for data of 5000 rows or more)"
+    )
     assert plan_validation(Validation(fraction=0.25), 32, seed=1).describe() == (
         "one split, 25% of rows held out (seed 1; set in the study file)"
     )
     plan = plan_validation(Validation(folds=3, repeats=2), 32, seed=0, task="classification")
     assert (plan.kind, plan.n_fits, plan.stratified) == ("cv", 6, True)
+
+
+def test_refit_false_needs_one_split_and_the_test_part_is_described() -> None:
+    with pytest.raises(ConfigError, match=r"^validation.refit = false keeps a holdout trial's own model, but this study "
+                       r"is 5-fold cross-validated \(default for data under 5000 rows; this has 32\), whose trials have none; "
+                       r"set validation.fraction = 0.2 for one split, or remove refit$"):
+        plan_validation(Validation(refit=False), 32, seed=0)
+    plan = plan_validation(Validation(fraction=0.25, refit=False, test_fraction=0.2), 32, seed=1)
+    assert plan.describe() == (
+        "one split, 25% of rows held out (seed 1; set in the study file); the champion is the trial's own model "
+        "(refit = false); 20% of rows untouched as the test part"
+    )
 
 
 def test_fraction_and_folds_together_are_refused(tmp_path: Path) -> None:

@@ -85,13 +85,6 @@ def open_existing_storage(url: str, study: str | Path | None = None) -> Any:
     return open_storage(url)
 
 
-def _best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:
-        return None
-
-
 def metrics_table(tuned: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
     """The launch summary's table: the tuned model beside the baselines, one column per metric."""
     metrics = [k for k in ("rmse", "mae", "r2", "accuracy", "log_loss", "f1_macro") if k in tuned]
@@ -112,11 +105,11 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         TunerError: the study has no complete trial yet.
     """
     from tuner.lineage import best_links
-    from tuner.study import finished_count, open_study
+    from tuner.study import best_trial, finished_count, open_study
     from tuner.tracking import Tracker
 
     study = open_study(spec, storage, create=False)
-    best = _best_trial(study)
+    best = best_trial(study)
     if best is None:
         raise TunerError(f"study {spec.name!r} has no complete trial yet; run `tuner launch` first")
     tracker = Tracker(tracking_uri or spec.tracking, spec.name, create=False)
@@ -231,10 +224,12 @@ def list_studies(storage: str) -> list[StudyRow]:
 
     opened = open_existing_storage(storage)
     rows = []
-    for summary in optuna.get_all_study_summaries(opened, include_best_trial=True):
+    from tuner.study import best_trial
+
+    for summary in optuna.get_all_study_summaries(opened, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=opened)
         states = [t.state.name for t in study.get_trials(deepcopy=False)]
-        best = summary.best_trial
+        best = best_trial(study)
         rows.append(
             StudyRow(
                 name=summary.study_name,

@@ -10,6 +10,7 @@ import difflib
 import hashlib
 import inspect
 import json
+import math
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -30,6 +31,8 @@ __all__ = [
     "StudySpec",
     "load_spec",
     "redact_url",
+    "fit_problems",
+    "fit_value",
 ]
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu", "leaky_relu", "elu", "silu")
@@ -104,9 +107,15 @@ class Validation(_Strict):
     fraction: float = Field(0.2, gt=0.0, lt=1.0)  # share of rows held out for validation
     seed: int | None = None  # None: the study's seed
     # k-fold cross-validation instead of one split (tuner.validation); neither set: 5-fold
-    # under 200 rows, else the split above.
+    # under 5000 rows (validation.CV_BELOW_ROWS), else the split above.
     folds: int | None = Field(None, ge=2)
     repeats: int = Field(1, ge=1)  # cross-validation repeated with reshuffled folds
+    # The champion is the best trial's params trained again on every row the trials saw
+    # (scikit-learn's refit=True); false: register the holdout trial's own model.
+    refit: bool = True
+    # An untouched test part, split off (seeded, stratified for classification) before anything
+    # else: no trial, baseline or refit sees it; the champion is scored on it once at promotion.
+    test_fraction: float | None = Field(None, gt=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _one_scheme(self) -> Validation:
@@ -168,6 +177,8 @@ class StudySpec(_Strict):
     pruner: PrunerSpec = PrunerSpec()
     heartbeat: Heartbeat = Heartbeat()
     space: dict[str, Param]
+    # [[enqueue]] tables: known-good params (all or some of the space's) that run first.
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
     source: Path | None = None  # the study file this spec came from
     task_note: str | None = None  # set by tuner: why the task was inferred from the data
 
@@ -216,6 +227,14 @@ class StudySpec(_Strict):
             raise ValueError(
                 f"metric {self.metric!r} does not fit task {self.task!r}{why}; choose one of {list(allowed)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_enqueue(self) -> StudySpec:
+        problems = [f"enqueue[{i}].{name}: {msg}" for i, params in enumerate(self.enqueue)
+                    for name, msg in fit_problems(params, self.space)]
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -282,6 +301,47 @@ def _param_problems(name: str, p: Any) -> list[str]:
     for v in values:
         problems.extend(_value_problems(name, v))
     return problems
+
+
+def fit_problems(params: dict[str, Any], space: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(param, problem and fix)`` for each value of ``params`` that the search space cannot take
+    (unknown name, wrong type, outside the range or the choices, off the step grid)."""
+    problems = []
+    for name, v in params.items():
+        p = space.get(name)
+        if p is None:
+            problems.append((name, f"not in the search space {sorted(space)}; remove it or add space.{name}"))
+            continue
+        fix = f"change it or widen space.{name}"
+        if isinstance(p, (FloatParam, IntParam)):
+            kind = "float" if isinstance(p, FloatParam) else "int"
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind == "int" and not float(v).is_integer()):
+                problems.append((name, f"{v!r} is not {'a number' if kind == 'float' else 'a whole number'}; space.{name} is {kind}"))
+            elif not p.low <= v <= p.high:
+                problems.append((name, f"{v!r} is outside the space [{p.low}, {p.high}]; {fix}"))
+            elif p.step is not None and not math.isclose((v - p.low) / p.step, round((v - p.low) / p.step), abs_tol=1e-9):
+                problems.append((name, f"{v!r} is off the step grid {p.low} + k * {p.step}; {fix}"))
+        else:
+            choices = p.choices if isinstance(p, CategoricalParam) else [p.value]
+            if not any(type(v) is type(c) and v == c or (_is_num(v) and _is_num(c) and v == c) for c in choices):
+                problems.append((name, f"{v!r} is not one of {choices}; {fix}"))
+    return problems
+
+
+def fit_value(name: str, value: Any, space: dict[str, Any]) -> Any:
+    """``value`` as Optuna stores the parameter: float for float ranges, int for int ranges, the
+    choice itself for categoricals (so a relaunch enqueues the same dict and is skipped)."""
+    p = space[name]
+    if isinstance(p, FloatParam):
+        return float(value)
+    if isinstance(p, IntParam):
+        return int(value)
+    choices = p.choices if isinstance(p, CategoricalParam) else [p.value]
+    return next(c for c in choices if type(value) is type(c) and value == c or (_is_num(value) and _is_num(c) and value == c))
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _value_problems(name: str, v: Any) -> list[str]:

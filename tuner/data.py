@@ -34,7 +34,6 @@ __all__ = [
     "select_columns",
     "prepare",
     "prepare_table",
-    "load_study_data",
     "study_table",
     "Prepared",
     "BatchDataset",
@@ -396,15 +395,6 @@ def study_table(spec: StudySpec, frame: pd.DataFrame | None = None) -> Table:
         frame, spec.target, features=spec.features, categorical=spec.categorical, exclude=spec.exclude,
         source=str(spec.data), task=spec.task,
     )
-
-
-def load_study_data(spec: StudySpec) -> tuple[Prepared, pd.DataFrame]:
-    """The study's table, validated, split and encoded; also its rows with a target (for input
-    examples, reports and the cross-validation folds, whose row numbers match ``Prepared``'s)."""
-    table = study_table(spec)
-    prepared = prepare_table(table, fraction=spec.validation.fraction, seed=spec.validation_seed,
-                             class_weight=spec.class_weight)
-    return prepared, table.frame
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

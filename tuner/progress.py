@@ -107,15 +107,14 @@ class Progress:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         from optuna.trial import TrialState
 
+        from tuner.study import ranked_trials, study_metric
+
         trials = study.get_trials(deepcopy=False)
         counts = {s: 0 for s in TrialState}
-        best: optuna.trial.FrozenTrial | None = None
-        sign = 1.0 if study.direction.name == "MINIMIZE" else -1.0
         for t in trials:
             counts[t.state] += 1
-            if t.state == TrialState.COMPLETE and t.value is not None:
-                if best is None or sign * t.value < sign * best.value:  # type: ignore[operator]
-                    best = t
+        ranked = ranked_trials(trials, study.direction.name.lower(), study_metric(study))  # the one selection rule
+        best = ranked[0] if ranked else None
         n_done = counts[TrialState.COMPLETE] + counts[TrialState.PRUNED]
         self.update(
             Snapshot(

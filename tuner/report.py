@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tuner.errors import first_line
+from tuner.study import best_trial
 
 if TYPE_CHECKING:
     import optuna
@@ -210,7 +211,9 @@ def _champion(
         run_id = version.run_id
         label = f"{spec.model_name} version {version.version} (@champion, trial {version.tags.get('tuner.trial')})"
     else:
-        best = study.best_trial  # ValueError without a complete trial
+        best = best_trial(study)
+        if best is None:
+            raise ValueError("no complete trial")
         run_id = best.user_attrs["mlflow_run_id"]
         label = f"best trial {best.number} (not registered as champion)"
     checkpoint, _ = tracker.load_checkpoint(run_id)
@@ -275,9 +278,8 @@ def _comparison(
     study: optuna.Study, spec: StudySpec, baselines: dict[str, dict[str, float]]
 ) -> dict[str, dict[str, float]]:
     """Validation metrics per model: the best trial first, then the baselines."""
-    try:
-        best = study.best_trial
-    except ValueError:
+    best = best_trial(study)
+    if best is None:
         return {}
     tuned = {k: float(v) for k, v in best.user_attrs.items() if isinstance(v, float)}
     if spec.metric not in tuned and best.value is not None:
@@ -318,11 +320,8 @@ def _html(
 
     esc = html.escape
     states = Counter(t.state.name for t in study.get_trials(deepcopy=False))
-    try:
-        best = study.best_trial
-        best_text = f"best trial {best.number}: {spec.metric} = {best.value:.6g}"
-    except ValueError:
-        best_text = "no complete trial"
+    best = best_trial(study)
+    best_text = f"best trial {best.number}: {spec.metric} = {best.value:.6g}" if best else "no complete trial"
     counts = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
     parts = [
         "<!doctype html>",

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence, TextIO
 
 from tuner.config import StudySpec
 from tuner.errors import TunerError
-from tuner.study import finished_count, storage_errors
+from tuner.study import best_trial, finished_count, storage_errors
 
 if TYPE_CHECKING:
     import optuna
@@ -63,10 +63,8 @@ class _CombinedProgress:
 
     def update(self, study: optuna.Study, alive: int) -> None:
         c = _counts(study)
-        try:
-            best = f"best {study.best_value:.4g} (trial {study.best_trial.number})"
-        except ValueError:
-            best = "no complete trial yet"
+        top = best_trial(study)
+        best = f"best {top.value:.4g} (trial {top.number})" if top is not None else "no complete trial yet"
         line = (
             f"[{c['COMPLETE'] + c['PRUNED']}/{self.total}] {best} | pruned {c['PRUNED']} failed {c['FAIL']} "
             f"running {c['RUNNING']} | workers {alive}/{self.n_workers}"
