@@ -138,13 +138,14 @@ def test_seeded_runs_are_identical_replay_is_exact_and_the_champion_is_refit(
 
 
 @pytest.mark.slow
-def test_holdout_trials_replay_exactly_and_keep_their_own_weights(tmp_path: Path, tracking: str) -> None:
+def test_holdout_trials_replay_exactly_and_a_changed_scheme_warns(tmp_path: Path, tracking: str) -> None:
     study = write_study(tmp_path, "holdout", n_trials=2, body="[validation]\nfraction = 0.25\n", space=SPACE)
     spec = load_spec(study)
     storage = f"sqlite:///{tmp_path / 'holdout'}.db"
     summary = launch(spec, storage=storage, tracking_uri=tracking, progress=False, report=False)
     assert summary.validation == "one split, 25% of rows held out (seed 0; set in the study file)"
     assert "least_squares" in summary.baselines and summary.verdict.startswith("the tuned model (rmse ")
+    # the trial's own weights were replaced by the champion's refit on all rows; replay retrains them
     r = replay(spec, 0, storage=storage)
     assert r.identical and r.fold_metrics == []
     # the same study cross-validated now: its earlier one-split trials do not compare

@@ -30,6 +30,7 @@ __all__ = [
     "studies_table",
     "studies_report",
     "metrics_table",
+    "estimate_line",
     "best_info",
     "StudyRow",
     "list_studies",
@@ -85,12 +86,19 @@ def open_existing_storage(url: str, study: str | Path | None = None) -> Any:
     return open_storage(url)
 
 
-def metrics_table(tuned: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
-    """The launch summary's table: the tuned model beside the baselines, one column per metric."""
+def metrics_table(tuned: dict[str, float], baselines: dict[str, dict[str, float]], *, label: str = "validation") -> str:
+    """The launch summary's table: the tuned model beside the baselines, one column per metric,
+    on the validation scheme (``label``) or on the test part."""
     metrics = [k for k in ("rmse", "mae", "r2", "accuracy", "log_loss", "f1_macro") if k in tuned]
     rows = [["tuned model", *(f"{tuned[m]:.4f}" for m in metrics)]]
     rows += [[name, *(f"{values[m]:.4f}" if m in values else "" for m in metrics)] for name, values in baselines.items()]
-    return format_table(["validation", *metrics], rows, align="l" + "r" * len(metrics))
+    return format_table([label, *metrics], rows, align="l" + "r" * len(metrics))
+
+
+def estimate_line(selected: float | None, test: dict[str, float], metric: str, rows: int) -> str:
+    """The champion's selection value beside its honest estimate, in one line."""
+    chosen = f"{selected:.4g} on validation (what chose it), " if selected is not None else ""
+    return f"estimate: {metric} {chosen}{test[metric]:.4g} on the {rows} untouched test rows (the honest estimate)"
 
 
 # -- tuner best --------------------------------------------------------------------------------
@@ -135,12 +143,21 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "baselines": study.user_attrs.get("baselines", {}),
         "columns": study.user_attrs.get("columns"),
     }
+    from tuner.promotion import TEST_ATTR
+
+    estimate = study.user_attrs.get(TEST_ATTR)
+    if estimate and estimate.get("trial") == best.number:  # the champion's test estimate (validation.test_fraction)
+        info["test"] = estimate
+        info["test_baselines"] = study.user_attrs.get("test_baselines") or {}
     if info["baselines"]:
         from tuner.baselines import verdict
 
-        info["beats_baselines"], info["verdict"] = verdict(
-            spec.metric, spec.study_direction, float(best.value), info["baselines"]  # type: ignore[arg-type]
+        # On the test part where there is one: the launch summary's verdict.
+        value, against = (
+            (info["test"]["metrics"][spec.metric], info["test_baselines"]) if info.get("test_baselines")
+            else (float(best.value), info["baselines"])  # type: ignore[arg-type]
         )
+        info["beats_baselines"], info["verdict"] = verdict(spec.metric, spec.study_direction, value, against)
     if champion is not None:
         info["champion"] = {
             "model_uri": f"models:/{spec.model_name}@champion",

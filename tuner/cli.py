@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not log the study report on the launch's MLflow run")
     p.add_argument("--workers", type=int, help="run N worker processes on the study (one progress line)")
     p.add_argument("--gpus", help="comma-separated GPU indices: one worker per GPU via CUDA_VISIBLE_DEVICES")
+    p.add_argument("--warm-start-from", metavar="OTHER[:K]",
+                   help="first run the params of the K (default 5) best trials of study OTHER in this storage (or of "
+                   "study file OTHER.toml) that fit this search space")
 
     p = sub.add_parser("worker", help="run one worker on a shared study until it has n_trials finished trials")
     _add_study_args(p)
@@ -183,6 +186,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         verbose=args.verbose,
         report=not args.no_report,
+        warm_start=args.warm_start_from,
     )
     if args.workers is not None or args.gpus:
         from tuner.workers import parse_gpus
@@ -203,9 +207,12 @@ def _print_launch(s: Any) -> int:
         print("no complete trial: nothing to register")
         return 0
     print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
-    from tuner.browse import metrics_table
+    from tuner.browse import metrics_table, estimate_line
 
     print(metrics_table(s.best_metrics, s.baselines))
+    if s.test_metrics:
+        print(metrics_table(s.test_metrics, s.test_baselines or {}, label="test"))
+        print(estimate_line(s.best_metrics.get(s.metric), s.test_metrics, s.metric, s.test_rows))
     if s.verdict:
         print(("" if s.beats_baselines else "WARNING: ") + s.verdict)
     if s.promotion is not None:
@@ -276,6 +283,12 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(info["columns"])
     for name, values in info.get("baselines", {}).items():
         print(f"baseline {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    if info.get("test"):
+        from tuner.browse import estimate_line
+
+        print(estimate_line(info["value"], info["test"]["metrics"], info["metric"], info["test"]["rows"]))
+        for name, values in (info.get("test_baselines") or {}).items():
+            print(f"test baseline {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     if info.get("verdict"):
         print(("" if info["beats_baselines"] else "WARNING: ") + info["verdict"])
     if "champion" in info:

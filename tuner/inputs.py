@@ -25,11 +25,11 @@ if TYPE_CHECKING:
     from tuner.data import Prepared
     from tuner.validation import CVData
 
-__all__ = ["Inputs", "TestPart", "load_data", "load_inputs", "study_tables", "test_split"]
+__all__ = ["Inputs", "UntouchedPart", "load_data", "load_inputs", "study_tables", "split_off_test"]
 
 
 @dataclass(frozen=True)
-class TestPart:
+class UntouchedPart:
     """The untouched test rows: raw (the champion is scored on them as ``tuner predict`` would
     be), and as the split "every dev row trains, the test rows validate" the baselines use."""
 
@@ -45,7 +45,7 @@ class Inputs:
     prepared: Prepared
     frame: pd.DataFrame
     cv: CVData
-    test: TestPart | None = None
+    test: UntouchedPart | None = None
 
     @property
     def train_part(self) -> Prepared:
@@ -58,7 +58,7 @@ class Inputs:
         return replace(self, prepared=self.prepared.to(device), cv=cv)
 
 
-def test_split(y: np.ndarray, fraction: float, *, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+def split_off_test(y: np.ndarray, fraction: float, *, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """``(dev_index, test_index)``, sorted: a seeded ``fraction`` of the rows for the test part;
     stratified, each class gives its share (rounded) and keeps at least one row in the dev part.
 
@@ -92,7 +92,7 @@ def study_tables(spec: StudySpec) -> tuple[Table, Table | None]:
     fraction = spec.validation.test_fraction
     if fraction is None:
         return table, None
-    dev_index, test_index = test_split(table.y, fraction, seed=spec.validation_seed, stratify=spec.task == "classification")
+    dev_index, test_index = split_off_test(table.y, fraction, seed=spec.validation_seed, stratify=spec.task == "classification")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the whole table warned about its columns already
         dev = study_table(spec, table.frame.iloc[dev_index].reset_index(drop=True))
@@ -125,7 +125,7 @@ def _holdout(spec: StudySpec, dev: Table) -> Prepared:
     return prepare_table(dev, fraction=spec.validation.fraction, seed=spec.validation_seed, class_weight=spec.class_weight)
 
 
-def _test_part(spec: StudySpec, dev: Table, test: Table) -> TestPart:
+def _test_part(spec: StudySpec, dev: Table, test: Table) -> UntouchedPart:
     import pandas as pd
 
     from tuner.data import prepare_table
@@ -136,7 +136,7 @@ def _test_part(spec: StudySpec, dev: Table, test: Table) -> TestPart:
         warnings.simplefilter("ignore")
         prepared = prepare_table(both, fraction=spec.validation.fraction, seed=spec.validation_seed,
                                  split=(np.arange(n_dev), np.arange(n_dev, n_dev + n_test)), class_weight=spec.class_weight)
-    return TestPart(test.frame, prepared)
+    return UntouchedPart(test.frame, prepared)
 
 
 def check_batch_sizes(spec: StudySpec, n_train: int) -> None:

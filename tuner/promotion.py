@@ -1,9 +1,12 @@
 """Registering a study's best trial: once, under the study lock, whoever finishes the study.
 
 A launch, the last worker of a shared study and ``tuner promote`` all go through ``promote``:
-the best COMPLETE trial's model (refit on all rows first where the study is cross-validated) is
-logged as a pickle-free MLflow model, registered, and given ``champion`` if it beats the current
-champion (else ``challenger``). Two processes that finish together register it once.
+the best COMPLETE trial (``study.best_trial``, the one selection rule) is refit on every row the
+trials saw, whatever the validation scheme (scikit-learn's ``refit=True``; ``validation.refit =
+false`` keeps a holdout trial's own model), scored once on the untouched test part if the study
+has one, logged as a pickle-free MLflow model, registered with the rows it was fit on and its test
+estimate, and given ``champion`` if it beats the current champion (else ``challenger``). Two
+processes that finish together register it once.
 """
 
 from __future__ import annotations
@@ -16,31 +19,42 @@ from tuner.study import best_trial
 
 if TYPE_CHECKING:
     import optuna
+    import pandas as pd
 
     from tuner.config import StudySpec
-    from tuner.inputs import Inputs
+    from tuner.inputs import Inputs, UntouchedPart
+    from tuner.model import TabularNet
     from tuner.registry import Promotion
     from tuner.tracking import Tracker
 
-__all__ = ["promote", "promote_study", "PROMOTED_ATTR"]
+__all__ = ["promote", "promote_study", "score_rows", "PROMOTED_ATTR", "TEST_ATTR", "REFIT_TAG", "TEST_TAG"]
 
 PROMOTED_ATTR = "promoted_trial"  # study user attr: the trial registered last
+TEST_ATTR = "test_estimate"  # study user attr: {"trial", "rows", "metrics"} of the champion on the test part
+REFIT_TAG = "tuner.refit"  # run and version tag: the rows the registered model was fit on
+TEST_TAG = "tuner.test_"  # + metric: run and version tags, the champion's metrics on the test part
 
 
 def promote(
     spec: StudySpec, study: optuna.Study, tracker: Tracker, inputs: Inputs, lock: StudyLock, device: Any = "cpu"
 ) -> Promotion | None:
     """Register the best trial's model and move ``champion`` if it is better; None: no COMPLETE
-    trial yet. Idempotent: the version of a trial already registered is reused."""
+    trial yet. Idempotent: the version of a trial already registered is reused, a trial refit
+    (or scored) once is not refit (or scored) again."""
+    from tuner.registry import promote as register
+    from tuner.registry import registered_version
+
     with lock:
         best = best_trial(study)
         if best is None:
             return None
         run_id = best.user_attrs["mlflow_run_id"]
-        if inputs.cv.all_rows is not None and not tracker.has_checkpoint(run_id):
-            _refit(best, inputs, tracker, device)
-        from tuner.registry import promote as register
-
+        tags = dict(tracker.client.get_run(run_id).data.tags)
+        if registered_version(tracker, spec.model_name, spec.name, best.number) is None:
+            if REFIT_TAG not in tags:
+                tags.update(_refit(best, inputs, tracker, device))
+            if inputs.test is not None and TEST_TAG + spec.metric not in tags:
+                tags.update(_score_test(run_id, inputs.test, tracker))
         promotion = register(
             tracker,
             model_name=spec.model_name,
@@ -53,25 +67,78 @@ def promote(
             space_hash=spec.space_hash(),
             # Raw rows: promote takes the model's input columns, typed for its signature.
             input_example=inputs.frame.head(5),
+            tags={k: v for k, v in tags.items() if k == REFIT_TAG or k.startswith(TEST_TAG)},
         )
         if study.user_attrs.get(PROMOTED_ATTR) != best.number:
             study.set_user_attr(PROMOTED_ATTR, best.number)
+        test = {k.removeprefix(TEST_TAG): float(v) for k, v in tags.items() if k.startswith(TEST_TAG) and k != TEST_TAG + "rows"}
+        if test:
+            estimate = {"trial": best.number, "rows": int(tags.get(TEST_TAG + "rows", 0)), "metrics": test}
+            if study.user_attrs.get(TEST_ATTR) != estimate:
+                study.set_user_attr(TEST_ATTR, estimate)
         return promotion
 
 
-def _refit(best: optuna.trial.FrozenTrial, inputs: Inputs, tracker: Tracker, device: Any) -> None:
-    """A cross-validated trial has no single model: train its params on all rows through
-    ``train()`` and store the weights in the trial's run, where promotion looks for them."""
+def _refit(best: optuna.trial.FrozenTrial, inputs: Inputs, tracker: Tracker, device: Any) -> dict[str, str]:
+    """Train the best trial's params (its epochs, its seed) on every row the trials saw through
+    ``train()`` and store the weights in the trial's run, where promotion looks for them (a
+    holdout trial's own weights are replaced: ``tuner replay`` retrains them). Returns the tag
+    naming those rows; with ``refit = false`` nothing is trained and the tag says so."""
     from tuner.model import Checkpoint
     from tuner.replay import trial_seed
     from tuner.validation import refit
 
     cv = inputs.cv
-    result = refit(best.params, cv, device=device, seed=trial_seed(best, 0))
-    state = {k: v.cpu() for k, v in result.model.state_dict().items()}
     run_id = best.user_attrs["mlflow_run_id"]
-    tracker.save_checkpoint(run_id, Checkpoint(result.model.config, state))
-    tracker.end_run(run_id, "FINISHED", {"tuner.refit": f"all {len(cv.all_rows.x_train) if cv.all_rows else 0} rows"})
+    held = f" (the {len(inputs.test.frame)} test rows left out)" if inputs.test is not None else ""
+    if cv.all_rows is None:
+        tags = {REFIT_TAG: f"no (refit = false): the trial's own model, fit on {len(inputs.prepared.x_train)} rows{held}"}
+    else:
+        result = refit(best.params, cv, device=device, seed=trial_seed(best, 0))
+        state = {k: v.cpu() for k, v in result.model.state_dict().items()}
+        tracker.save_checkpoint(run_id, Checkpoint(result.model.config, state))
+        tags = {REFIT_TAG: f"all {len(cv.all_rows.x_train)} rows{held}"}
+    tracker.end_run(run_id, "FINISHED", tags)
+    return tags
+
+
+def _score_test(run_id: str, test: UntouchedPart, tracker: Tracker) -> dict[str, str]:
+    """The registered model's metrics on the test part (raw rows, as ``tuner predict`` reads
+    them), recorded as tags of the trial's run."""
+    checkpoint, _ = tracker.load_checkpoint(run_id)
+    metrics = score_rows(checkpoint.build(), test.frame)
+    tags = {f"{TEST_TAG}{k}": repr(v) for k, v in metrics.items()}
+    tags[TEST_TAG + "rows"] = str(len(test.frame))
+    tracker.end_run(run_id, "FINISHED", tags)
+    return tags
+
+
+def score_rows(net: TabularNet, frame: pd.DataFrame) -> dict[str, float]:
+    """A model's metrics on raw rows that hold its target (``train.evaluate``'s metrics)."""
+    import warnings
+
+    import numpy as np
+    import torch
+
+    from tuner.errors import DataError
+    from tuner.model import encode_frame
+    from tuner.train import evaluate
+
+    config = net.config
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # imputations: the test rows may need ones training did not
+        x = torch.as_tensor(encode_frame(net, frame)[0])
+    x_std = (x - net.x_mean) / net.x_std
+    labels = frame[config.target].to_numpy()
+    if config.task == "regression":
+        y = torch.as_tensor(labels.astype(np.float64), dtype=torch.float32)
+    else:
+        index = {c: i for i, c in enumerate(config.classes or [])}
+        unknown = sorted({str(v) for v in labels if v not in index})
+        if unknown:
+            raise DataError(f"test rows hold classes {unknown} the model never saw; lower validation.test_fraction")
+        y = torch.as_tensor([index[v] for v in labels], dtype=torch.long)
+    return evaluate(net, x_std, y)
 
 
 def promote_study(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> Promotion:

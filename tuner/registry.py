@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Promotion",
     "promote",
+    "registered_version",
     "resolve_model_uri",
     "load_model",
     "LoadedModel",
@@ -66,24 +67,23 @@ def promote(
     direction: Literal["minimize", "maximize"],
     space_hash: str,
     input_example: pd.DataFrame,
+    tags: Mapping[str, str] | None = None,
 ) -> Promotion:
     """Log the trial's model once, register it, and move ``champion`` only if it is better.
 
     ``input_example``: a few raw rows of the table (any extra columns); the model's input
-    columns of them, typed for its signature, become the input example.
+    columns of them, typed for its signature, become the input example. ``tags``: more tags of a
+    new version (which rows it was fit on, its test estimate).
 
     The previous champion keeps its alias unless every step before the alias move succeeded.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    existing = tracker.client.search_model_versions(
-        f"name = {quote(model_name)} and tags.`{tag('study')}` = {quote(study_name)} and "
-        f"tags.`{tag('trial')}` = '{trial_number}'"
-    ) if tracker.registered(model_name) else []
+    existing = registered_version(tracker, model_name, study_name, trial_number)
     champion = tracker.alias_version(model_name, "champion")
-    if existing:
-        version = existing[0]
+    if existing is not None:
+        version = existing
         new_version = False
     else:
         new_version = True
@@ -144,6 +144,7 @@ def promote(
                 tag("weights_sha256"): digest,
                 # pyfunc.load_model imports the stored code: tuner predict checks it first.
                 tag("code_sha256"): code_digest(_model_code_files()),
+                **(tags or {}),
             },
         )
         # The description names the version itself, so it is written once the version exists.
@@ -172,6 +173,17 @@ def promote(
         new_version=new_version,
     )
 
+
+
+def registered_version(tracker: Tracker, model_name: str, study_name: str, trial_number: int) -> Any | None:
+    """The registered version of a study's trial, or None."""
+    if not tracker.registered(model_name):
+        return None
+    found = tracker.client.search_model_versions(
+        f"name = {quote(model_name)} and tags.`{tag('study')}` = {quote(study_name)} and "
+        f"tags.`{tag('trial')}` = '{trial_number}'"
+    )
+    return found[0] if found else None
 
 
 def _better(value: float, champion: Any | None, direction: str) -> bool:

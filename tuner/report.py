@@ -218,9 +218,9 @@ def _champion(
         label = f"best trial {best.number} (not registered as champion)"
     checkpoint, _ = tracker.load_checkpoint(run_id)
     net = checkpoint.build()
-    refit = "cross-validation" in str(study.user_attrs.get("validation", ""))
-    # A refit champion has seen every row: show them all, and say they are in-sample, rather than
-    # a holdout it was trained on.
+    # A refit champion has seen every row (the dev rows, with a test part): show them all, and say
+    # they are in-sample, rather than a holdout it was trained on.
+    refit = tracker.client.get_run(run_id).data.tags.get("tuner.refit", "").startswith("all ")
     rows = frame if refit else frame.iloc[prepared.val_index]
     what = f"all {len(rows)} rows, in-sample (the champion was refit on them)" if refit else "validation rows"
     from tuner.model import encode_frame

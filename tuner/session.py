@@ -57,6 +57,13 @@ class LaunchSummary:
     beats_baselines: bool = True
     execution: str = ""  # what ran, and why
     note: str | None = None  # e.g. why nothing ran
+    # The honest estimate (validation.test_fraction): the champion's and the baselines' metrics on
+    # the untouched test part (baselines fitted on every dev row); the verdict is then taken there.
+    test_metrics: dict[str, float] | None = None
+    test_rows: int = 0
+    metric: str = ""
+    test_baselines: dict[str, dict[str, float]] | None = None
+    warm_start: list[str] | None = None  # what was enqueued, one line each
 
 
 def launch(
@@ -75,6 +82,7 @@ def launch(
     gpus: Sequence[str] = (),
     role: Literal["launch", "worker"] = "launch",
     worker_index: int | None = None,
+    warm_start: str | None = None,
 ) -> LaunchSummary:
     """Run the study until it holds ``n_trials`` finished (complete + pruned) trials, log every
     trial to MLflow, and register the best trial's model.
@@ -93,6 +101,7 @@ def launch(
     from tuner.runners import choose_execution, fused_width
     from tuner.study import check_storage_url, make_pruner, make_sampler, open_study
     from tuner.tracking import Tracker, import_mlflow
+    from tuner.warmstart import enqueue_known
 
     # -- prepare: everything that can be wrong is checked before the study or a run is written
     started = time.perf_counter()
@@ -123,13 +132,17 @@ def launch(
         tracker = Tracker(tracking, spec.name)
         seed = _worker_seed(spec, index) if role == "worker" else None
         study = open_study(spec, url, allow_space_change=allow_space_change, sampler_seed=seed)
+        warm = enqueue_known(study, spec, warm_start, url)  # [[enqueue]] and --warm-start-from, once
+    for line in warm:
+        print(line, file=sys.stderr, flush=True)
     reference = cv_baselines(inputs.cv.folds) if inputs.cv.folds else baselines(inputs.prepared)  # on the CPU
+    test_reference = baselines(inputs.test.prepared) if inputs.test is not None else None
     if dev.type == "cpu":
         import torch
 
         torch.set_num_threads(1)  # tiny models: a second thread doubles CPU time for no speed-up
     inputs = inputs.to(dev)
-    _record_study_attrs(study, spec, inputs, reference)
+    _record_study_attrs(study, spec, inputs, reference, test_reference)
 
     # -- reconcile: leftovers of a crashed launch (stale trials, their runs, dead launch runs)
     _end_runs_of_lost_trials(study, tracker)
@@ -217,11 +230,20 @@ def launch(
         validation=inputs.cv.plan.describe(),
         execution=f"{execution} ({why})",
         note=note,
+        test_baselines=test_reference,
+        metric=spec.metric,
+        warm_start=warm or None,
     )
     if best is not None:
         from tuner.baselines import verdict
+        from tuner.promotion import TEST_ATTR
 
-        summary.beats_baselines, summary.verdict = verdict(spec.metric, spec.study_direction, float(best.value), reference)  # type: ignore[arg-type]
+        estimate = study.user_attrs.get(TEST_ATTR)
+        if test_reference is not None and estimate and estimate.get("trial") == best.number:
+            summary.test_metrics, summary.test_rows = estimate["metrics"], int(estimate.get("rows", 0))
+        # On the test part where there is one: there neither the champion nor a baseline was chosen.
+        value, against = (summary.test_metrics[spec.metric], test_reference) if summary.test_metrics else (best.value, reference)
+        summary.beats_baselines, summary.verdict = verdict(spec.metric, spec.study_direction, float(value), against)  # type: ignore[arg-type]
     return summary
 
 
@@ -355,7 +377,9 @@ def _end_runs_of_lost_trials(study: optuna.Study, tracker: Tracker) -> None:
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _record_study_attrs(study: optuna.Study, spec: StudySpec, inputs: Inputs, reference: dict[str, Any]) -> None:
+def _record_study_attrs(
+    study: optuna.Study, spec: StudySpec, inputs: Inputs, reference: dict[str, Any], test_reference: dict[str, Any] | None
+) -> None:
     before = study.user_attrs.get("validation")
     plan = inputs.cv.plan.describe()
     if before is not None and before != plan and study.trials:
@@ -366,7 +390,8 @@ def _record_study_attrs(study: optuna.Study, spec: StudySpec, inputs: Inputs, re
         )
     # The column roles, decided once (tuner.columns), printed and kept for `tuner best`.
     print(inputs.prepared.columns, file=sys.stderr, flush=True)
-    attrs = {"baselines": reference, "validation": plan, "task": spec.task, "columns": inputs.prepared.columns}
+    attrs = {"baselines": reference, "validation": plan, "task": spec.task, "columns": inputs.prepared.columns,
+             "test_baselines": test_reference}
     for key, value in attrs.items():
         if study.user_attrs.get(key) != value:
             study.set_user_attr(key, value)
