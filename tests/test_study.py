@@ -163,3 +163,51 @@ def test_shipped_mlp_study_is_resumable_on_its_default_paths(workdir: Path, monk
     assert (workdir / "studies" / "cars_mlp.db").exists() and (workdir / "mlflow.db").exists()
     assert (workdir / "mlartifacts").is_dir()
     assert s.n_finished == 2 and s.storage == f"sqlite:///{workdir / 'studies' / 'cars_mlp.db'}"
+
+
+def test_accuracy_ties_go_to_the_lower_log_loss_not_the_earlier_trial(storage_url: str) -> None:
+    """The one selection rule (promotion, `tuner best`, `tuner promote`, `tuner studies`, reports):
+    equal accuracy (to float32 precision) is broken by validation log loss, then trial order."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from tuner.browse import list_studies
+    from tuner.study import best_trial, ranked_trials
+
+    study = optuna.create_study(storage=storage_url, study_name="ties", direction="maximize")
+    study.set_metric_names(["accuracy"])
+    dist = {"lr": FloatDistribution(1e-3, 1.0)}
+    # trial 3's accuracy differs from 0.9 in the 8th digit only: float32 noise, the same value
+    for accuracy, log_loss in [(0.9, 0.30), (0.8, 0.05), (0.9, 0.12), (0.9000001, 0.50)]:
+        study.add_trial(create_trial(value=accuracy, params={"lr": 0.1}, distributions=dist,
+                                     user_attrs={"accuracy": accuracy, "log_loss": log_loss}))
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.2}, distributions=dist))
+    assert study.best_trial.number == 3  # Optuna's own rule: the largest float, whatever its log loss
+    assert best_trial(study).number == 2
+    assert [t.number for t in ranked_trials(study.trials, "maximize", "accuracy")] == [2, 0, 3, 1]
+    row = next(r for r in list_studies(storage_url) if r.name == "ties")
+    assert (row.best_trial, row.best_value) == (2, 0.9)
+
+    # regression metrics are continuous: ties (rare) go to the earlier trial
+    rmse = optuna.create_study(storage=storage_url, study_name="rmse", direction="minimize")
+    rmse.set_metric_names(["rmse"])
+    for value in (2.0, 1.5, 1.5):
+        rmse.add_trial(create_trial(value=value, params={"lr": 0.1}, distributions=dist, user_attrs={"log_loss": 9.0}))
+    assert best_trial(rmse).number == 1
+
+
+@pytest.mark.parametrize("execution", ["sequential", "fused"])
+def test_every_classification_trial_records_the_log_loss_that_breaks_ties(
+    tmp_path: Path, tracking_uri: str, execution: str
+) -> None:
+    from tuner.study import best_trial, ranked_trials
+
+    spec = load_spec(write_study(tmp_path, "am", target="am", n_trials=3, execution=execution, body="[validation]\nfolds = 2\n"))
+    storage = f"sqlite:///{tmp_path / 'am.db'}"
+    summary = launch(spec, storage=storage, tracking_uri=tracking_uri, progress=False, report=False)
+    assert summary.execution.startswith(execution)
+    study = optuna.load_study(study_name="am", storage=storage)
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert complete and all(isinstance(t.user_attrs.get("log_loss"), float) for t in complete)
+    assert summary.best_number == best_trial(study).number == ranked_trials(study.trials, "maximize", "accuracy")[0].number
+    assert summary.promotion is not None and summary.promotion.trial_number == summary.best_number
