@@ -82,4 +82,5 @@ def test_verdict_on_a_tie_says_tie_and_close_values_get_the_digits_that_tell_the
     import numpy as np
 
     beats, text = verdict("accuracy", "maximize", float(np.float32(68 / 69)), {"logistic_regression": {"accuracy": 68 / 69}})
-    assert not beats and text.startswith("the tuned model ties with the best baseline, logistic regression")
+    assert not beats and text.startswith("the tuned model ties with the best baseline, logistic regression (accuracy 0.9855)")
+    assert "does NOT beat" not in text and "beats" not in text

@@ -65,10 +65,11 @@ def test_bad_input_is_one_line_on_stderr_with_exit_code_2(tmp_path: Path, setup:
 def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
     """Acceptance: 6 trials, parent + 6 child runs, champion; pickle-free reload in a new process
     gives the same predictions as `tuner predict`, whose validation RMSE equals the logged one."""
-    # One split here (the shipped file cross-validates; tests/test_quality_e2e.py covers that
-    # path): the champion is then the trial's own model, checked against its logged RMSE.
+    # One split without the refit (the shipped file cross-validates and every champion is refit on
+    # all rows; tests/test_promotion.py covers that): the champion is then the trial's own model,
+    # checked against its logged RMSE.
     study_file = workdir / "studies" / "cars_mlp.toml"
-    study_file.write_text(study_file.read_text().replace("folds = 5", "fraction = 0.2"))
+    study_file.write_text(study_file.read_text().replace("folds = 5", "fraction = 0.2\nrefit = false"))
     launched = run_tuner("launch", "studies/cars_mlp.toml", "--n-trials", "6", cwd=workdir)
     assert launched.returncode == 0, launched.stderr
     assert "model registered: models:/cars-mpg/1 -> alias champion" in launched.stdout

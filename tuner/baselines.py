@@ -58,8 +58,8 @@ def verdict(
     # Trials' metrics are computed in float32 (7 digits), the baselines' in float64: 68/69 is
     # 0.98550725 for one and 0.985507246 for the other, and that is a tie, not a win.
     if math.isclose(value, best, rel_tol=1e-6, abs_tol=1e-9):
-        return False, (
-            f"the tuned model ties with the best baseline, {label} ({metric} {ours}): it gains nothing; "
+        return False, (  # the digits that would tell them apart are float noise: show the common value
+            f"the tuned model ties with the best baseline, {label} ({metric} {value:.4g}): it gains nothing; "
             "use the baseline, or widen the search space or run more trials"
         )
     beats = value < best if direction == "minimize" else value > best

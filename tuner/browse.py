@@ -20,7 +20,6 @@ from tuner.errors import StorageError, TrackingError, TunerError
 from tuner.stores import require_storage, resolve_sqlite_url
 
 if TYPE_CHECKING:
-    import optuna
 
     from tuner.config import StudySpec
 

@@ -207,7 +207,7 @@ def _print_launch(s: Any) -> int:
         print("no complete trial: nothing to register")
         return 0
     print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
-    from tuner.browse import metrics_table, estimate_line
+    from tuner.browse import estimate_line, metrics_table
 
     print(metrics_table(s.best_metrics, s.baselines))
     if s.test_metrics:

@@ -80,13 +80,13 @@ def enqueue_known(study: optuna.Study, spec: StudySpec, warm_start: str | None, 
     if warm_start:
         other = _other_study(warm_start, spec, url)
         name, k = parse_warm_start(warm_start)
-        params, notes = warm_start_params(other, spec, k)
+        best, notes = warm_start_params(other, spec, k)
         lines += notes
-        sources.append((f"the {len(params)} best trials of study {other.study_name!r}", params))
+        sources.append((f"the {len(best)} best trials of study {other.study_name!r}", best))
     for label, batch in sources:
         before = len(study.get_trials(deepcopy=False))
-        for params in batch:
-            study.enqueue_trial(params, skip_if_exists=True)
+        for known in batch:
+            study.enqueue_trial(known, skip_if_exists=True)
         added = len(study.get_trials(deepcopy=False)) - before
         if added:
             lines.append(f"warm start: {added} trial(s) enqueued from {label}"
