@@ -84,3 +84,9 @@ def test_verdict_on_a_tie_says_tie_and_close_values_get_the_digits_that_tell_the
     beats, text = verdict("accuracy", "maximize", float(np.float32(68 / 69)), {"logistic_regression": {"accuracy": 68 / 69}})
     assert not beats and text.startswith("the tuned model ties with the best baseline, logistic regression (accuracy 0.9855)")
     assert "does NOT beat" not in text and "beats" not in text
+    # a tie on accuracy names both log losses: the tie-break the selection uses
+    beats, text = verdict("accuracy", "maximize", 0.9, {"logistic_regression": {"accuracy": 0.9, "log_loss": 0.065}},
+                          {"accuracy": 0.9, "log_loss": 0.147})
+    assert not beats and text.startswith(
+        "the tuned model ties with the best baseline, logistic regression (accuracy 0.9; log loss 0.147 against 0.065): "
+        "it gains nothing")

@@ -45,8 +45,13 @@ def verdict(
     direction: Literal["minimize", "maximize"],
     value: float,
     baseline_metrics: dict[str, dict[str, float]],
+    tuned: dict[str, float] | None = None,
 ) -> tuple[bool, str]:
-    """Whether the tuned model beats the best baseline on the study's metric, in plain words."""
+    """Whether the tuned model beats the best baseline on the study's metric, in plain words. A
+    tie is called a tie; with the tuned model's other metrics (``tuned``), a tie on accuracy also
+    names both log losses (the selection's tie-break, ``tuner.study.TIE_BREAK``)."""
+    from tuner.study import TIE_BREAK
+
     scored = {name: m[metric] for name, m in baseline_metrics.items() if metric in m}
     if not scored:
         return True, f"no baseline reports {metric}"
@@ -58,8 +63,12 @@ def verdict(
     # Trials' metrics are computed in float32 (7 digits), the baselines' in float64: 68/69 is
     # 0.98550725 for one and 0.985507246 for the other, and that is a tie, not a win.
     if math.isclose(value, best, rel_tol=1e-6, abs_tol=1e-9):
+        second = TIE_BREAK.get(metric)
+        also = ""
+        if second and tuned and second in tuned and second in baseline_metrics[name]:
+            also = f"; {second.replace('_', ' ')} {tuned[second]:.4g} against {baseline_metrics[name][second]:.4g}"
         return False, (  # the digits that would tell them apart are float noise: show the common value
-            f"the tuned model ties with the best baseline, {label} ({metric} {value:.4g}): it gains nothing; "
+            f"the tuned model ties with the best baseline, {label} ({metric} {value:.4g}{also}): it gains nothing; "
             "use the baseline, or widen the search space or run more trials"
         )
     beats = value < best if direction == "minimize" else value > best

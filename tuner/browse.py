@@ -152,11 +152,11 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         from tuner.baselines import verdict
 
         # On the test part where there is one: the launch summary's verdict.
-        value, against = (
-            (info["test"]["metrics"][spec.metric], info["test_baselines"]) if info.get("test_baselines")
-            else (float(best.value), info["baselines"])  # type: ignore[arg-type]
+        value, against, tuned = (
+            (info["test"]["metrics"][spec.metric], info["test_baselines"], info["test"]["metrics"])
+            if info.get("test_baselines") else (float(best.value), info["baselines"], info["metrics"])  # type: ignore[arg-type]
         )
-        info["beats_baselines"], info["verdict"] = verdict(spec.metric, spec.study_direction, value, against)
+        info["beats_baselines"], info["verdict"] = verdict(spec.metric, spec.study_direction, value, against, tuned)
     if champion is not None:
         info["champion"] = {
             "model_uri": f"models:/{spec.model_name}@champion",

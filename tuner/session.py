@@ -242,8 +242,11 @@ def launch(
         if test_reference is not None and estimate and estimate.get("trial") == best.number:
             summary.test_metrics, summary.test_rows = estimate["metrics"], int(estimate.get("rows", 0))
         # On the test part where there is one: there neither the champion nor a baseline was chosen.
-        value, against = (summary.test_metrics[spec.metric], test_reference) if summary.test_metrics else (best.value, reference)
-        summary.beats_baselines, summary.verdict = verdict(spec.metric, spec.study_direction, float(value), against)  # type: ignore[arg-type]
+        value, against, tuned = (
+            (summary.test_metrics[spec.metric], test_reference, summary.test_metrics) if summary.test_metrics
+            else (best.value, reference, summary.best_metrics)
+        )
+        summary.beats_baselines, summary.verdict = verdict(spec.metric, spec.study_direction, float(value), against, tuned)  # type: ignore[arg-type]
     return summary
 
 
