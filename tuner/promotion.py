@@ -8,6 +8,7 @@ champion (else ``challenger``). Two processes that finish together register it o
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import TunerError
@@ -36,6 +37,14 @@ def promote(
         best = best_trial(study)
         if best is None:
             return None
+        note = None
+        if spec.ensemble is not None:  # a top-k ensemble where it beats the single best (tuner.ensemble)
+            from tuner.ensemble import promote_ensemble
+
+            chosen, selection = promote_ensemble(spec, study, tracker, inputs, device)
+            if chosen is not None:
+                return chosen
+            note = selection.describe() if selection is not None else "ensemble: the best trial stored no predictions"
         run_id = best.user_attrs["mlflow_run_id"]
         if inputs.cv.all_rows is not None and not tracker.has_checkpoint(run_id):
             _refit(best, inputs, tracker, device)
@@ -54,6 +63,8 @@ def promote(
             # Raw rows: promote takes the model's input columns, typed for its signature.
             input_example=inputs.frame.head(5),
         )
+        if note is not None:
+            promotion = replace(promotion, ensemble=note)
         if study.user_attrs.get(PROMOTED_ATTR) != best.number:
             study.set_user_attr(PROMOTED_ATTR, best.number)
         return promotion

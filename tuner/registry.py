@@ -52,6 +52,7 @@ class Promotion:
     trial_number: int
     value: float
     new_version: bool  # False: the best trial was already registered
+    ensemble: str | None = None  # with ``ensemble`` in the study file: the selection in one line
 
 
 def promote(
@@ -66,8 +67,12 @@ def promote(
     direction: Literal["minimize", "maximize"],
     space_hash: str,
     input_example: pd.DataFrame,
+    ensemble: str | None = None,
 ) -> Promotion:
     """Log the trial's model once, register it, and move ``champion`` only if it is better.
+
+    ``ensemble``: the run holds an ensemble (``tuner.ensemble``) of these members ("trial x
+    weight, ..."), recorded as a tag; ``trial_number`` is then its best member.
 
     ``input_example``: a few raw rows of the table (any extra columns); the model's input
     columns of them, typed for its signature, become the input example.
@@ -81,6 +86,7 @@ def promote(
         f"name = {quote(model_name)} and tags.`{tag('study')}` = {quote(study_name)} and "
         f"tags.`{tag('trial')}` = '{trial_number}'"
     ) if tracker.registered(model_name) else []
+    existing = [v for v in existing if v.tags.get(tag("ensemble")) == ensemble]  # a trial alone, or this ensemble
     champion = tracker.alias_version(model_name, "champion")
     if existing:
         version = existing[0]
@@ -144,6 +150,7 @@ def promote(
                 tag("weights_sha256"): digest,
                 # pyfunc.load_model imports the stored code: tuner predict checks it first.
                 tag("code_sha256"): code_digest(_model_code_files()),
+                **({tag("ensemble"): ensemble} if ensemble else {}),
             },
         )
         # The description names the version itself, so it is written once the version exists.
@@ -152,7 +159,8 @@ def promote(
             model_name,
             version.version,
             description=(
-                f"Trial {trial_number} of study `{study_name}` ({metric} = {value:.6g}, search space "
+                (f"Ensemble of trials {ensemble} (trial x weight), best member: " if ensemble else "")
+                + f"Trial {trial_number} of study `{study_name}` ({metric} = {value:.6g}, search space "
                 f"`{space_hash}`). Reload with `mlflow.pyfunc.load_model('{uri}')`, "
                 f"`tuner predict {model_name}/{version.version} --input FILE.csv`, or serve with "
                 f"`mlflow models serve -m {uri} --env-manager local`."
