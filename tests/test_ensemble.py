@@ -173,3 +173,11 @@ def test_an_ensemble_that_does_not_beat_the_single_best_is_not_registered(tmp_pa
     runs = tracker.trial_runs(spec.name)
     assert len(runs) == 4
     assert {tracker.load_predictions(r.info.run_id).shape for r in runs if r.info.status == "FINISHED"} == {(1, 8)}
+
+
+def test_tuner_promote_in_another_process_selects_the_same_ensemble_from_the_stored_predictions(cv_study, tmp_path: Path) -> None:
+    spec, summary = cv_study
+    proc = run_tuner("promote", str(spec.source), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"already registered: {summary.promotion.model_uri}" in proc.stdout
+    assert summary.promotion.ensemble in proc.stdout

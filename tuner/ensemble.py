@@ -165,7 +165,8 @@ def select(spec: StudySpec, study: optuna.Study, tracker: Tracker, inputs: Input
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.value is not None and math.isfinite(t.value) and t.number != best.number]
     ranked = [best] + sorted(complete, key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
-    numbers, preds = [], []
+    numbers: list[int] = []
+    preds: list[np.ndarray] = []
     for t in ranked:
         if len(preds) == spec.ensemble.candidates:
             break

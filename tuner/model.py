@@ -163,7 +163,8 @@ class EnsembleNet(nn.Module):
 
     @property
     def x_mean(self) -> torch.Tensor:  # the shared standardiser (encode_frame imputes with it)
-        return self.members[0].x_mean
+        first: TabularNet = self.members[0]  # type: ignore[assignment]
+        return first.x_mean
 
     def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
         outs = torch.stack([m(x_raw) for m in self.members])  # (k, rows) or (k, rows, classes)
@@ -215,7 +216,7 @@ class Checkpoint:
                             "state_dict": {k: v for k, v in state.items() if k not in SCALING_BUFFERS}})
         return cls(first.config, shared, members)
 
-    def build(self) -> nn.Module:
+    def build(self) -> TabularNet | EnsembleNet:
         if self.members is None:
             net = TabularNet(self.config)
             net.load_state_dict(self.state_dict)
