@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import CARS, mlflow_store, run_tuner, tuner_env, write_study
-from tuner.ensemble import OofScorer, greedy_select
+from tuner.ensemble import OofScorer, cross_fitted, greedy_select
 from tuner.model import Checkpoint, ModelConfig, TabularNet, predict_frame
 
 SPACE = (
@@ -44,6 +44,21 @@ def test_greedy_selection_picks_the_pair_whose_errors_cancel_and_keeps_the_best_
     assert counts == [1, 1] and metrics["accuracy"] == 1.0
 
 
+def test_cross_fitting_rejects_picks_that_only_fit_the_rows_they_were_chosen_on() -> None:
+    """B cancels A's error on fold 0 and doubles it on fold 1: averaged out of fold, A + B wins
+    (0.75 vs 1.0); picked on one fold and scored on the other it loses (1.25 vs 1.0)."""
+    y = np.linspace(0.0, 5.0, 20)
+    a = y + 1.0
+    b = np.where(np.arange(20) < 10, y - 1.0, y + 2.0)
+    score = OofScorer([(0, np.arange(10), torch.tensor(y[:10])), (0, np.arange(10, 20), torch.tensor(y[10:]))], "regression")
+    counts, metrics = greedy_select([a[None], b[None]], score, 2, metric="rmse", direction="minimize")
+    assert counts == [1, 1] and metrics["rmse"] == pytest.approx(0.75)
+    assert cross_fitted([a[None], b[None]], score, 2, metric="rmse", direction="minimize") == pytest.approx((1.25, 1.0))
+    # one split: its validation rows are dealt into fifths
+    one = OofScorer([(0, np.arange(20), torch.tensor(y))], "regression")
+    assert [len(outer.fits[0][1]) for _, outer in one.cross_fit()] == [4] * 5
+
+
 def test_an_ensemble_checkpoint_loads_weights_only_and_predicts_the_weighted_average(tmp_path: Path) -> None:
     import pandas as pd
 
@@ -74,14 +89,15 @@ def test_an_ensemble_checkpoint_loads_weights_only_and_predicts_the_weighted_ave
 
 @pytest.fixture(scope="module")
 def cv_study(tmp_path_factory: pytest.TempPathFactory):
-    """A 4-fold cars study (sequential) whose ensemble beats its single best trial."""
+    """A 4-fold cars study (sequential) whose ensemble beats its single best trial out of fold
+    (not cross-fitted: on 32 cars the picks do not hold up on rows they were not chosen on)."""
     from tuner.config import load_spec
     from tuner.session import launch
 
     root = tmp_path_factory.mktemp("ensemble")
     path = write_study(root, "ens", n_trials=10, execution="sequential", registered_model="ens-cars",
                        storage=f"sqlite:///{root / 'optuna.db'}", tracking_uri=mlflow_store(root / "mlflow.db"),
-                       body="ensemble = { size = 6, tolerance = 0.0 }\n[validation]\nfolds = 4\n", space=SPACE)
+                       body="ensemble = { size = 6, tolerance = 0.0, cross_check = false }\n[validation]\nfolds = 4\n", space=SPACE)
     spec = load_spec(path)
     summary = launch(spec, progress=False, report=False)
     return spec, summary
@@ -181,3 +197,41 @@ def test_tuner_promote_in_another_process_selects_the_same_ensemble_from_the_sto
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"already registered: {summary.promotion.model_uri}" in proc.stdout
     assert summary.promotion.ensemble in proc.stdout
+
+
+def test_a_one_split_study_with_all_rows_gets_its_ensemble_refit_on_them(tmp_path: Path) -> None:
+    """Where the validation data has all rows (cross-validation; a one-split study once its
+    champion is refit on all rows too), an adopted ensemble of a one-split study is registered:
+    selected on the validation rows, its members refit on all 32 cars."""
+    from dataclasses import replace
+
+    from tuner.config import load_spec
+    from tuner.data import prepare_table, study_table
+    from tuner.inputs import load_inputs
+    from tuner.lock import StudyLock
+    from tuner.promotion import promote
+    from tuner.session import launch
+    from tuner.study import open_study
+    from tuner.tracking import Tracker
+
+    path = write_study(tmp_path, "holdout", n_trials=6, execution="sequential", registered_model="holdout-ens",
+                       storage=f"sqlite:///{tmp_path / 'optuna.db'}", tracking_uri=mlflow_store(tmp_path / "mlflow.db"),
+                       body="ensemble = { size = 4, tolerance = 0.0, cross_check = false }\n[validation]\nfraction = 0.25\n",
+                       space=SPACE)
+    spec = load_spec(path)
+    launch(spec, progress=False, report=False, promote=False)
+    inputs = load_inputs(spec)
+    everything = np.arange(32)
+    all_rows = prepare_table(study_table(spec, inputs.frame), fraction=0.25, seed=spec.validation_seed, split=(everything, everything))
+    inputs = replace(inputs, cv=replace(inputs.cv, all_rows=all_rows))
+    study = open_study(spec, spec.storage_url, create=False)
+    tracker = Tracker(spec.tracking, spec.name)
+    lock = StudyLock(spec.storage_url, spec.name)
+    try:
+        promotion = promote(spec, study, tracker, inputs, lock)
+    finally:
+        lock.close()
+    assert promotion is not None and promotion.ensemble.endswith("champion"), promotion.ensemble
+    version = tracker.champion(spec.model_name)
+    assert version.tags["tuner.ensemble"] == ",".join(f"{n}x{w}" for n, w in study.user_attrs["ensemble"]["members"])
+    assert tracker.client.get_run(version.run_id).data.tags["tuner.refit"] == "all 32 rows"

@@ -143,6 +143,9 @@ class Ensemble(_Strict):
     # Adopted only if its out-of-fold estimate beats the single best trial's by more than this
     # share of it (the picks were chosen on the same rows, so a hair's gain is noise).
     tolerance: float = Field(0.001, ge=0.0)
+    # ...and only if it also wins cross-fitted: picked on the other folds, scored on each fold
+    # (one split: on fifths of its validation rows), against the single best chosen the same way.
+    cross_check: bool = True
 
 
 class StudySpec(_Strict):

@@ -16,8 +16,10 @@ from that trial's stored predictions.
 
 Honesty: the picks are fit on the very rows that then score them, so the ensemble's value is
 optimistic (a little: it chooses among ~``candidates`` fixed predictions, with ``size`` integer
-weights). It is adopted only if it beats the single best by more than ``tolerance`` (relative)
-and has at least two distinct members; else the single best trial is the champion, as without
+weights). So it is adopted only if it has at least two distinct members, beats the single best by
+more than ``tolerance`` (relative), and also wins cross-fitted: for each fold (one split: each
+fifth of its validation rows), the picks and the single best are chosen on the other folds and
+scored on this one (the candidates are still the study's best trials on every fold). Else the single best trial is the champion, as without
 an ensemble. The adopted members are refit on all rows through ``train()`` (as a cross-validated
 champion is), and stored as ONE pickle-free checkpoint (``model.Checkpoint.ensemble``) that
 ``tuner predict`` and ``mlflow.pyfunc.load_model`` read like any other champion.
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from tuner.registry import Promotion
     from tuner.tracking import Tracker
 
-__all__ = ["Selection", "OofScorer", "greedy_select", "select", "promote_ensemble", "ENSEMBLE_ATTR"]
+__all__ = ["Selection", "OofScorer", "greedy_select", "cross_fitted", "select", "promote_ensemble", "ENSEMBLE_ATTR"]
 
 ENSEMBLE_ATTR = "ensemble"  # study user attr: the last selection (members, values, adopted or why not)
 
@@ -48,12 +50,12 @@ class OofScorer:
     """A study's out-of-fold metrics of predictions shaped as ``assemble_oof`` returns them:
     each fit's (fold's) validation rows scored as its trial was, then averaged over the fits."""
 
-    def __init__(self, fits: Sequence[tuple[int, np.ndarray, Any]], task: Literal["regression", "classification"]) -> None:
+    def __init__(self, fits: Sequence[tuple[int, Any, Any]], task: Literal["regression", "classification"]) -> None:
         import torch
 
         self.task = task
         # (repeat, row indices, target of those rows as the fold validated them)
-        self.fits = [(r, torch.as_tensor(idx, dtype=torch.long), y.cpu()) for r, idx, y in fits]
+        self.fits = [(r, torch.as_tensor(idx, dtype=torch.long), torch.as_tensor(y).cpu()) for r, idx, y in fits]
 
     @classmethod
     def of(cls, inputs: Inputs) -> OofScorer:
@@ -70,6 +72,18 @@ class OofScorer:
             fits.append((repeat, fold.val_index, fold.y_val_raw))
             filled += len(fold.val_index)
         return cls(fits, cv.folds[0].task)
+
+    def cross_fit(self, parts: int = 5) -> list[tuple[OofScorer, OofScorer]]:
+        """``(the other parts, this part)`` for each part of the rows: the first repeat's folds,
+        or a one-split study's validation rows dealt into ``parts`` (a row is never in both)."""
+        units: list[tuple[int, Any, Any]]
+        units = [f for f in self.fits if f[0] == 0]
+        if len(units) == 1:
+            r, idx, y = units[0]
+            k = min(parts, len(idx))
+            units = [(r, idx[j::k], y[j::k]) for j in range(k)] if k > 1 else units
+        return [(OofScorer([u for j, u in enumerate(units) if j != i], self.task), OofScorer([units[i]], self.task))
+                for i in range(len(units))] if len(units) > 1 else []
 
     def __call__(self, pred: np.ndarray) -> dict[str, float]:
         import torch
@@ -119,6 +133,23 @@ def greedy_select(
     return best[1], best[2]
 
 
+def cross_fitted(
+    preds: Sequence[np.ndarray], score: OofScorer, size: int, *, metric: str, direction: Literal["minimize", "maximize"]
+) -> tuple[float, float] | None:
+    """An honest check of the selection: for each part of the rows, the ensemble picked (and the
+    single best trial chosen) on the other parts only, scored on this part; the means over the
+    parts, ``(ensemble, single best)``. None: the rows cannot be parted."""
+    sign = 1.0 if direction == "minimize" else -1.0
+    ensemble, single = [], []
+    for inner, outer in score.cross_fit():
+        counts, _ = greedy_select(preds, inner, size, metric=metric, direction=direction)
+        average = np.sum([c * p for c, p in zip(counts, preds)], axis=0) / sum(counts)
+        ensemble.append(outer(average)[metric])
+        best = min(range(len(preds)), key=lambda i: (sign * inner(preds[i])[metric], i))
+        single.append(outer(preds[best])[metric])
+    return (float(np.mean(ensemble)), float(np.mean(single))) if ensemble else None
+
+
 @dataclass(frozen=True)
 class Selection:
     """An ensemble selected from a study's trials, and whether it beats the single best."""
@@ -130,6 +161,9 @@ class Selection:
     best_value: float  # the single best trial's, recomputed from its stored predictions
     adopted: bool
     reason: str
+    # ``cross_fitted``: ensemble and single best each chosen without the rows that score them
+    cross_value: float | None = None
+    cross_best_value: float | None = None
 
     @property
     def tag(self) -> str:
@@ -140,13 +174,17 @@ class Selection:
         what = f"ensemble of trials {', '.join(f'{n} (weight {w})' for n, w in self.members)}"
         values = (f"out-of-fold {self.metric} {self.value:.6g} vs {self.best_value:.6g} for trial {self.best_trial} "
                   "alone (the weights were chosen on the same rows, so this is optimistic)")
+        if self.cross_value is not None:
+            values += (f", cross-fitted (chosen without the rows scored) {self.cross_value:.6g} vs "
+                       f"{self.cross_best_value:.6g} for the single best")
         verdict = "champion" if self.adopted else f"not adopted: {self.reason}"
         return f"{what}: {values}; {verdict}"
 
     def to_attr(self) -> dict[str, Any]:
         return {"members": [list(m) for m in self.members], "metric": self.metric, "value": self.value,
                 "best_trial": self.best_trial, "best_value": self.best_value, "adopted": self.adopted,
-                "reason": self.reason, "summary": self.describe()}
+                "reason": self.reason, "cross_value": self.cross_value, "cross_best_value": self.cross_best_value,
+                "summary": self.describe()}
 
 
 def select(spec: StudySpec, study: optuna.Study, tracker: Tracker, inputs: Inputs) -> Selection | None:
@@ -184,15 +222,20 @@ def select(spec: StudySpec, study: optuna.Study, tracker: Tracker, inputs: Input
     members = sorted(((numbers[i], c) for i, c in enumerate(counts) if c), key=lambda m: (-m[1], m[0]))
     value = float(metrics[spec.metric])
     margin = spec.ensemble.tolerance * abs(single)
+    cross = cross_fitted(preds, score, spec.ensemble.size, metric=spec.metric,
+                         direction=spec.study_direction) if spec.ensemble.cross_check else None
     if len(members) < 2:
         adopted, reason = False, f"the selection kept trial {members[0][0]} alone"
     elif not sign * value < sign * single - margin:
         adopted, reason = False, f"it does not beat the single best by more than {spec.ensemble.tolerance:.2%}"
+    elif cross is not None and not sign * cross[0] < sign * cross[1]:
+        adopted, reason = False, "cross-fitted (chosen without the rows scored), it does not beat the single best"
     elif inputs.cv.all_rows is None:
         adopted, reason = False, "its members cannot be refit on all rows (no all-rows data for this validation scheme)"
     else:
         adopted, reason = True, ""
-    return Selection(members, spec.metric, value, best.number, float(single), adopted, reason)
+    return Selection(members, spec.metric, value, best.number, float(single), adopted, reason,
+                     *(cross if cross is not None else (None, None)))
 
 
 def promote_ensemble(
