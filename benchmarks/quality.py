@@ -17,7 +17,7 @@ tuner.ensemble). ``--arm NAME:TOML`` replaces them, e.g. to compare new defaults
 set explicitly. The study files' own ``[validation]`` is dropped so each arm meets tuner's default
 scheme unless the arm sets one.
 
-Tables: cars (mpg, data/cars.csv), penguins species and body mass (data/penguins.csv, the space of
+Tables: cars (mpg and am, data/cars.csv, the spaces of studies/cars_mlp.toml and cars_am.toml), penguins species and body mass (data/penguins.csv, the space of
 studies/penguins.toml), and scikit-learn's bundled diabetes, breast_cancer and wine (no download).
 Goal (issue 15): the champion's mean test metric at least as good as the better baseline, RMSE
 within 3%, accuracy within 0.01.
@@ -63,7 +63,7 @@ class Table:
     def frame(self) -> Any:
         import pandas as pd
 
-        if self.name == "cars":
+        if self.name.startswith("cars"):
             frame = pd.read_csv(ROOT / "data" / "cars.csv")
         elif self.name.startswith("penguins"):
             frame = pd.read_csv(ROOT / "data" / "penguins.csv")
@@ -76,6 +76,7 @@ class Table:
 
 TABLES = {t.name: t for t in [
     Table("cars", "mpg", "regression", "cars_mlp.toml", exclude=("model",)),
+    Table("cars_am", "am", "classification", "cars_am.toml", exclude=("model",)),
     Table("penguins_species", "species", "classification", "penguins.toml"),
     Table("penguins_body_mass", "body_mass_g", "regression", "penguins.toml"),
     Table("diabetes", "target", "regression", "penguins.toml"),

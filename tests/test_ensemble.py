@@ -89,13 +89,13 @@ def test_an_ensemble_checkpoint_loads_weights_only_and_predicts_the_weighted_ave
 
 @pytest.fixture(scope="module")
 def cv_study(tmp_path_factory: pytest.TempPathFactory):
-    """A 4-fold cars study (sequential) whose ensemble beats its single best trial out of fold
+    """A 4-fold cars study (fused) whose ensemble beats its single best trial out of fold
     (not cross-fitted: on 32 cars the picks do not hold up on rows they were not chosen on)."""
     from tuner.config import load_spec
     from tuner.session import launch
 
     root = tmp_path_factory.mktemp("ensemble")
-    path = write_study(root, "ens", n_trials=10, execution="sequential", registered_model="ens-cars",
+    path = write_study(root, "ens", n_trials=8, execution="fused", registered_model="ens-cars",
                        storage=f"sqlite:///{root / 'optuna.db'}", tracking_uri=mlflow_store(root / "mlflow.db"),
                        body="ensemble = { size = 6, tolerance = 0.0, cross_check = false }\n[validation]\nfolds = 4\n", space=SPACE)
     spec = load_spec(path)
@@ -137,6 +137,7 @@ def test_the_ensembles_out_of_fold_estimate_recomputes_from_the_stored_predictio
     assert float(version.tags["tuner.value"]) == pytest.approx(sel["value"])
 
 
+@pytest.mark.slow
 def test_the_ensemble_champion_reloads_pickle_free_through_both_loaders(cv_study, tmp_path: Path, monkeypatch) -> None:
     """``tuner predict`` and ``mlflow.pyfunc.load_model`` (pickle refused) give the weighted
     average of the members, each refit on all rows through ``train()`` here independently."""
@@ -191,6 +192,7 @@ def test_an_ensemble_that_does_not_beat_the_single_best_is_not_registered(tmp_pa
     assert {tracker.load_predictions(r.info.run_id).shape for r in runs if r.info.status == "FINISHED"} == {(1, 8)}
 
 
+@pytest.mark.slow
 def test_tuner_promote_in_another_process_selects_the_same_ensemble_from_the_stored_predictions(cv_study, tmp_path: Path) -> None:
     spec, summary = cv_study
     proc = run_tuner("promote", str(spec.source), cwd=tmp_path)
