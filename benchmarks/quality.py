@@ -1,7 +1,7 @@
 """The registered champion on an untouched test part, beside scikit-learn on the same rows.
 
     python -m benchmarks.quality                                   # every table, 3 seeds, 30 trials
-    python -m benchmarks.quality --tables cars --seeds 1 --n-trials 4          # a smoke run (~1 min)
+    python -m benchmarks.quality --tables cars --seeds 1 --n-trials 4       # a smoke run (< 1 min)
     python -m benchmarks.quality --arm 'new:[validation]\\nfolds = 5' --arm 'new+ensemble:...'
 
 For each table and seed, a seeded 20% test part (stratified for classification) is held back;
@@ -17,8 +17,9 @@ tuner.ensemble). ``--arm NAME:TOML`` replaces them, e.g. to compare new defaults
 set explicitly. The study files' own ``[validation]`` is dropped so each arm meets tuner's default
 scheme unless the arm sets one.
 
-Tables: cars (mpg and am, data/cars.csv, the spaces of studies/cars_mlp.toml and cars_am.toml), penguins species and body mass (data/penguins.csv, the space of
-studies/penguins.toml), and scikit-learn's bundled diabetes, breast_cancer and wine (no download).
+Tables: cars (mpg and am, data/cars.csv, the spaces of studies/cars_mlp.toml and cars_am.toml),
+penguins species and body mass (data/penguins.csv, the space of studies/penguins.toml), and
+scikit-learn's bundled diabetes, breast_cancer and wine (no download; penguins.toml's space).
 Goal (issue 15): the champion's mean test metric at least as good as the better baseline, RMSE
 within 3%, accuracy within 0.01.
 """
@@ -151,7 +152,9 @@ def run_one(table: Table, seed: int, n_trials: int, arms: dict[str, str]) -> dic
     """One table at one seed: the baselines and every arm's champion on the same test part."""
     import pandas as pd
 
+    from tuner.browse import best_info
     from tuner.columns import table_inputs
+    from tuner.config import load_spec
 
     frame = table.frame()
     dev, test = split(frame, table, seed)
@@ -169,7 +172,7 @@ def run_one(table: Table, seed: int, n_trials: int, arms: dict[str, str]) -> dic
             study = folder / "study.toml"
             study.write_text(toml_text(study_doc(table, csv, folder, seed=seed, n_trials=n_trials, arm=snippet)))
             tuner("launch", str(study), "--no-progress", "--no-report", cwd=folder)
-            info = json.loads(tuner("best", str(study), "--json", cwd=folder))
+            info = best_info(load_spec(study))  # what `tuner best --json` prints
             out = folder / "pred.csv"
             tuner("predict", f"q-{table.name}@champion", "--input", str(test_csv), "--output", str(out),
                   "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}", cwd=folder)
