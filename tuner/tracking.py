@@ -219,16 +219,13 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / WEIGHTS_FILE
             torch.save(checkpoint.to_payload(), path)
-            self._log_file(run_id, path)
+            uri = self._artifact_uris.get(run_id)
+            if uri is None:
+                self.client.log_artifact(run_id, str(path))
+            else:
+                from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    def _log_file(self, run_id: str, path: Path) -> None:
-        uri = self._artifact_uris.get(run_id)
-        if uri is None:
-            self.client.log_artifact(run_id, str(path))
-        else:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
-            get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifact(str(path))
+                get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifact(str(path))
 
     def save_predictions(self, run_id: str, predictions: Any) -> None:
         """A trial's out-of-fold predictions as a plain ``.npy`` (float32, read back without pickle)."""
@@ -237,7 +234,7 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / PREDICTIONS_FILE
             np.save(path, np.asarray(predictions, dtype=np.float32), allow_pickle=False)
-            self._log_file(run_id, path)
+            self.client.log_artifact(run_id, str(path))  # only with an ensemble: no fast path needed
 
     def load_predictions(self, run_id: str) -> Any | None:
         """The predictions ``save_predictions`` stored, or None where the run has none."""
