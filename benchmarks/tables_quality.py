@@ -28,12 +28,13 @@ STUDY = ROOT / "studies" / "penguins.toml"
 
 
 def sklearn_scores(frame: Any, target: str, task: str, numeric: list[str], categorical: list[str],
-                   train_index: np.ndarray, val_index: np.ndarray) -> dict[str, float]:
-    """Validation score of HistGradientBoosting and a linear model on one-hot + impute."""
+                   train_index: np.ndarray, val_index: np.ndarray, *, ridge: bool = False) -> dict[str, float]:
+    """Validation score of HistGradientBoosting and a linear model on one-hot + impute
+    (``ridge``: scikit-learn's Ridge, alpha 1, instead of least squares for regression)."""
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
     from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LinearRegression, LogisticRegression
+    from sklearn.linear_model import LinearRegression, LogisticRegression, Ridge
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
@@ -50,7 +51,7 @@ def sklearn_scores(frame: Any, target: str, task: str, numeric: list[str], categ
     models = {
         "hist_gradient_boosting": HistGradientBoostingClassifier(random_state=0) if task == "classification"
         else HistGradientBoostingRegressor(random_state=0),
-        "linear": LogisticRegression(max_iter=5000) if task == "classification" else LinearRegression(),
+        "linear": LogisticRegression(max_iter=5000) if task == "classification" else Ridge() if ridge else LinearRegression(),
     }
     out = {}
     for name, model in models.items():

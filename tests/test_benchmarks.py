@@ -66,3 +66,20 @@ def test_quality_guard_holds(smoke_report: dict) -> None:
         assert guard["ok"], (name, guard)
         assert _finite(guard["tuner"]["median"]) and _finite(guard["baseline"]["median"])
 
+
+
+def test_quality_benchmark_smoke_run_prints_the_table(tmp_path) -> None:
+    """benchmarks/quality.py in its smallest mode: one table, one seed, a few trials, both arms
+    (a real launch and ``tuner predict`` per arm); every cell finite."""
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--tables", "cars", "--seeds", "1", "--n-trials", "3", "--out", str(out)],
+        cwd=ROOT, env=tuner_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| cars |")]
+    assert len(table) == 1 and "met (" in table[0]
+    (row,) = json.loads(out.read_text())
+    for key in ("linear", "hist_gradient_boosting", "single", "ensemble", "single_selection", "ensemble_selection"):
+        assert _finite(row[key]) and row[key] > 0, key
+    assert row["n_test"] == 7 and row["single_ensemble"] is False

@@ -391,3 +391,42 @@ def test_two_seeded_launches_of_an_auto_study_near_the_threshold_give_identical_
     (first, why_first, trials_first), (second, why_second, trials_second) = results
     assert first == second, f"{why_first!r} then {why_second!r}"
     assert trials_first == trials_second
+
+
+def test_out_of_fold_predictions_are_the_same_sequential_and_fused() -> None:
+    """What an ensemble is selected on: each trial's final-epoch out-of-fold predictions, in row
+    order, from ``cross_validate`` and from ``cross_validate_many`` (folds as slots, repeated
+    folds included), and one split's validation predictions from ``train()`` and ``train_many``;
+    a stopped trial keeps none."""
+    from tuner.validation import assemble_oof, cross_validate, cross_validate_many, kfold_indices
+
+    regression, classification = _raw_table(90)
+    from tuner.data import prepare_table
+    from tuner.encoder import TableEncoder
+    from tuner.train import val_predictions
+
+    for table, repeats in ((regression, 2), (classification, 1)):
+        everything = np.arange(len(table.y))
+        layout = TableEncoder(prepare_table(table, fraction=0.2, seed=0, split=(everything, everything)).encoder)
+        splits = kfold_indices(table.y, 3, repeats=repeats, seed=0, stratify=table.task == "classification")
+        folds = [prepare_table(table, fraction=0.2, seed=0, split=s, layout=layout) for s in splits]
+        jobs = [Job(p, seed=50 + i) for i, p in enumerate(MIXED[:4])]
+        stop = lambda i, e: i == 0 and e == 1  # noqa: E731
+        expected = [cross_validate(j.params, folds, seed=j.seed, keep_predictions=True,
+                                   on_epoch_end=lambda e, m, i=i: stop(i, e)) for i, j in enumerate(jobs)]
+        got = cross_validate_many(jobs, folds, width=5, keep_predictions=True, on_epoch_end=lambda i, e, m: stop(i, e))
+        assert "oof" not in expected[0].extra and "oof" not in got[0].extra
+        for ref, res in zip(expected[1:], got[1:]):
+            oof = res.extra["oof"]
+            n_classes = () if table.task == "regression" else (3,)
+            assert oof.shape == (repeats, len(table.y), *n_classes) and oof.dtype == np.float32
+            np.testing.assert_allclose(oof, ref.extra["oof"], rtol=RTOL, atol=1e-5)
+        # row order: the fold that validated a row predicts it
+        fold_pred = [np.arange(len(f.val_index), dtype=np.float32) + 100 * k for k, f in enumerate(folds)]
+        assembled = assemble_oof(fold_pred, folds)
+        for k, f in enumerate(folds):
+            np.testing.assert_array_equal(assembled[k // 3][f.val_index], fold_pred[k])
+    data = prepare_table(classification, fraction=0.25, seed=0)
+    jobs = [Job(p, seed=60 + i) for i, p in enumerate(MIXED[1:5])]
+    for ref, res in zip([train(j.params, data, device="cpu", seed=j.seed) for j in jobs], train_many(jobs, data, device="cpu", width=3)):
+        np.testing.assert_allclose(val_predictions(res.model, data), val_predictions(ref.model, data), rtol=RTOL, atol=1e-5)

@@ -141,6 +141,7 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "validation": study.user_attrs.get("validation"),
         "baselines": study.user_attrs.get("baselines", {}),
         "columns": study.user_attrs.get("columns"),
+        "ensemble": study.user_attrs.get("ensemble"),  # tuner.ensemble's last selection
     }
     from tuner.promotion import TEST_ATTR
 
@@ -163,6 +164,7 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
             "version": champion.version,
             "trial": champion.tags.get("tuner.trial"),
             "value": champion.tags.get("tuner.value"),
+            "ensemble": champion.tags.get("tuner.ensemble"),
         }
     info.update(best_links(study, best, spec=spec, tracker=tracker))
     return info

@@ -219,6 +219,8 @@ def _print_launch(s: Any) -> int:
         p = s.promotion
         state = "registered" if p.new_version else "already registered"
         print(f"model {state}: {p.model_uri} -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
+        if p.ensemble:
+            print(p.ensemble)
     return 0
 
 
@@ -257,6 +259,8 @@ def _print_promotion(p: Any) -> None:
     state = "registered" if p.new_version else "already registered"
     alias_uri = f"models:/{p.model_name}@{p.alias}"
     print(f"model {state}: {p.model_uri} (trial {p.trial_number}) -> alias {p.alias} ({alias_uri})")
+    if p.ensemble:
+        print(p.ensemble)
 
 
 def _fmt(v: Any) -> str:
@@ -281,6 +285,8 @@ def cmd_best(args: argparse.Namespace) -> int:
         print(f"validation: {info['validation']}")
     if info.get("columns"):
         print(info["columns"])
+    if info.get("ensemble"):
+        print(info["ensemble"]["summary"])
     for name, values in info.get("baselines", {}).items():
         print(f"baseline {name}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     if info.get("test"):
@@ -294,6 +300,8 @@ def cmd_best(args: argparse.Namespace) -> int:
     if "champion" in info:
         c = info["champion"]
         print(f"champion: {c['model_uri']} (version {c['version']}, trial {c['trial']}, {info['metric']} {c['value']})")
+        if c.get("ensemble"):
+            print(f"champion is an ensemble (trial x weight): {c['ensemble']}")
     else:
         print("champion: none registered")
     for key, label in (

@@ -143,6 +143,20 @@ class Heartbeat(_Strict):
     max_retry: int = Field(1, ge=0)  # how often a stale trial is re-run with the same params
 
 
+class Ensemble(_Strict):
+    """A top-k ensemble champion (tuner.ensemble): Caruana's greedy selection with replacement
+    over the out-of-fold predictions of the best ``candidates`` complete trials."""
+
+    size: int = Field(5, ge=2)  # greedy picks (with replacement): integer member weights summing to this
+    candidates: int = Field(20, ge=2)  # the best complete trials the picks are drawn from
+    # Adopted only if its out-of-fold estimate beats the single best trial's by more than this
+    # share of it (the picks were chosen on the same rows, so a hair's gain is noise).
+    tolerance: float = Field(0.001, ge=0.0)
+    # ...and only if it also wins cross-fitted: picked on the other folds, scored on each fold
+    # (one split: on fifths of its validation rows), against the single best chosen the same way.
+    cross_check: bool = True
+
+
 class StudySpec(_Strict):
     """A validated study definition; paths are absolute."""
 
@@ -176,6 +190,8 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     pruner: PrunerSpec = PrunerSpec()
     heartbeat: Heartbeat = Heartbeat()
+    # None (the default): the champion is the single best trial; no predictions are stored.
+    ensemble: Ensemble | None = None
     space: dict[str, Param]
     # [[enqueue]] tables: known-good params (all or some of the space's) that run first.
     enqueue: list[dict[str, Any]] = Field(default_factory=list)

@@ -12,13 +12,13 @@ MLflow model code loads it without optuna or mlflow.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "TabularNet", "Checkpoint", "initial_weights", "make_activation", "encode_frame", "predict_frame"]
+__all__ = ["ModelConfig", "TabularNet", "EnsembleNet", "Checkpoint", "initial_weights", "make_activation", "encode_frame", "predict_frame"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -143,27 +143,93 @@ class TabularNet(nn.Module):
         return out
 
 
+SCALING_BUFFERS = ("x_mean", "x_std", "y_mean", "y_std")
+ARCHITECTURE = ("hidden_size", "n_layers", "activation", "dropout")
+
+
+class EnsembleNet(nn.Module):
+    """A weighted average of TabularNets that share one preprocessing (columns, encoder,
+    standardiser): predictions in the target's units, or for classification the log of the
+    averaged class probabilities (so ``softmax`` of the output is the weighted average)."""
+
+    weights: torch.Tensor
+
+    def __init__(self, config: ModelConfig, members: list[TabularNet], weights: list[int]) -> None:
+        super().__init__()
+        self.config = config
+        self.members = nn.ModuleList(members)
+        total = float(sum(weights))
+        self.register_buffer("weights", torch.tensor([w / total for w in weights], dtype=torch.float32))
+
+    @property
+    def x_mean(self) -> torch.Tensor:  # the shared standardiser (encode_frame imputes with it)
+        first: TabularNet = self.members[0]  # type: ignore[assignment]
+        return first.x_mean
+
+    def forward(self, x_raw: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack([m(x_raw) for m in self.members])  # (k, rows) or (k, rows, classes)
+        if self.config.task == "regression":
+            return torch.einsum("k,kr->r", self.weights, outs)
+        probabilities = torch.einsum("k,krc->rc", self.weights, torch.softmax(outs, -1))
+        return probabilities.clamp_min(1e-30).log()
+
+
 @dataclass
 class Checkpoint:
-    """What a trial's weights file holds: ``torch.load(..., weights_only=True)`` reads it."""
+    """What a trial's weights file holds: ``torch.load(..., weights_only=True)`` reads it.
+
+    An ensemble's file holds the shared preprocessing once (``config``; the standardiser's
+    buffers in ``state_dict``) and, in ``members``, each member's architecture, integer weight
+    and network weights: plain dicts, lists and tensors, still read with ``weights_only=True``.
+    """
 
     config: ModelConfig
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    members: list[dict[str, Any]] | None = None
 
     def to_payload(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "state_dict": self.state_dict}
+        payload: dict[str, Any] = {"config": self.config.to_dict(), "state_dict": self.state_dict}
+        if self.members is not None:
+            payload["members"] = self.members
+        return payload
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> Checkpoint:
-        return cls(ModelConfig.from_dict(payload["config"]), payload["state_dict"])
+        return cls(ModelConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("members"))
 
-    def build(self) -> TabularNet:
-        net = TabularNet(self.config)
-        net.load_state_dict(self.state_dict)
-        return net.eval()
+    @classmethod
+    def ensemble(cls, nets: list[TabularNet], weights: list[int]) -> Checkpoint:
+        """One checkpoint of ``nets`` (fit on the same rows: one preprocessing) averaged by ``weights``.
+
+        Raises:
+            ValueError: the members' preprocessing differs.
+        """
+        first = nets[0]
+        shared = {k: v.detach().cpu() for k, v in first.state_dict().items() if k in SCALING_BUFFERS}
+        members = []
+        for net, w in zip(nets, weights):
+            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            same = replace(net.config, **{a: getattr(first.config, a) for a in ARCHITECTURE}) == first.config
+            if not same or any(not torch.equal(state[k], shared[k]) for k in SCALING_BUFFERS):
+                raise ValueError("ensemble members must share their columns, encoder and standardiser (refit on the same rows)")
+            members.append({"architecture": {a: getattr(net.config, a) for a in ARCHITECTURE}, "weight": int(w),
+                            "state_dict": {k: v for k, v in state.items() if k not in SCALING_BUFFERS}})
+        return cls(first.config, shared, members)
+
+    def build(self) -> TabularNet | EnsembleNet:
+        if self.members is None:
+            net = TabularNet(self.config)
+            net.load_state_dict(self.state_dict)
+            return net.eval()
+        nets = []
+        for m in self.members:
+            net = TabularNet(replace(self.config, **m["architecture"]))
+            net.load_state_dict({**m["state_dict"], **self.state_dict})
+            nets.append(net)
+        return EnsembleNet(self.config, nets, [int(m["weight"]) for m in self.members]).eval()
 
 
-def encode_frame(net: TabularNet, frame: Any, *, first_row: int = 2) -> tuple[Any, list[str]]:
+def encode_frame(net: TabularNet | EnsembleNet, frame: Any, *, first_row: int = 2) -> tuple[Any, list[str]]:
     """Raw columns (a DataFrame; extra columns ignored) -> the network's float32 input matrix,
     and notes on what had to be imputed that training never saw (for a warning).
 
@@ -208,7 +274,7 @@ def encode_frame(net: TabularNet, frame: Any, *, first_row: int = 2) -> tuple[An
     return x.astype(np.float32), notes
 
 
-def predict_frame(net: TabularNet, frame: Any, *, proba: bool = False) -> Any:
+def predict_frame(net: TabularNet | EnsembleNet, frame: Any, *, proba: bool = False) -> Any:
     """Raw feature columns (a DataFrame; extra columns ignored; missing values and unseen
     levels allowed) -> predictions in the target's units, class labels, or (``proba``) a
     DataFrame of class probabilities. Imputations training never needed are warned about."""

@@ -11,6 +11,7 @@ processes that finish together register it once.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from tuner.errors import TunerError
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
     from tuner.config import StudySpec
     from tuner.inputs import Inputs, UntouchedPart
-    from tuner.model import TabularNet
+    from tuner.model import EnsembleNet, TabularNet
     from tuner.registry import Promotion
     from tuner.tracking import Tracker
 
@@ -48,10 +49,19 @@ def promote(
         best = best_trial(study)
         if best is None:
             return None
-        run_id = best.user_attrs["mlflow_run_id"]
+        run_id, number, value = best.user_attrs["mlflow_run_id"], best.number, float(best.value)  # type: ignore[arg-type]
+        members: str | None = None  # "trial x weight, ..." of an adopted ensemble
+        note: str | None = None
+        if spec.ensemble is not None:  # a top-k ensemble where it beats the single best (tuner.ensemble)
+            from tuner.ensemble import ensemble_run
+
+            chosen, selection = ensemble_run(spec, study, tracker, inputs, device, held=_held(inputs))
+            note = selection.describe() if selection is not None else "ensemble: the best trial stored no predictions"
+            if chosen is not None and selection is not None:
+                run_id, number, value, members = chosen, selection.best_trial, selection.value, selection.tag
         tags = dict(tracker.client.get_run(run_id).data.tags)
-        if registered_version(tracker, spec.model_name, spec.name, best.number) is None:
-            if REFIT_TAG not in tags:
+        if registered_version(tracker, spec.model_name, spec.name, number, ensemble=members) is None:
+            if REFIT_TAG not in tags:  # an ensemble's run is refit when it is made
                 tags.update(_refit(best, inputs, tracker, device))
             if inputs.test is not None and TEST_TAG + spec.metric not in tags:
                 tags.update(_score_test(run_id, inputs.test, tracker))
@@ -60,15 +70,18 @@ def promote(
             model_name=spec.model_name,
             run_id=run_id,
             study_name=spec.name,
-            trial_number=best.number,
+            trial_number=number,
             metric=spec.metric,
-            value=float(best.value),  # type: ignore[arg-type]
+            value=value,
             direction=spec.study_direction,
             space_hash=spec.space_hash(),
             # Raw rows: promote takes the model's input columns, typed for its signature.
             input_example=inputs.frame.head(5),
             tags={k: v for k, v in tags.items() if k == REFIT_TAG or k.startswith(TEST_TAG)},
+            ensemble=members,
         )
+        if note is not None:
+            promotion = replace(promotion, ensemble=note)
         if study.user_attrs.get(PROMOTED_ATTR) != best.number:
             study.set_user_attr(PROMOTED_ATTR, best.number)
         test = {k.removeprefix(TEST_TAG): float(v) for k, v in tags.items() if k.startswith(TEST_TAG) and k != TEST_TAG + "rows"}
@@ -90,7 +103,7 @@ def _refit(best: optuna.trial.FrozenTrial, inputs: Inputs, tracker: Tracker, dev
 
     cv = inputs.cv
     run_id = best.user_attrs["mlflow_run_id"]
-    held = f" (the {len(inputs.test.frame)} test rows left out)" if inputs.test is not None else ""
+    held = _held(inputs)
     if cv.all_rows is None:
         tags = {REFIT_TAG: f"no (refit = false): the trial's own model, fit on {len(inputs.prepared.x_train)} rows{held}"}
     else:
@@ -100,6 +113,10 @@ def _refit(best: optuna.trial.FrozenTrial, inputs: Inputs, tracker: Tracker, dev
         tags = {REFIT_TAG: f"all {len(cv.all_rows.x_train)} rows{held}"}
     tracker.end_run(run_id, "FINISHED", tags)
     return tags
+
+
+def _held(inputs: Inputs) -> str:
+    return f" (the {len(inputs.test.frame)} test rows left out)" if inputs.test is not None else ""
 
 
 def _score_test(run_id: str, test: UntouchedPart, tracker: Tracker) -> dict[str, str]:
@@ -113,7 +130,7 @@ def _score_test(run_id: str, test: UntouchedPart, tracker: Tracker) -> dict[str,
     return tags
 
 
-def score_rows(net: TabularNet, frame: pd.DataFrame) -> dict[str, float]:
+def score_rows(net: TabularNet | EnsembleNet, frame: pd.DataFrame) -> dict[str, float]:
     """A model's metrics on raw rows that hold its target (``train.evaluate``'s metrics)."""
     import warnings
 
@@ -122,13 +139,12 @@ def score_rows(net: TabularNet, frame: pd.DataFrame) -> dict[str, float]:
 
     from tuner.errors import DataError
     from tuner.model import encode_frame
-    from tuner.train import evaluate
+    from tuner.train import output_metrics
 
     config = net.config
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # imputations: the test rows may need ones training did not
         x = torch.as_tensor(encode_frame(net, frame)[0])
-    x_std = (x - net.x_mean) / net.x_std
     labels = frame[config.target].to_numpy()
     if config.task == "regression":
         y = torch.as_tensor(labels.astype(np.float64), dtype=torch.float32)
@@ -138,7 +154,11 @@ def score_rows(net: TabularNet, frame: pd.DataFrame) -> dict[str, float]:
         if unknown:
             raise DataError(f"test rows hold classes {unknown} the model never saw; lower validation.test_fraction")
         y = torch.as_tensor([index[v] for v in labels], dtype=torch.long)
-    return evaluate(net, x_std, y)
+    net.eval()
+    with torch.inference_mode():  # forward: target units (regression) or logits, a single net or an ensemble
+        out = net(x)
+    names, values = output_metrics(out, y, config.task, torch.zeros(()), torch.ones(()))
+    return dict(zip(names, values.tolist()))
 
 
 def promote_study(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> Promotion:

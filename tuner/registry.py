@@ -53,6 +53,7 @@ class Promotion:
     trial_number: int
     value: float
     new_version: bool  # False: the best trial was already registered
+    ensemble: str | None = None  # with ``ensemble`` in the study file: the selection in one line
 
 
 def promote(
@@ -68,8 +69,12 @@ def promote(
     space_hash: str,
     input_example: pd.DataFrame,
     tags: Mapping[str, str] | None = None,
+    ensemble: str | None = None,
 ) -> Promotion:
     """Log the trial's model once, register it, and move ``champion`` only if it is better.
+
+    ``ensemble``: the run holds an ensemble (``tuner.ensemble``) of these members ("trial x
+    weight, ..."), recorded as a tag; ``trial_number`` is then its best member.
 
     ``input_example``: a few raw rows of the table (any extra columns); the model's input
     columns of them, typed for its signature, become the input example. ``tags``: more tags of a
@@ -80,7 +85,7 @@ def promote(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    existing = registered_version(tracker, model_name, study_name, trial_number)
+    existing = registered_version(tracker, model_name, study_name, trial_number, ensemble=ensemble)
     champion = tracker.alias_version(model_name, "champion")
     if existing is not None:
         version = existing
@@ -145,6 +150,7 @@ def promote(
                 # pyfunc.load_model imports the stored code: tuner predict checks it first.
                 tag("code_sha256"): code_digest(_model_code_files()),
                 **(tags or {}),
+                **({tag("ensemble"): ensemble} if ensemble else {}),
             },
         )
         # The description names the version itself, so it is written once the version exists.
@@ -153,7 +159,8 @@ def promote(
             model_name,
             version.version,
             description=(
-                f"Trial {trial_number} of study `{study_name}` ({metric} = {value:.6g}, search space "
+                (f"Ensemble of trials {ensemble} (trial x weight), best member: " if ensemble else "")
+                + f"Trial {trial_number} of study `{study_name}` ({metric} = {value:.6g}, search space "
                 f"`{space_hash}`). Reload with `mlflow.pyfunc.load_model('{uri}')`, "
                 f"`tuner predict {model_name}/{version.version} --input FILE.csv`, or serve with "
                 f"`mlflow models serve -m {uri} --env-manager local`."
@@ -175,14 +182,17 @@ def promote(
 
 
 
-def registered_version(tracker: Tracker, model_name: str, study_name: str, trial_number: int) -> Any | None:
-    """The registered version of a study's trial, or None."""
+def registered_version(
+    tracker: Tracker, model_name: str, study_name: str, trial_number: int, *, ensemble: str | None = None
+) -> Any | None:
+    """The registered version of a study's trial (alone, or the ensemble ``ensemble`` it leads), or None."""
     if not tracker.registered(model_name):
         return None
     found = tracker.client.search_model_versions(
         f"name = {quote(model_name)} and tags.`{tag('study')}` = {quote(study_name)} and "
         f"tags.`{tag('trial')}` = '{trial_number}'"
     )
+    found = [v for v in found if v.tags.get(tag("ensemble")) == ensemble]  # a trial alone, or this ensemble
     return found[0] if found else None
 
 

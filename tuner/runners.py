@@ -307,7 +307,7 @@ def _run_fused(
 
             cross_validate_many(
                 jobs(), folds, device=objective.device, on_epoch_end=on_epoch_end, on_trial_end=on_trial_end,
-                width=width * len(folds),
+                width=width * len(folds), keep_predictions=objective.keeps_predictions,
             )
         else:
             train_many(

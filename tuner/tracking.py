@@ -34,10 +34,12 @@ __all__ = [
     "ensure_sqlite_store",
     "ui_base",
     "WEIGHTS_FILE",
+    "PREDICTIONS_FILE",
     "REPORT_DIR",
 ]
 
 WEIGHTS_FILE = "weights.pt"
+PREDICTIONS_FILE = "oof.npy"  # a trial's out-of-fold predictions (float32, no pickle), for tuner.ensemble
 REPORT_DIR = "report"  # artifact folder of the launch (parent) run that holds the study report
 RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
 
@@ -224,6 +226,32 @@ class Tracker:
                 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
                 get_artifact_repository(uri, tracking_uri=self.tracking_uri).log_artifact(str(path))
+
+    def save_predictions(self, run_id: str, predictions: Any) -> None:
+        """A trial's out-of-fold predictions as a plain ``.npy`` (float32, read back without pickle)."""
+        import numpy as np
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / PREDICTIONS_FILE
+            np.save(path, np.asarray(predictions, dtype=np.float32), allow_pickle=False)
+            self.client.log_artifact(run_id, str(path))  # only with an ensemble: no fast path needed
+
+    def load_predictions(self, run_id: str) -> Any | None:
+        """The predictions ``save_predictions`` stored, or None where the run has none."""
+        import numpy as np
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                path = Path(self.client.download_artifacts(run_id, PREDICTIONS_FILE, tmp))
+            except (MlflowException, OSError):
+                return None
+            return np.load(path, allow_pickle=False)
+
+    def start_ensemble(self, study_name: str, members: str) -> str:
+        """The run that owns an ensemble champion's weights (not a trial: reconcile skips it)."""
+        tags = {tag("study"): study_name, tag("role"): "ensemble", tag("ensemble"): members}
+        return self.client.create_run(self.experiment_id, run_name="ensemble", tags=tags).info.run_id
 
     def has_checkpoint(self, run_id: str) -> bool:
         """Whether the run holds a weights file (a cross-validated trial has none until refit)."""

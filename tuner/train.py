@@ -21,6 +21,7 @@ __all__ = [
     "TrainResult",
     "train",
     "evaluate",
+    "val_predictions",
     "resolve_device",
     "EpochHook",
     "task_loss",
@@ -141,6 +142,19 @@ def evaluate(model: TabularNet, x_std: torch.Tensor, y_raw: torch.Tensor) -> dic
     names, values = output_metrics(out, y_raw, model.config.task, model.y_mean, model.y_std)
     model.train(was_training)
     return dict(zip(names, values.tolist()))
+
+
+@torch.inference_mode()
+def val_predictions(model: TabularNet, data: Prepared) -> Any:
+    """The validation rows' predictions at the model's weights now (a trial's final epoch), as a
+    float32 numpy array: target units ``(rows,)``, or class probabilities ``(rows, classes)``.
+    What the ensemble of a study is selected on (tuner.ensemble)."""
+    was_training = model.training
+    model.eval()
+    out = model.core_output(data.x_val.to(model.y_mean.device))
+    model.train(was_training)
+    pred = out * model.y_std + model.y_mean if model.config.task == "regression" else torch.softmax(out, -1)
+    return pred.float().cpu().numpy()
 
 
 def output_metrics(

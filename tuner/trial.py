@@ -83,7 +83,8 @@ class Objective:
         result: TrainResult | CVResult
         try:
             if self.cv is not None and self.cv.folds:
-                result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=report)
+                result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=report,
+                                        keep_predictions=self.keeps_predictions)
             else:
                 result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=report)
         except BaseException as e:
@@ -91,6 +92,11 @@ class Objective:
             raise
         self.train_seconds.append(result.seconds)
         return self.finish(trial, params, seed, run_id, result, report.reported)
+
+    @property
+    def keeps_predictions(self) -> bool:
+        """Whether trials store their out-of-fold predictions (only for an ensemble champion)."""
+        return self.spec.ensemble is not None and self.tracker is not None
 
     def begin(self, trial: optuna.Trial) -> tuple[dict[str, Any], int, str | None]:
         """Sample the trial's params, fix its seed, open its MLflow run: ``(params, seed, run_id)``."""
@@ -167,6 +173,8 @@ class Objective:
             checkpoint = None
             if not pruned and result.model is not None:  # cross-validated: the champion is refit later
                 checkpoint = Checkpoint(result.model.config, {k: v.cpu() for k, v in result.model.state_dict().items()})
+            if not pruned and self.keeps_predictions:
+                self.tracker.save_predictions(run_id, self._predictions(result))
             self.tracker.end_trial(
                 run_id,
                 status="KILLED" if pruned else "FINISHED",
@@ -186,6 +194,17 @@ class Objective:
         if not math.isfinite(value):  # pragma: no cover - train() stops before this
             raise optuna.TrialPruned(f"non-finite {metric}")
         return value
+
+
+    def _predictions(self, result: TrainResult | CVResult) -> Any:
+        """The trial's final-epoch out-of-fold predictions (``tuner.validation.assemble_oof``'s
+        shape; one split: its validation rows as one repeat)."""
+        if "oof" in result.extra:
+            return result.extra["oof"]
+        from tuner.train import val_predictions
+
+        assert result.model is not None
+        return val_predictions(result.model, self.data)[None]
 
 
 def is_out_of_memory(e: BaseException) -> bool:

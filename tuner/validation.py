@@ -55,6 +55,7 @@ __all__ = [
     "cross_validate",
     "cross_validate_many",
     "refit",
+    "assemble_oof",
 ]
 
 DEFAULT_FOLDS = 5
@@ -286,15 +287,17 @@ def cross_validate(
     device: torch.device | str = "cpu",
     seed: int = 0,
     on_epoch_end: EpochHook | None = None,
+    keep_predictions: bool = False,
 ) -> CVResult:
     """Train ``params`` on every fold through ``train()``, in lockstep (see the module doc).
 
     ``on_epoch_end(epoch, mean_metrics)`` sees the mean over folds; returning True stops every
-    fold. A fold whose loss diverges stops them all (``diverged=True``).
+    fold. A fold whose loss diverges stops them all (``diverged=True``). ``keep_predictions``:
+    the folds' final-epoch validation predictions go to ``extra["oof"]`` (``assemble_oof``).
     """
     import torch
 
-    from tuner.train import resolve_device, train
+    from tuner.train import resolve_device, train, val_predictions
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     seeds = fold_seeds(seed, len(folds))
@@ -327,6 +330,8 @@ def cross_validate(
         diverged=diverged is not None,
         n_steps=sum(r.n_steps for r in results),
         seconds=time.perf_counter() - start,
+        extra={"oof": assemble_oof([val_predictions(r.model, d) for r, d in zip(results, folds)], folds)}
+        if keep_predictions and diverged is None and stop_reason is None else {},
     )
 
 
@@ -338,6 +343,7 @@ def cross_validate_many(
     on_epoch_end: Callable[[int, int, dict[str, float]], bool] | None = None,
     on_trial_end: Callable[[int, CVResult], None] | None = None,
     width: int = 32,
+    keep_predictions: bool = False,
 ) -> list[CVResult]:
     """``cross_validate`` for many trials at once: every fold of every trial is one slot of
     ``train_many`` (fused training), with the same lockstep rules.
@@ -347,9 +353,11 @@ def cross_validate_many(
     their metrics goes to ``on_epoch_end(trial index, e, mean)``; True (or a fold that diverged)
     stops all of the trial's folds, at that epoch where their epochs end at the same optimizer step
     (folds of equal size: always, on the cars data), else at their next epoch end, whose extra
-    rows are dropped. ``width`` counts slots (folds), not trials.
+    rows are dropped. ``width`` counts slots (folds), not trials. ``keep_predictions``: as in
+    ``cross_validate`` (each fold's model is kept just long enough to predict its validation rows).
     """
     from tuner.fused import Job, train_many
+    from tuner.train import val_predictions
 
     n_folds = len(folds)
     trials: list[dict[str, Any]] = []  # per trial: seeds, fold results, rounds, stop state
@@ -360,7 +368,7 @@ def cross_validate_many(
             trials.append({"seeds": seeds, "rounds": {}, "history": [], "results": {}, "stop": None,
                            "diverged": False, "start": time.perf_counter()})
             for f in range(n_folds):
-                yield Job(job.params, seeds[f], data=f, keep_model=False)
+                yield Job(job.params, seeds[f], data=f, keep_model=keep_predictions)
 
     def fold_epoch_end(index: int, epoch: int, metrics: dict[str, float]) -> bool:
         t = trials[index // n_folds]
@@ -384,12 +392,15 @@ def cross_validate_many(
     def fold_end(index: int, result: Any) -> None:
         i = index // n_folds
         t = trials[i]
+        if result.model is not None:  # keep_predictions: the fold's final-epoch predictions, not its model
+            result.extra["pred"] = val_predictions(result.model, folds[index % n_folds])
+            result.model = None
         t["results"][index % n_folds] = result
         if result.diverged and t["stop"] is None:
             t["stop"], t["diverged"] = result.stop_reason, True
         if len(t["results"]) < n_folds:
             return
-        done = _cv_result(t, n_folds)
+        done = _cv_result(t, n_folds, folds)
         trials[i] = {"result": done}  # free the fold results
         if on_trial_end is not None:
             on_trial_end(i, done)
@@ -399,7 +410,23 @@ def cross_validate_many(
     return [t["result"] for t in trials]
 
 
-def _cv_result(t: dict[str, Any], n_folds: int) -> CVResult:
+def assemble_oof(preds: list[np.ndarray], folds: list[Prepared]) -> np.ndarray:
+    """Out-of-fold predictions in row order: ``(repeats, rows[, classes])`` float32, row i of
+    repeat r predicted by the fold of repeat r that validated it (``folds`` in ``kfold_indices``
+    order: each repeat's folds validate every row once; ``preds[f]`` is over ``folds[f].val_index``)."""
+    n_rows = len(folds[0].train_index) + len(folds[0].val_index)
+    repeats: list[np.ndarray] = []
+    filled = n_rows
+    for pred, fold in zip(preds, folds):
+        if filled == n_rows:  # the previous repeat is complete: the next fold starts a new one
+            repeats.append(np.empty((n_rows, *pred.shape[1:]), dtype=np.float32))
+            filled = 0
+        repeats[-1][fold.val_index] = pred
+        filled += len(fold.val_index)
+    return np.stack(repeats)
+
+
+def _cv_result(t: dict[str, Any], n_folds: int, folds: list[Prepared]) -> CVResult:
     history = t["history"]
     results = [t["results"][f] for f in range(n_folds)]
     rounds = len(history)
@@ -408,6 +435,7 @@ def _cv_result(t: dict[str, Any], n_folds: int) -> CVResult:
     fold_metrics = [dict(r.history[rounds - 1]) if rounds and len(r.history) >= rounds else dict(r.metrics)
                     for r in results]
     n_steps = sum(r.n_steps * rounds // len(r.history) if len(r.history) > rounds else r.n_steps for r in results)
+    preds = [r.extra.get("pred") for r in results]
     return CVResult(
         history=history,
         metrics=dict(history[-1]) if history else {},
@@ -417,6 +445,7 @@ def _cv_result(t: dict[str, Any], n_folds: int) -> CVResult:
         diverged=t["diverged"],
         n_steps=n_steps,
         seconds=time.perf_counter() - t["start"],
+        extra={"oof": assemble_oof(preds, folds)} if t["stop"] is None and all(p is not None for p in preds) else {},
     )
 
 
