@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from tuner.config import StudySpec
 
 __all__ = [
+    "launch_summary",
     "format_table",
     "fmt_value",
     "studies_table",
@@ -348,3 +349,33 @@ def trials_csv(spec: StudySpec, *, storage: str | None = None) -> str:
     writer.writerow(header)
     writer.writerows([["" if v is None else repr(v) if isinstance(v, float) else v for v in r] for r in rows])
     return buf.getvalue()
+
+
+def launch_summary(s: Any) -> str:
+    """What ``tuner launch`` prints when it ends: counts, scheme, best trial, metrics beside the
+    baselines (and on the test part), the verdict, the registered model."""
+    lines = [f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, "
+             f"{s.wall_seconds:.1f}s) in {s.storage}"]
+    if s.note:
+        lines.append(s.note)
+    if s.task_note:
+        lines.append(f"{s.task_note} (set task in the study file to override)")
+    if s.validation:
+        lines.append(f"validation: {s.validation}")
+    if s.best_number is None:
+        return "\n".join([*lines, "no complete trial: nothing to register"])
+    fmt = {k: f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in s.best_params.items()}
+    lines.append(f"best trial {s.best_number}: " + ", ".join(f"{k}={v}" for k, v in fmt.items()))
+    lines.append(metrics_table(s.best_metrics, s.baselines))
+    if s.test_metrics:
+        lines.append(metrics_table(s.test_metrics, s.test_baselines or {}, label="test"))
+        lines.append(estimate_line(s.best_metrics.get(s.metric), s.test_metrics, s.metric, s.test_rows))
+    if s.verdict:
+        lines.append(("" if s.beats_baselines else "WARNING: ") + s.verdict)
+    if s.promotion is not None:
+        p = s.promotion
+        state = "registered" if p.new_version else "already registered"
+        lines.append(f"model {state}: {p.model_uri} -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
+        if p.ensemble:
+            lines.append(p.ensemble)
+    return "\n".join(lines)

@@ -196,31 +196,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _print_launch(s: Any) -> int:
-    print(f"study {s.study_name}: {s.n_finished}/{s.n_trials} finished trials ({s.n_run} run now, {s.wall_seconds:.1f}s) in {s.storage}")
-    if s.note:
-        print(s.note)
-    if s.task_note:
-        print(f"{s.task_note} (set task in the study file to override)")
-    if s.validation:
-        print(f"validation: {s.validation}")
-    if s.best_number is None:
-        print("no complete trial: nothing to register")
-        return 0
-    print(f"best trial {s.best_number}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.best_params.items()))
-    from tuner.browse import estimate_line, metrics_table
+    from tuner.browse import launch_summary
 
-    print(metrics_table(s.best_metrics, s.baselines))
-    if s.test_metrics:
-        print(metrics_table(s.test_metrics, s.test_baselines or {}, label="test"))
-        print(estimate_line(s.best_metrics.get(s.metric), s.test_metrics, s.metric, s.test_rows))
-    if s.verdict:
-        print(("" if s.beats_baselines else "WARNING: ") + s.verdict)
-    if s.promotion is not None:
-        p = s.promotion
-        state = "registered" if p.new_version else "already registered"
-        print(f"model {state}: {p.model_uri} -> alias {p.alias} (models:/{p.model_name}@{p.alias})")
-        if p.ensemble:
-            print(p.ensemble)
+    print(launch_summary(s))
     return 0
 
 

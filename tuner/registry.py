@@ -192,8 +192,8 @@ def registered_version(
         f"name = {quote(model_name)} and tags.`{tag('study')}` = {quote(study_name)} and "
         f"tags.`{tag('trial')}` = '{trial_number}'"
     )
-    found = [v for v in found if v.tags.get(tag("ensemble")) == ensemble]  # a trial alone, or this ensemble
-    return found[0] if found else None
+    mine = [v for v in found if v.tags.get(tag("ensemble")) == ensemble]  # a trial alone, or this ensemble
+    return mine[0] if mine else None
 
 
 def _better(value: float, champion: Any | None, direction: str) -> bool:

@@ -248,38 +248,6 @@ class CVResult:
         return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-class _Fold(threading.Thread):
-    """One fold's ``train()``, running only while it holds the baton."""
-
-    def __init__(self, index: int, run: Any, back: threading.Semaphore, device: torch.device) -> None:
-        super().__init__(name=f"tuner-fold-{index}", daemon=True)
-        self.run_fold, self.back, self.device = run, back, device
-        self.turn = threading.Semaphore(0)
-        self.pending: tuple[int, dict[str, float]] | None = None
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.stop = False
-
-    def hook(self, epoch: int, metrics: dict[str, float]) -> bool:
-        self.pending = (epoch, dict(metrics))
-        rng = _rng_state(self.device)  # this fold's dropout stream, which the other folds move on
-        self.back.release()  # baton to the coordinator
-        self.turn.acquire()  # wait for the next turn
-        _set_rng_state(self.device, rng)
-        return self.stop
-
-    def run(self) -> None:
-        self.turn.acquire()
-        try:
-            self.result = self.run_fold(self.hook)
-        except BaseException as e:  # handed to the coordinator, re-raised there
-            self.error = e
-        finally:
-            self.done = True
-            self.back.release()
-
-
 def cross_validate(
     params: TrainParams | Mapping[str, Any],
     folds: list[Prepared],
@@ -297,23 +265,24 @@ def cross_validate(
     """
     import torch
 
+    from tuner.lockstep import Fold, lockstep
     from tuner.train import resolve_device, train, val_predictions
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     seeds = fold_seeds(seed, len(folds))
     back = threading.Semaphore(0)
-    workers: list[_Fold] = []
+    workers: list[Fold] = []
     for i, data in enumerate(folds):
         def run_fold(hook: EpochHook, data: Prepared = data, s: int = seeds[i]) -> Any:
             return train(params, data, device=dev, seed=s, on_epoch_end=hook)
 
-        workers.append(_Fold(i, run_fold, back, dev))
+        workers.append(Fold(i, run_fold, back, dev))
     start = time.perf_counter()
     for w in workers:
         w.start()
     # The folds' hand-overs set the global RNG state: leave the caller's as it was.
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        history, stop_reason = _lockstep(workers, back, on_epoch_end)
+        history, stop_reason = lockstep(workers, back, on_epoch_end)
     for w in workers:
         if w.error is not None:
             raise w.error
@@ -449,42 +418,6 @@ def _cv_result(t: dict[str, Any], n_folds: int, folds: list[Prepared]) -> CVResu
     )
 
 
-def _lockstep(
-    workers: list[_Fold], back: threading.Semaphore, on_epoch_end: EpochHook | None
-) -> tuple[list[dict[str, float]], str | None]:
-    """Hand the baton round the folds, one epoch per round; report each round's mean."""
-    history: list[dict[str, float]] = []
-    stop_reason: str | None = None
-    stopping = False
-    try:
-        while not all(w.done for w in workers):
-            rows: list[tuple[int, dict[str, float]]] = []
-            for w in workers:
-                if w.done:
-                    continue
-                w.pending, w.stop = None, stopping
-                w.turn.release()
-                back.acquire()  # until this fold reaches its next epoch end, or finishes
-                if w.pending is not None:
-                    rows.append(w.pending)
-                elif w.error is not None or w.result.diverged:  # the others stop at their next epoch end
-                    stopping = True
-            if stopping or not rows:
-                continue
-            epoch = rows[0][0]
-            mean = {k: float(np.mean([m[k] for _, m in rows])) for k in rows[0][1]}
-            history.append(mean)
-            if on_epoch_end is not None and on_epoch_end(epoch, mean):
-                stopping = True
-                stop_reason = f"stopped by the epoch hook after epoch {epoch}"
-    finally:
-        if not all(w.done for w in workers):  # interrupted: every fold stops at its next epoch end
-            for w in workers:
-                w.stop = True
-                w.turn.release()
-    return history, stop_reason
-
-
 def refit(params: Mapping[str, Any], data: CVData, *, device: torch.device | str = "cpu", seed: int = 0) -> Any:
     """The champion: the best trial's params (its epochs included) trained on every row the
     trials saw through ``train()``, seeded from the trial's seed, whatever the validation scheme.
@@ -495,17 +428,3 @@ def refit(params: Mapping[str, Any], data: CVData, *, device: torch.device | str
     if data.all_rows is None:
         raise ValueError("refit needs all_rows (the study sets refit = false)")
     return train(params, data.all_rows, device=device, seed=seed)
-
-
-def _rng_state(device: torch.device) -> tuple[Any, Any]:
-    import torch
-
-    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-
-
-def _set_rng_state(device: torch.device, state: tuple[Any, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
