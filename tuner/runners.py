@@ -261,12 +261,20 @@ def _run_fused(
     told: list[optuna.trial.FrozenTrial] = []
 
     def jobs() -> Iterator[Job]:
-        # Lazily, one ask per free slot: the previous results are told before the next ask. Only
-        # the first ask waits for other processes' trials; later ones never wait on our own.
+        # Lazily, when a slot frees up: the finished trials are told before the next ask. The
+        # trials in flight are len(trials) - len(told); the rest of the width is asked for at once
+        # (one hold of the lock, one read of the study): train_many pulls at least that many jobs
+        # before it trains again (a trial takes one slot, or one per fold, and a trial in flight
+        # never holds more), so every trial asked here starts in this same refill, as if asked
+        # one by one. Only the first ask waits for other processes' trials; later ones never
+        # wait on our own.
+        asked: list[optuna.Trial] = []
         while True:
-            trial = gate.ask(wait=not trials)
-            if trial is None:
-                return
+            if not asked:
+                asked = gate.ask_many(max(1, width - (len(trials) - len(told))), wait=not trials)
+                if not asked:
+                    return
+            trial = asked.pop(0)
             trials.append(trial)
             params, seed, run_id = objective.begin(trial)
             opened.append((params, seed, run_id))
