@@ -8,6 +8,7 @@ in the epoch hook (``trial.report`` / ``should_prune`` are orchestration, not tr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import statistics
 import tempfile
 import time
@@ -145,4 +146,105 @@ def overhead(result: dict[str, Any]) -> dict[str, float]:
         "train_s": train_total,
         "wall_s": result["wall_s"],
         "n_trials": len(trials),
+    }
+
+
+@contextlib.contextmanager
+def storage_probe() -> Iterator[dict[str, float]]:
+    """Count the SQL statements and time the storage calls of the trial loop (``run_trials``).
+
+    Statements: SQLAlchemy's ``before_cursor_execute`` on every engine, split by database (the
+    MLflow store's file or database name holds "mlflow"; the rest is the Optuna storage). Time:
+    wall time inside the Optuna storage's methods and the MLflow client's (and its artifact
+    repository's ``log_artifact``), outermost call only. Only the main thread counts: the heartbeat
+    thread beats on a clock, in parallel. Start-up and promotion are outside ``run_trials``, so
+    they do not count. Yields the counters: ``optuna_sql``, ``mlflow_sql``, ``optuna_s``,
+    ``mlflow_s``, ``trials`` (trials told in the loop).
+    """
+    import functools
+    import threading
+
+    import optuna
+    import sqlalchemy
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    import tuner.gate as gate_mod
+    import tuner.runners as runners_mod
+
+    counts = {"optuna_sql": 0, "mlflow_sql": 0, "optuna_s": 0.0, "mlflow_s": 0.0, "trials": 0}
+    main = threading.main_thread()
+    state = {"on": False, "depth": 0}
+
+    def on_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        if state["on"] and threading.current_thread() is main:
+            name = str(conn.engine.url.database or "")
+            counts["mlflow_sql" if "mlflow" in name else "optuna_sql"] += 1
+
+    def timed(kind: str, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not state["on"] or state["depth"] or threading.current_thread() is not main:
+                return fn(*args, **kwargs)
+            state["depth"] += 1
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counts[kind] += time.perf_counter() - t
+                state["depth"] -= 1
+        return wrapper
+
+    patched: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, new: Any) -> None:
+        patched.append((owner, name, owner.__dict__[name]))
+        setattr(owner, name, new)
+
+    # Optuna wraps an RDBStorage in its (private) _CachedStorage: both are timed, outermost call only.
+    for cls in (optuna.storages.RDBStorage, optuna.storages._cached_storage._CachedStorage):
+        for name, fn in list(vars(cls).items()):
+            if inspect.isfunction(fn) and not name.startswith("__"):
+                patch(cls, name, timed("optuna_s", fn))
+    for name, fn in list(vars(MlflowClient).items()):
+        if inspect.isfunction(fn) and not name.startswith("_"):
+            patch(MlflowClient, name, timed("mlflow_s", fn))
+    patch(LocalArtifactRepository, "log_artifact", timed("mlflow_s", LocalArtifactRepository.log_artifact))
+
+    tell = gate_mod.TrialGate.tell
+
+    def counted_tell(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counts["trials"] += 1
+        return tell(self, *args, **kwargs)
+
+    patch(gate_mod.TrialGate, "tell", counted_tell)
+    run_trials = runners_mod.run_trials
+
+    def probed(*args: Any, **kwargs: Any) -> Any:
+        state["on"] = True
+        try:
+            return run_trials(*args, **kwargs)
+        finally:
+            state["on"] = False
+
+    patch(runners_mod, "run_trials", probed)  # session imports it at call time
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", on_execute)
+    try:
+        yield counts
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", on_execute)
+        for owner, name, original in reversed(patched):
+            setattr(owner, name, original)
+
+
+def per_trial(counts: dict[str, float]) -> dict[str, float]:
+    """``storage_probe``'s counters per trial told (statements, milliseconds)."""
+    n = max(int(counts["trials"]), 1)
+    return {
+        "trials": counts["trials"],
+        "optuna_sql": counts["optuna_sql"] / n,
+        "mlflow_sql": counts["mlflow_sql"] / n,
+        "optuna_ms": 1000 * counts["optuna_s"] / n,
+        "mlflow_ms": 1000 * counts["mlflow_s"] / n,
+        "storage_ms": 1000 * (counts["optuna_s"] + counts["mlflow_s"]) / n,
     }

@@ -1,7 +1,8 @@
-"""Trials per second with 1, 2 and 4 workers on SQLite and on PostgreSQL, side by side.
+"""Trials per second with 1, 2 and 4 workers on SQLite and on PostgreSQL, sequential and fused, side by side.
 
     python benchmarks/scaling.py                # 40 trials per configuration
     python benchmarks/scaling.py --n-trials 48 --workers 1 2 4 8
+    python benchmarks/scaling.py --n-trials 8 --epochs 5 --workers 1 2 --backends sqlite   # smoke
 
 Each configuration runs `tuner launch STUDY --workers N` on a fresh storage (a SQLite file, or a
 fresh database on the PostgreSQL server at 127.0.0.1:5432) and a fresh SQLite MLflow store, on
@@ -12,7 +13,10 @@ Throughput is the steady state, from the trials' own timestamps: the trials star
 worker finished its first trial, over the time from then to the last completion. Process start-up
 (a few seconds each: torch, mlflow) and each process's first, slower trial are not counted; the
 wall time of the whole launch is shown beside it. Parallel efficiency =
-throughput(n) / (n x throughput(1)) against the 1-worker run on the same backend (the baseline).
+throughput(n) / (n x throughput(1)) against the 1-worker run on the same backend and execution
+(the baseline). Each configuration runs once per execution mode (``--execution``: the study file's
+``execution``); every worker fuses its own K trials in fused mode (N workers x K slots), and the
+``fused trials`` column counts the trials whose provenance records that they ran fused.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ data = "{data}"
 target = "mpg"
 n_trials = {n_trials}
 seed = 0
+execution = "{execution}"
 [pruner]
 name = "none"
 [space]
@@ -56,13 +61,14 @@ def _pg_admin(sql: str) -> None:
         conn.execute(sql)
 
 
-def run_one(backend: str, n_workers: int, n_trials: int, epochs: int) -> dict[str, float | int | str]:
+def run_one(backend: str, n_workers: int, n_trials: int, epochs: int, execution: str = "sequential") -> dict[str, float | int | str]:
     import optuna
 
     with tempfile.TemporaryDirectory(prefix="tuner-bench-") as tmp:
         folder = Path(tmp)
         study = folder / "bench.toml"
-        study.write_text(STUDY.format(data=(ROOT / "data" / "cars.csv").as_posix(), n_trials=n_trials, epochs=epochs))
+        study.write_text(STUDY.format(data=(ROOT / "data" / "cars.csv").as_posix(), n_trials=n_trials, epochs=epochs,
+                                      execution=execution))
         db = None
         if backend == "postgres":
             db = f"tuner_bench_{uuid.uuid4().hex[:8]}"
@@ -86,12 +92,14 @@ def run_one(backend: str, n_workers: int, n_trials: int, epochs: int) -> dict[st
     # process pays one-off costs: lazy imports in torch's optimizers, MLflow's first requests).
     firsts: dict[str, datetime] = {}
     for t in sorted((t for t in trials if t.datetime_complete), key=lambda t: t.datetime_complete):
-        firsts.setdefault(t.user_attrs.get("worker", "?"), t.datetime_complete)
+        firsts.setdefault(_provenance(t).get("worker", "?"), t.datetime_complete)
     start = max(firsts.values())
     steady = [t for t in trials if t.datetime_start and t.datetime_complete and t.datetime_start >= start]
     span = (max(t.datetime_complete for t in steady) - start).total_seconds()
     return {
         "backend": backend,
+        "execution": execution,
+        "fused_trials": sum(_provenance(t).get("execution") == "fused" for t in trials),
         "workers": n_workers,
         "trials": done,
         "steady_trials": len(steady),
@@ -101,32 +109,40 @@ def run_one(backend: str, n_workers: int, n_trials: int, epochs: int) -> dict[st
     }
 
 
+def _provenance(trial: object) -> dict:
+    return getattr(trial, "user_attrs", {}).get("provenance") or {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-trials", type=int, default=40)
     parser.add_argument("--epochs", type=int, default=40, help="fixed epochs per trial (the work per trial)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--execution", nargs="+", choices=["sequential", "fused"], default=["sequential", "fused"])
     args = parser.parse_args()
     rows = []
     for backend in args.backends:
-        for n in args.workers:
-            row = run_one(backend, n, args.n_trials, args.epochs)
-            rows.append(row)
-            print(f"  {backend:<9} {n} workers: {row['trials_per_s']:.2f} trials/s", file=sys.stderr, flush=True)
-    base = {r["backend"]: r["trials_per_s"] for r in rows if r["workers"] == 1}
+        for execution in args.execution:
+            for n in args.workers:
+                row = run_one(backend, n, args.n_trials, args.epochs, execution)
+                rows.append(row)
+                print(f"  {backend:<9} {execution:<10} {n} workers: {row['trials_per_s']:.2f} trials/s", file=sys.stderr,
+                      flush=True)
+    base = {(r["backend"], r["execution"]): r["trials_per_s"] for r in rows if r["workers"] == 1}
     print(f"\n{os.cpu_count()} CPUs, {args.n_trials} trials of {args.epochs} epochs per run\n")
     print(
-        "| storage | workers | trials/s | speed-up vs 1 worker | parallel efficiency | steady trials | span (s) "
-        "| wall incl. start-up (s) |"
+        "| storage | execution | workers | trials/s | speed-up vs 1 worker | parallel efficiency | steady trials "
+        "| fused trials | span (s) | wall incl. start-up (s) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        b = base.get(r["backend"])
+        b = base.get((r["backend"], r["execution"]))
         speedup = r["trials_per_s"] / b if b else float("nan")
         print(
-            f"| {r['backend']} | {r['workers']} | {r['trials_per_s']:.2f} | {speedup:.2f}x | "
-            f"{speedup / int(r['workers']):.0%} | {r['steady_trials']} | {r['seconds']:.1f} | {r['wall']:.1f} |"
+            f"| {r['backend']} | {r['execution']} | {r['workers']} | {r['trials_per_s']:.2f} | {speedup:.2f}x | "
+            f"{speedup / int(r['workers']):.0%} | {r['steady_trials']} | {r['fused_trials']}/{r['trials']} | "
+            f"{r['seconds']:.1f} | {r['wall']:.1f} |"
         )
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)

@@ -326,6 +326,33 @@ def test_four_workers_on_one_sqlite_study_then_promote(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_launch_with_workers_fuses_in_every_worker(tmp_path: Path) -> None:
+    """`tuner launch --workers 2` on a fused study: each worker trains its own K trials at once
+    (N workers x K slots), every trial's provenance says fused, and the budget stays exact."""
+    from tests.faultkit import FUSED_F4_SPACE
+
+    # Trials of ~2-3 s (as in F4): the study outlasts the seconds by which one worker starts after the other.
+    body = '[pruner]\nname = "none"\n'
+    study = write_study(tmp_path, "fw", n_trials=8, space=FUSED_F4_SPACE, body=body, execution="fused")
+    storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_store(tmp_path / "mlflow.db")
+    r = run_tuner("launch", str(study), "--workers", "2", "--no-progress", "--storage", storage, "--tracking-uri", tracking,
+                  cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "execution: fused in each of 2 workers" in r.stderr, r.stderr
+    trials = check_study(storage, tracking, "fw", 8)
+    provenance = [t.user_attrs["provenance"] for t in trials]
+    assert {p["execution"] for p in provenance} == {"fused"}
+    by_worker: dict[str, list[Any]] = {}
+    for t, p in zip(trials, provenance):
+        by_worker.setdefault(p["worker"], []).append(t)
+    assert len(by_worker) == 2, by_worker.keys()  # both workers ran trials
+    # Fused, not one after another: a worker's first trials started before its first one ended.
+    for worker, own in by_worker.items():
+        first_end = min(t.datetime_complete for t in own)
+        assert sum(t.datetime_start < first_end for t in own) >= 2, (worker, [(t.number, t.datetime_start) for t in own])
+
+
+@pytest.mark.slow
 def test_launch_eight_workers_on_postgres_is_exact(tmp_path: Path, pg_url: str) -> None:
     """`tuner launch --workers 8`: exactly n_trials finished across 8 processes, all trial runs
     under the one parent run the launch created, one champion."""

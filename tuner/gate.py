@@ -3,8 +3,9 @@
 ``TrialGate.ask`` is how the sequential loop, the fused loop and every worker get a trial:
 
 - under the study-wide lock (``StudyLock``: flock beside SQLite, advisory lock on PostgreSQL),
-- stale trials are failed first (``study.fail_stale_trials``: their MLflow runs are ended and a
-  retry is queued through the storage's one ``StaleTrials`` callback),
+- the study is read once, and stale trials are failed (``study.fail_stale_trials``: their MLflow
+  runs are ended and a retry is queued through the storage's one ``StaleTrials`` callback) when
+  the read shows another process's RUNNING trial (this process's own are beaten, never stale),
 - finished + running trials are counted against ``n_trials``, so every process together stops at
   exactly ``n_trials`` finished trials (WAITING retries are what ``study.ask`` hands out first),
 - the new trial's first heartbeat is recorded before it is handed out: a process killed right
@@ -13,7 +14,8 @@
   finish, or their heartbeat stops and they are failed (or, on a storage without heartbeats, it
   gives up after ``max_wait`` with a message naming them).
 
-``TrialGate.tell`` is the one way back: the trial leaves the heartbeat, joins the finished view
+``TrialGate.ask_many`` is the same for up to K trials under one hold of the lock and one read (a
+fused loop refilling its free slots). ``TrialGate.tell`` is the one way back: the trial leaves the heartbeat, joins the finished view
 (``gate.finished``: what the pruner and the budget read), and a trial another process failed as
 stale meanwhile has its MLflow run realigned through the same listeners.
 
@@ -41,6 +43,7 @@ from tuner.study import (
     storage_alive,
     storage_errors,
     stored_trial,
+    tell_trial,
 )
 
 if TYPE_CHECKING:
@@ -139,34 +142,34 @@ class TrialGate:
             TunerError: other processes' trials held the last slots past ``max_wait`` on a storage
                 without heartbeats (nothing can tell whether they are alive).
         """
+        trials = self.ask_many(1, wait=wait)
+        return trials[0] if trials else None
+
+    def ask_many(self, n: int, *, wait: bool = True) -> list[optuna.Trial]:
+        """Up to ``n`` trials under one hold of the lock and one read of the study (a fused loop
+        refilling its free slots), each asked as ``ask`` asks one; fewer (or none) when the budget
+        or the deadline says so. The same rules and errors as ``ask``."""
         from optuna.trial import TrialState
 
         waited_since: float | None = None
         while True:
             interrupts.check()
             if self.deadline is not None and time.monotonic() >= self.deadline:
-                return None
+                return []
             with self.lock:
-                fail_stale_trials(self.study)
-                trials = self.study.get_trials(deepcopy=False)
+                trials = self._read()
                 self.finished.replace(trials)
                 self.n_finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
                 running = [t for t in trials if t.state == TrialState.RUNNING]
                 if self.n_finished >= self.n_trials:
                     self._drop_retries([t for t in trials if t.state == TrialState.WAITING])
-                    return None
-                if self.n_finished + len(running) < self.n_trials:
-                    with warnings.catch_warnings():
-                        # Optuna's note that heartbeats belong to study.optimize: this gate records them.
-                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-                        trial = self.study.ask()  # a WAITING retry first, if there is one
-                    self.heartbeat.add(trial._trial_id)
-                    self.in_flight[trial._trial_id] = trial
-                    self.n_asked += 1
-                    return trial
+                    return []
+                free = self.n_trials - self.n_finished - len(running)
+                if free > 0:
+                    return [self._ask_one() for _ in range(min(n, free))]
             held = [t.number for t in running if t._trial_id not in self.in_flight]
             if not wait or not held:
-                return None  # our own trials hold the slots: they end before we ask again
+                return []  # our own trials hold the slots: they end before we ask again
             waited_since = waited_since or time.monotonic()
             if not self._warned:
                 warnings.warn(
@@ -181,6 +184,32 @@ class TrialGate:
                     "storage without heartbeats; relaunch once they have ended"
                 )
             time.sleep(self.poll)
+
+    def _read(self) -> list[optuna.trial.FrozenTrial]:
+        """The study's trials, once its stale trials are failed (call under the lock).
+
+        One read of the study. Only another process's RUNNING trial can be stale (this process
+        beats its own), so the stale check runs only when the read shows one: a launch that holds
+        every running trial itself pays no stale check per ask.
+        """
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        foreign = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in self.in_flight]
+        if foreign and fail_stale_trials(self.study, running=foreign):
+            trials = self.study.get_trials(deepcopy=False)  # read again: some trials are FAIL now
+        return trials
+
+    def _ask_one(self) -> optuna.Trial:
+        """``study.ask`` (a WAITING retry first, if there is one); its first heartbeat recorded."""
+        with warnings.catch_warnings():
+            # Optuna's note that heartbeats belong to study.optimize: this gate records them.
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
+            trial = self.study.ask()
+        self.heartbeat.add(trial._trial_id)
+        self.in_flight[trial._trial_id] = trial
+        self.n_asked += 1
+        return trial
 
     def _drop_retries(self, waiting: list[optuna.trial.FrozenTrial]) -> None:
         """A retry queued by a stale trial that no slot is left for: FAIL it, so nothing waits on it.
@@ -199,7 +228,7 @@ class TrialGate:
         from optuna.trial import TrialState
 
         try:
-            frozen = self.study.tell(trial, value, state=state, skip_if_finished=True)
+            frozen = tell_trial(self.study, trial, value, state)
         finally:
             self.heartbeat.discard(trial._trial_id)
             self.in_flight.pop(trial._trial_id, None)

@@ -8,20 +8,23 @@ also records the request, and the training loop's epoch hook raises it again at 
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
-from typing import Any
+from typing import Any, Iterator
 
-__all__ = ["install", "check"]
+__all__ = ["install", "check", "deferred"]
 
 _requested = threading.Event()
 _previous_hook: Any = sys.unraisablehook
+_deferred = 0  # > 0: inside ``deferred()``, the handler records the signal without raising
 
 
 def _handler(signum: int, frame: Any) -> None:
     _requested.set()
-    raise KeyboardInterrupt
+    if not _deferred:
+        raise KeyboardInterrupt
 
 
 def _unraisable(unraisable: Any) -> None:
@@ -45,3 +48,17 @@ def check() -> None:
     """Raise KeyboardInterrupt if a signal was received (and possibly swallowed) earlier."""
     if _requested.is_set():
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Inside, Ctrl-C and SIGTERM are recorded, not raised where they land; ``check()`` still raises
+    (so a wait inside that checks stays interruptible), and leaving raises a request received. Used
+    where a trial is asked and begun, so that no trial is left in flight without its MLflow run."""
+    global _deferred
+    _deferred += 1
+    try:
+        yield
+    finally:
+        _deferred -= 1
+    check()

@@ -19,6 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from tuner import interrupts
 from tuner.errors import ConfigError, TunerError
 from tuner.study import caused_by_storage
 from tuner.trial import EpochReporter, fail_reason, is_out_of_memory
@@ -261,17 +262,29 @@ def _run_fused(
     told: list[optuna.trial.FrozenTrial] = []
 
     def jobs() -> Iterator[Job]:
-        # Lazily, one ask per free slot: the previous results are told before the next ask. Only
-        # the first ask waits for other processes' trials; later ones never wait on our own.
+        # Lazily, when a slot frees up: the finished trials are told before the next ask. The
+        # trials in flight are len(trials) - len(told); the rest of the width is asked for at once
+        # (one hold of the lock, one read of the study): train_many pulls at least that many jobs
+        # before it trains again (a trial takes one slot, or one per fold, and a trial in flight
+        # never holds more), so every trial asked here starts in this same refill, as if asked
+        # one by one; each is begun (params, seed, run) right after the ask. Only the first ask
+        # waits for other processes' trials; later ones never wait on our own.
+        pending: list[Job] = []
         while True:
-            trial = gate.ask(wait=not trials)
-            if trial is None:
-                return
-            trials.append(trial)
-            params, seed, run_id = objective.begin(trial)
-            opened.append((params, seed, run_id))
-            reporters.append(EpochReporter(trial, objective.spec, int(params["epochs"]), gate.finished))
-            yield Job(TrainParams.from_mapping(params), seed)
+            if not pending:
+                # Asked and begun at once, a Ctrl-C held until all are begun: no trial in flight
+                # is without its MLflow run (a wait for other processes' slots stays interruptible).
+                with interrupts.deferred():
+                    asked = gate.ask_many(max(1, width - (len(trials) - len(told))), wait=not trials)
+                    for trial in asked:
+                        params, seed, run_id = objective.begin(trial)
+                        trials.append(trial)
+                        opened.append((params, seed, run_id))
+                        reporters.append(EpochReporter(trial, objective.spec, int(params["epochs"]), gate.finished))
+                        pending.append(Job(TrainParams.from_mapping(params), seed))
+                if not asked:
+                    return
+            yield pending.pop(0)
 
     lost: dict[int, BaseException] = {}  # trials another process failed (stale) while they trained
 
@@ -315,9 +328,11 @@ def _run_fused(
                 width=width,
             )
     except BaseException as e:
-        for index, trial in enumerate(trials):
-            if trial._trial_id in gate.in_flight:
-                objective.abort(trial, opened[index][0], opened[index][2], e)
+        begun = {trial._trial_id: opened[index] for index, trial in enumerate(trials)}
+        for trial_id, trial in list(gate.in_flight.items()):
+            # A trial whose begin was cut short (Ctrl-C in it) has what it had recorded so far.
+            params, _, run_id = begun.get(trial_id, ({}, 0, trial.user_attrs.get("mlflow_run_id")))
+            objective.abort(trial, params, run_id, e)
         if not isinstance(e, Exception) or not caused_by_storage(e):
             gate.fail_in_flight()
         raise

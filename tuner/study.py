@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import math
 import os
 import sqlite3
 import warnings
@@ -39,6 +40,7 @@ __all__ = [
     "on_stale_trial",
     "fail_waiting_trials",
     "stored_trial",
+    "tell_trial",
     "storage_alive",
     "heartbeat_storage",
     "storage_errors",
@@ -369,8 +371,11 @@ def heartbeat_storage(study: optuna.Study) -> Any | None:
     return storage if is_heartbeat_enabled(storage) else None
 
 
-def fail_stale_trials(study: optuna.Study) -> list[int]:
+def fail_stale_trials(study: optuna.Study, running: list[optuna.trial.FrozenTrial] | None = None) -> list[int]:
     """FAIL the RUNNING trials of a dead process and return their numbers.
+
+    ``running``: the RUNNING trials of a read the caller just made (the gate's), so that the check
+    for trials without a heartbeat row does not read the study again; None: read them.
 
     Optuna's rule (a heartbeat older than the grace period) plus one it lacks: a RUNNING trial
     with no heartbeat row at all, started longer than the grace period ago (a process killed
@@ -383,7 +388,7 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     storage = heartbeat_storage(study)
     if storage is None:
         return []
-    ids = set(storage._get_stale_trial_ids(study._study_id)) | set(_trials_without_heartbeat(study))
+    ids = set(storage._get_stale_trial_ids(study._study_id)) | set(_trials_without_heartbeat(study, running))
     failed = []
     for trial_id in sorted(ids):
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
@@ -418,6 +423,50 @@ def fail_waiting_trials(study: optuna.Study, trial_ids: list[int], reason: str) 
             pass  # another process took it or dropped it
 
 
+def tell_trial(study: optuna.Study, trial: optuna.Trial, value: float | None = None, state: Any = None) -> optuna.trial.FrozenTrial:
+    """``study.tell(trial, value, state=state, skip_if_finished=True)``, returning the trial as told.
+
+    ``study.tell`` reads the trial twice (its state before, the stored trial after: ~12 SQL
+    statements per trial); a COMPLETE (finite or infinite value) or PRUNED trial of this process
+    is told here with what Optuna does in between (the sampler's ``after_trial``, a PRUNED trial's
+    last intermediate value as its value, one state write), and the trial comes back from the
+    ``Trial``'s own view of itself. This reaches Optuna's internals (the storage, and
+    ``Trial._get_latest_trial``, which ``tuner.pruning`` already uses) because Optuna has no
+    public tell without the read-back. A trial another process finished meanwhile (failed as
+    stale) comes back as stored. FAIL, NaN and Hyperband (whose sampler call takes its bracket's
+    study) go through ``study.tell``.
+    """
+    import optuna
+    from optuna.trial import FrozenTrial, TrialState
+
+    completes = state is None and value is not None and not math.isnan(float(value))
+    if not (completes or state == TrialState.PRUNED) or isinstance(study.pruner, optuna.pruners.HyperbandPruner):
+        return study.tell(trial, value, state=state, skip_if_finished=True)
+    latest = trial._get_latest_trial()
+    state = TrialState.COMPLETE if completes else TrialState.PRUNED
+    values: list[float] | None = [float(value)] if completes else None  # type: ignore[arg-type]
+    if not completes and latest.last_step is not None:
+        last = latest.intermediate_values[latest.last_step]
+        values = None if math.isnan(last) else [float(last)]
+    finished_elsewhere = False
+    try:
+        study.sampler.after_trial(study, latest, state, values)
+    finally:  # as Optuna: the state is written even if the sampler's hook raised
+        try:
+            study._storage.set_trial_state_values(trial._trial_id, state, values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            finished_elsewhere = True  # another process failed it meanwhile (stale)
+    if finished_elsewhere:
+        return stored_trial(study, trial._trial_id)
+    # The system attrs (the sampler's notes) are not read back: nothing downstream reads them.
+    return FrozenTrial(
+        number=latest.number, state=state, value=None, values=values, datetime_start=latest.datetime_start,
+        datetime_complete=datetime.datetime.now(), params=latest.params, distributions=latest.distributions,
+        user_attrs=latest.user_attrs, system_attrs={}, intermediate_values=latest.intermediate_values,
+        trial_id=trial._trial_id,
+    )
+
+
 def stored_trial(study: optuna.Study, trial_id: int) -> optuna.trial.FrozenTrial:
     """A trial as the storage holds it now."""
     return study._storage.get_trial(trial_id)
@@ -428,7 +477,7 @@ def storage_alive(study: optuna.Study) -> None:
     study._storage.get_study_id_from_name(study.study_name)
 
 
-def _trials_without_heartbeat(study: optuna.Study) -> list[int]:
+def _trials_without_heartbeat(study: optuna.Study, running: list[optuna.trial.FrozenTrial] | None = None) -> list[int]:
     import sqlalchemy
     from optuna.trial import TrialState
 
@@ -438,10 +487,12 @@ def _trials_without_heartbeat(study: optuna.Study) -> list[int]:
         return []
     # Optuna stamps datetime_start with the local clock (datetime.now()).
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=float(grace))
+    if running is None:
+        running = storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
     old = {
         t._trial_id
-        for t in storage.get_all_trials(study._study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        if t.datetime_start is not None and t.datetime_start < cutoff
+        for t in running
+        if t.state == TrialState.RUNNING and t.datetime_start is not None and t.datetime_start < cutoff
     }
     if not old:
         return []
