@@ -172,7 +172,7 @@ def test_accuracy_ties_go_to_the_lower_log_loss_not_the_earlier_trial(storage_ur
     from optuna.trial import create_trial
 
     from tuner.browse import list_studies
-    from tuner.study import best_trial, ranked_trials
+    from tuner.selection import best_trial, ranked_trials
 
     study = optuna.create_study(storage=storage_url, study_name="ties", direction="maximize")
     study.set_metric_names(["accuracy"])
@@ -200,7 +200,7 @@ def test_accuracy_ties_go_to_the_lower_log_loss_not_the_earlier_trial(storage_ur
 def test_every_classification_trial_records_the_log_loss_that_breaks_ties(
     tmp_path: Path, tracking_uri: str, execution: str
 ) -> None:
-    from tuner.study import best_trial, ranked_trials
+    from tuner.selection import best_trial, ranked_trials
 
     spec = load_spec(write_study(tmp_path, "am", target="am", n_trials=3, execution=execution, body="[validation]\nfolds = 2\n"))
     storage = f"sqlite:///{tmp_path / 'am.db'}"

@@ -49,8 +49,8 @@ def verdict(
 ) -> tuple[bool, str]:
     """Whether the tuned model beats the best baseline on the study's metric, in plain words. A
     tie is called a tie; with the tuned model's other metrics (``tuned``), a tie on accuracy also
-    names both log losses (the selection's tie-break, ``tuner.study.TIE_BREAK``)."""
-    from tuner.study import TIE_BREAK
+    names both log losses (the selection's tie-break, ``tuner.selection.TIE_BREAK``)."""
+    from tuner.selection import TIE_BREAK
 
     scored = {name: m[metric] for name, m in baseline_metrics.items() if metric in m}
     if not scored:

@@ -113,7 +113,8 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         TunerError: the study has no complete trial yet.
     """
     from tuner.lineage import best_links
-    from tuner.study import best_trial, finished_count, open_study
+    from tuner.selection import best_trial
+    from tuner.study import finished_count, open_study
     from tuner.tracking import Tracker
 
     study = open_study(spec, storage, create=False)
@@ -243,7 +244,7 @@ def list_studies(storage: str) -> list[StudyRow]:
 
     opened = open_existing_storage(storage)
     rows = []
-    from tuner.study import best_trial
+    from tuner.selection import best_trial
 
     for summary in optuna.get_all_study_summaries(opened, include_best_trial=False):
         study = optuna.load_study(study_name=summary.study_name, storage=opened)

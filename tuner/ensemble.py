@@ -192,7 +192,7 @@ def select(spec: StudySpec, study: optuna.Study, tracker: Tracker, inputs: Input
     ``ensemble`` was set)."""
     from optuna.trial import TrialState
 
-    from tuner.study import best_trial
+    from tuner.selection import best_trial
 
     assert spec.ensemble is not None
     best = best_trial(study)

@@ -202,13 +202,15 @@ class TrialGate:
 
     def _ask_one(self) -> optuna.Trial:
         """``study.ask`` (a WAITING retry first, if there is one); its first heartbeat recorded."""
-        with warnings.catch_warnings():
+        # A signal between the trial's creation and its entry in ``in_flight`` would leave it
+        # RUNNING with nobody to fail it: it is held until the trial is in flight.
+        with interrupts.deferred(), warnings.catch_warnings():
             # Optuna's note that heartbeats belong to study.optimize: this gate records them.
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
             trial = self.study.ask()
-        self.heartbeat.add(trial._trial_id)
-        self.in_flight[trial._trial_id] = trial
-        self.n_asked += 1
+            self.heartbeat.add(trial._trial_id)
+            self.in_flight[trial._trial_id] = trial
+            self.n_asked += 1
         return trial
 
     def _drop_retries(self, waiting: list[optuna.trial.FrozenTrial]) -> None:

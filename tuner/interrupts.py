@@ -61,4 +61,5 @@ def deferred() -> Iterator[None]:
         yield
     finally:
         _deferred -= 1
-    check()
+    if not _deferred:  # nested: the outermost raises, once all of it has run
+        check()

@@ -107,7 +107,7 @@ class Progress:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         from optuna.trial import TrialState
 
-        from tuner.study import ranked_trials, study_metric
+        from tuner.selection import ranked_trials, study_metric
 
         trials = study.get_trials(deepcopy=False)
         counts = {s: 0 for s in TrialState}

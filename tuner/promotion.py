@@ -1,7 +1,7 @@
 """Registering a study's best trial: once, under the study lock, whoever finishes the study.
 
 A launch, the last worker of a shared study and ``tuner promote`` all go through ``promote``:
-the best COMPLETE trial (``study.best_trial``, the one selection rule) is refit on every row the
+the best COMPLETE trial (``selection.best_trial``, the one selection rule) is refit on every row the
 trials saw, whatever the validation scheme (scikit-learn's ``refit=True``; ``validation.refit =
 false`` keeps a holdout trial's own model), scored once on the untouched test part if the study
 has one, logged as a pickle-free MLflow model, registered with the rows it was fit on and its test
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuner.errors import TunerError
 from tuner.lock import StudyLock
-from tuner.study import best_trial
+from tuner.selection import best_trial
 
 if TYPE_CHECKING:
     import optuna

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from tuner.errors import first_line
-from tuner.study import best_trial
+from tuner.selection import best_trial
 
 if TYPE_CHECKING:
     import optuna

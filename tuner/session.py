@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 from tuner.config import StudySpec, redact_url
 from tuner.errors import StorageError, TrackingError, TunerError
 from tuner.lock import StudyLock
-from tuner.study import best_trial, caused_by_storage, finished_count, storage_problem
+from tuner.selection import best_trial
+from tuner.study import caused_by_storage, finished_count, storage_problem
 from tuner.workers import LAUNCH_PID_ENV, PARENT_RUN_ENV, WORKER_INDEX_ENV
 
 if TYPE_CHECKING:

@@ -45,7 +45,7 @@ def warm_start_params(
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The params of ``other``'s ``k`` best COMPLETE trials that fit ``spec``'s space, and one
     note naming the params dropped (names not in this space, values outside it)."""
-    from tuner.study import ranked_trials, study_metric
+    from tuner.selection import ranked_trials, study_metric
 
     chosen: list[dict[str, Any]] = []
     dropped: dict[str, list[int]] = {}

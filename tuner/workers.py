@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Sequence, TextIO
 
 from tuner.config import StudySpec
 from tuner.errors import TunerError
-from tuner.study import best_trial, finished_count, storage_errors
+from tuner.selection import best_trial
+from tuner.study import finished_count, storage_errors
 
 if TYPE_CHECKING:
     import optuna
