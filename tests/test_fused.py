@@ -112,7 +112,6 @@ def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
         bank.add(i, Job(p, i), configs[-1])
     for _ in range(10):
         bank.step()
-    bank.unpack()  # the optimizer state of the real entries back into the (K, P) blocks
     flat, mask = bank.tensors["flat"], bank.tensors["pmask"]
     assert mask.sum() < mask.numel()  # something is padded: width 8 and depth 3 for a 3-unit 1-layer trial
     assert torch.count_nonzero(flat[mask == 0]) == 0
@@ -391,3 +390,22 @@ def test_two_seeded_launches_of_an_auto_study_near_the_threshold_give_identical_
     (first, why_first, trials_first), (second, why_second, trials_second) = results
     assert first == second, f"{why_first!r} then {why_second!r}"
     assert trials_first == trials_second
+
+
+@pytest.mark.parametrize("n_slots", [3, 20], ids=["per-slot-loop", "vectorised"])
+def test_bank_shuffles_are_torch_randperm_with_each_trials_own_seed(n_slots: int) -> None:
+    from tuner.shuffle import Streams
+
+    rng = np.random.default_rng(0)
+    n_rows = 700  # > 624: a split's epoch spans two MT19937 blocks
+    seeds = [int(s) for s in rng.integers(0, 2**40, n_slots)]
+    sizes = [n_rows, 1, *(int(n) for n in rng.integers(2, n_rows + 1, n_slots - 2))]
+    streams = Streams(n_rows)
+    streams.resize(n_slots, [])
+    streams.seed(list(range(n_slots)), seeds)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(4):
+        got = streams.permutations(list(range(n_slots)), sizes, n_rows)
+        for row, (n, g) in enumerate(zip(sizes, generators)):
+            assert got[row, :n].tolist() == torch.randperm(n, generator=g).tolist()
+            assert not got[row, n:].any()

@@ -86,21 +86,23 @@ class _Validation:
 
 
 @torch.no_grad()
-def _validate(bank: Bank, val: _Validation) -> torch.Tensor:
-    """Every slot's validation metrics, ``(K, 3)``."""
+def _validate(bank: Bank, val: _Validation) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every slot's validation outputs (``(K, v)`` standardised, or ``(K, v, classes)`` logits;
+    row i of slot k is row i of its split's validation rows, padded rows past its split's length)
+    and metrics ``(K, 3)``."""
     if len(bank.datasets) == 1:
         x = val.x.expand(bank.K, *val.x.shape[1:])
-        out = bank.forward(bank.views(bank.tensors["flat"]), x)
+        out = bank.forward(x)
         _, values = output_metrics(out, val.y[0], bank.task, val.y_mean[0], val.y_std[0])
-        return values
+        return out, values
     ds = bank.tensors["ds"]
-    out = bank.forward(bank.views(bank.tensors["flat"]), val.x.index_select(0, ds))
+    out = bank.forward(val.x.index_select(0, ds))
     mean, std = val.y_mean.index_select(0, ds)[:, None], val.y_std.index_select(0, ds)[:, None]
     if bank.task != "regression":
         mean, std = mean[:, :, None], std[:, :, None]
     mask = val.mask.index_select(0, ds) if val.padded else None
     _, values = output_metrics(out, val.y.index_select(0, ds), bank.task, mean, std, mask)
-    return values
+    return out, values
 
 
 def _metric_names(bank: Bank) -> tuple[str, ...]:
@@ -122,7 +124,8 @@ def _events(
     ending = [k for k, s in enumerate(bank.slots) if s is not None and s.epoch_end_t == bank.t]
     T = bank.tensors
     losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
-    values = _validate(bank, val)[ending].tolist()
+    _, metrics = _validate(bank, val)  # the outputs: each ending slot's validation predictions
+    values = metrics[ending].tolist()
     names = _metric_names(bank)
     outcomes: list[tuple[int, str | None, bool]] = []
     for k, train_loss, row in zip(ending, losses, values):
@@ -147,7 +150,6 @@ def _events(
         if reason is None and should_stop is not None and should_stop(slot.index):
             reason = f"stopped by the epoch hook after epoch {slot.epoch}"
         if reason is not None or slot.epoch + 1 == slot.job.params.epochs:
-            bank.unpack()  # the slot's optimizer state is about to be cleared
             finished.append((slot.index, _finish(bank, k, reason, diverged)))
         else:
             slot.epoch += 1
@@ -166,7 +168,7 @@ def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResu
     net = TabularNet(slot.config) if slot.job.keep_model else None
     with torch.no_grad():
         if net is not None:
-            views = bank.views(T["flat"])
+            views = bank.w
             linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
             names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
             for name, lin in zip(names, linears):
