@@ -147,7 +147,7 @@ def steps_per_second(
 # -- part "study" -------------------------------------------------------------------------
 
 
-def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dict[str, Any]:
+def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     import io
     from contextlib import redirect_stderr
 
@@ -160,6 +160,7 @@ def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dic
         n_trials=n_trials,
         execution=execution,
         seed=seed,
+        device=device,
         storage=f"sqlite:///{folder / 'optuna.db'}",
         tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
     )

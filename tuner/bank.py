@@ -207,7 +207,6 @@ class Bank:
         """Per-layer views of the weights and of the gradient block, made once per layout."""
         self.grad = torch.zeros_like(self.tensors["flat"])  # written whole by every backward
         self.w = self.views(self.tensors["flat"])
-        self.g = self.views(self.grad)
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -397,7 +396,7 @@ class Bank:
             w_rows = w_rows / w_rows.sum(1, keepdim=True).clamp_min(1e-30)
             loss = (per_row * w_rows).sum(1)
             d_out = (torch.softmax(out, -1) - F.one_hot(yb, self.n_out).to(out.dtype)) * w_rows.unsqueeze(-1)
-        backward(tape, self.w, self.g, d_out, self.runs, self.layer_on)
+        backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
         T["loss_sum"] += loss * count
         self._update()
         T["s"] += T["live"][:, None]

@@ -4,7 +4,7 @@ A bank step is a few dozen tiny kernels; autograd's graph building and engine, t
 gradient buffers it allocates and a ``cat`` of every layer's gradient were a large share of it.
 Here the forward keeps what the backward needs (each layer's input, pre-activation and
 output), and the backward writes every layer's weight and bias gradient straight into the
-bank's preallocated ``(K, P)`` gradient block (views of it, ``out=``). The activation
+bank's preallocated ``(K, P)`` gradient block (one ``cat``). The activation
 derivatives are torch's own backward kernels (``torch.ops.aten.*_backward``), so each slot's
 gradient is the one autograd gives ``train()``'s ``nn.Sequential``, up to float32 summation order.
 
@@ -93,26 +93,27 @@ def forward(
 def backward(
     tape: Tape,
     w: dict[str, torch.Tensor],
-    g: dict[str, torch.Tensor],
+    grad: torch.Tensor,
     d_out: torch.Tensor,
     runs: list[tuple[str, int]],
     layer_on: list[torch.Tensor | None],
 ) -> None:
-    """Write every parameter's gradient into the views ``g`` (same names as ``w``), given the
-    gradient of the summed per-slot losses with respect to the outputs ``d_out``."""
+    """Write every parameter's gradient into ``grad`` (``(K, P)``, laid out as ``w``: layer by
+    layer, weight then bias), given the gradient of the summed per-slot losses with respect to
+    the outputs ``d_out``. Each product lands in a fresh contiguous tensor and one ``cat`` writes
+    them all: torch's batched GEMM on CPU needs a contiguous result (into a strided view of the
+    block it falls back to one small GEMM per slot)."""
     assert tape.last is not None
-    torch.bmm(tape.last.transpose(1, 2), d_out, out=g["wout"])
-    torch.sum(d_out, 1, keepdim=True, out=g["bout"])
+    K = d_out.shape[0]
+    parts = [d_out.sum(1), torch.bmm(tape.last.transpose(1, 2), d_out).view(K, -1)]  # bias, weight
     n_layers = len(tape.z)
-    if not n_layers:
-        return
-    dh = torch.bmm(d_out, w["wout"].transpose(1, 2))
+    dh = torch.bmm(d_out, w["wout"].transpose(1, 2)) if n_layers else d_out
     for layer in range(n_layers - 1, -1, -1):
         on = layer_on[layer] if layer else None
         da = dh if on is None else torch.where(on, dh, 0.0)
         dz = _apply(runs, da, ACT_BACKWARD, tape.z[layer], tape.a[layer])
-        torch.bmm(tape.inputs[layer].transpose(1, 2), dz, out=g[f"w{layer}"])
-        torch.sum(dz, 1, keepdim=True, out=g[f"b{layer}"])
+        parts += [dz.sum(1), torch.bmm(tape.inputs[layer].transpose(1, 2), dz).view(K, -1)]
         if layer:
             dh_in = torch.bmm(dz, w[f"w{layer}"].transpose(1, 2))
             dh = dh_in if on is None else torch.where(on, 0.0, dh) + dh_in
+    torch.cat(parts[::-1], 1, out=grad)  # built from the output back: w0, b0, ..., wout, bout

@@ -123,12 +123,15 @@ def _events(
     """
     ending = [k for k, s in enumerate(bank.slots) if s is not None and s.epoch_end_t == bank.t]
     T = bank.tensors
-    losses = (T["loss_sum"][ending] / T["n"][ending, 0]).tolist()
-    _, metrics = _validate(bank, val)  # the outputs: each ending slot's validation predictions
-    values = metrics[ending].tolist()
+    # out[k]: slot k's validation predictions after this epoch (standardised outputs or logits,
+    # rows as in its split's x_val; see _validate), e.g. a trial's out-of-fold predictions.
+    out, metrics = _validate(bank, val)
+    index = torch.tensor(ending, device=bank.device)
+    # The ending slots' history rows, train loss and metrics, to the host in one copy (one sync).
+    rows = torch.cat([(T["loss_sum"][index] / T["n"][index, 0])[:, None], metrics[index]], 1).tolist()
     names = _metric_names(bank)
     outcomes: list[tuple[int, str | None, bool]] = []
-    for k, train_loss, row in zip(ending, losses, values):
+    for k, (train_loss, *row) in zip(ending, rows):
         slot = bank.slots[k]
         assert slot is not None and slot.history is not None
         p = slot.job.params
@@ -225,10 +228,12 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def _padded_width(hidden_size: int) -> int:
+def _padded_width(hidden_size: int, floor: int = 16) -> int:
     """The width of the group a hidden size trains in: the next power of two, so padding never
-    wastes more than half of a layer's units (weights and optimizer state scale with it)."""
-    return 1 << max(hidden_size - 1, 0).bit_length() if hidden_size > 0 else 0
+    wastes more than half of a layer's units (weights and optimizer state scale with it), and
+    all sizes up to ``floor`` in one group (below it a bank step's fixed cost outweighs the
+    padded arithmetic)."""
+    return max(floor, 1 << max(hidden_size - 1, 0).bit_length()) if hidden_size > 0 else 0
 
 
 def train_many(
