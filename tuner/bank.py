@@ -1,11 +1,13 @@
 """The batched model behind ``train_many``: K trials of one shape family as stacked tensors.
 
 A ``Bank`` keeps each trial's weights, optimizer state, learning rate and schedule, hidden size
-and depth (padded and masked), activation, batch size and shuffled order in one slot (``Slot``,
-trained from a ``Job``), and runs one forward/backward and one batched optimizer step for all
-of them. Validating, stopping and freezing a trial into a ``TabularNet`` live in ``fused.py``.
+and depth (padded; a missing layer is skipped per slot), activation, batch size and shuffled
+order in one slot (``Slot``, trained from a ``Job``), and runs one forward/backward (written out
+in ``bankmath.py``) and one batched optimizer step for all of them; the epoch shuffles come from
+``shuffle.py``. Validating (``Bank.forward`` on the validation rows), stopping and freezing a
+trial into a ``TabularNet`` live in ``fused.py``.
 
-Like ``train.py`` this module imports torch only.
+Torch and numpy only (no Optuna, no MLflow), like ``train.py``'s torch only.
 """
 
 from __future__ import annotations

@@ -128,11 +128,11 @@ class Streams:
         perm = np.zeros((len(rows), width), np.int64)
         if len(rows) < _VECTOR_FROM:
             for r, (size, out) in enumerate(zip(n.tolist(), raw.tolist())):
-                p = list(range(size))
+                order = list(range(size))
                 for i in range(size - 1):
                     j = i + out[i] % (size - i)
-                    p[i], p[j] = p[j], p[i]
-                perm[r, :size] = p
+                    order[i], order[j] = order[j], order[i]
+                perm[r, :size] = order
         else:
             p = np.broadcast_to(np.arange(int(n.max())), (len(rows), int(n.max()))).copy()
             all_rows = np.arange(len(rows))
