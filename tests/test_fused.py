@@ -409,3 +409,18 @@ def test_bank_shuffles_are_torch_randperm_with_each_trials_own_seed(n_slots: int
         for row, (n, g) in enumerate(zip(sizes, generators)):
             assert got[row, :n].tolist() == torch.randperm(n, generator=g).tolist()
             assert not got[row, n:].any()
+
+
+def test_fused_equals_train_on_a_split_too_long_for_the_vectorised_shuffles() -> None:
+    from tuner.shuffle import MAX_ROWS
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(MAX_ROWS + 600, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=len(x))
+    data = prepare(x, y, feature_names=["a", "b", "c"], target="y", fraction=0.1, seed=0)
+    assert len(data.x_train) > MAX_ROWS  # each slot keeps a torch generator
+    params = [TrainParams(lr=0.01, epochs=2, batch_size=512, hidden_size=4),
+              TrainParams(lr=0.02, epochs=1, batch_size=1024, hidden_size=6, activation="tanh")]
+    expected = [train(p, data, device="cpu", seed=i) for i, p in enumerate(params)]
+    for ref, res in zip(expected, train_many([Job(p, i) for i, p in enumerate(params)], data, device="cpu")):
+        _assert_same(ref, res)
