@@ -318,9 +318,13 @@ class Bank:
         T["s"][index] = 0
         T["loss_sum"][index] = 0
 
-    def refresh(self) -> None:
+    def refresh(self, slots_changed: bool = True) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use,
-        which layers some slot skips."""
+        which layers some slot skips. ``slots_changed=False`` (only epochs went on): the next
+        epoch end only."""
+        if not slots_changed:
+            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None), default=-1)
+            return
         self._shrink()
         live = [s for s in self.slots if s is not None]
         self.next_event = min((s.epoch_end_t for s in live), default=-1)

@@ -159,7 +159,7 @@ def _events(
             going_on.append(k)
     if going_on:
         bank.start_epochs(going_on)
-    bank.refresh()
+    bank.refresh(slots_changed=bool(finished))
     return finished
 
 
