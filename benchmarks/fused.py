@@ -109,15 +109,23 @@ def _clock(device: torch.device) -> float:
 def steps_per_second(
     data: Prepared, device: torch.device, k_values: list[int], epochs: int = 10, n_sequential: int = 4
 ) -> list[dict[str, Any]]:
-    """Rows of (arm, K, model-steps/s, ratio to the naive loop)."""
+    """Rows of (arm, K, model-steps/s, ratio to the naive loop).
+
+    The naive loop is measured again right before and after each train_many arm, and that arm's
+    ratio is to the mean of those two: on a shared machine the load drifts within a run.
+    """
     data = data.to(device)
     rows: list[dict[str, Any]] = []
     jobs = uniform_jobs(n_sequential, epochs)
     naive_loop(data, jobs[0].params, 0, device)  # warm-up
-    start = _clock(device)
-    steps = sum(naive_loop(data, j.params, j.seed, device) for j in jobs)
-    naive = steps / (_clock(device) - start)
-    rows.append({"arm": "naive DataLoader loop (baseline)", "K": 1, "steps_s": naive})
+
+    def naive_rate() -> float:
+        start = _clock(device)
+        steps = sum(naive_loop(data, j.params, j.seed, device) for j in jobs)
+        return steps / (_clock(device) - start)
+
+    naive = naive_rate()
+    rows.append({"arm": "naive DataLoader loop (baseline)", "K": 1, "steps_s": naive, "naive": naive})
     start = _clock(device)
     steps = sum(train(j.params, data, device=device, seed=j.seed).n_steps for j in jobs)
     rows.append({"arm": "train(), one at a time", "K": 1, "steps_s": steps / (_clock(device) - start)})
@@ -133,21 +141,23 @@ def steps_per_second(
             # refill the slots of short trials would idle until the longest one ends.
             jobs_k = make(k if kind == "uniform" else 4 * k, epochs)
             train_many(make(min(k, 4), 1), data, device=device, width=k)  # warm-up
+            before = naive_rate()
             start = _clock(device)
             results = train_many(jobs_k, data, device=device, width=k)
             elapsed = _clock(device) - start
+            beside = (before + naive_rate()) / 2
             arm = f"train_many, {kind} shapes" + (", refill" if kind == "mixed" else "")
             steps_s = sum(r.n_steps for r in results) / elapsed
-            rows.append({"arm": arm, "K": k, "steps_s": steps_s, "vs_train": steps_s / same[kind]})
+            rows.append({"arm": arm, "K": k, "steps_s": steps_s, "vs_train": steps_s / same[kind], "naive": beside})
     for row in rows:
-        row["ratio"] = row["steps_s"] / naive
+        row["ratio"] = row["steps_s"] / row.get("naive", naive)
     return rows
 
 
 # -- part "study" -------------------------------------------------------------------------
 
 
-def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dict[str, Any]:
+def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0, device: str = "auto") -> dict[str, Any]:
     import io
     from contextlib import redirect_stderr
 
@@ -160,6 +170,7 @@ def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0) -> dic
         n_trials=n_trials,
         execution=execution,
         seed=seed,
+        device=device,
         storage=f"sqlite:///{folder / 'optuna.db'}",
         tracking_uri=f"sqlite:///{folder / 'mlflow.db'}",
     )
@@ -193,6 +204,7 @@ def main() -> int:
     ap.add_argument("--n-trials", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seeds", type=int, default=1, help="study seeds 0..N-1 (each also changes the split)")
+    ap.add_argument("--k", type=int, nargs="+", default=[16, 64, 256], help="K values of part steps")
     ap.add_argument("--epochs", type=int, nargs="+", default=[10, 100],
                     help="epochs per trial in part steps (the cars space draws 20-200)")
     args = ap.parse_args()
@@ -201,9 +213,10 @@ def main() -> int:
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} thread(s)")
     for epochs in args.epochs if args.part in ("steps", "both") else []:
         print(f"\nmodel-steps/s (per-process CPU time), cars data, {epochs} epochs per trial:")
-        for row in steps_per_second(cars(), device, [16, 64, 256], epochs=epochs):
+        for row in steps_per_second(cars(), device, args.k, epochs=epochs):
             vs = f"  {row['vs_train']:5.1f}x vs train() on the same shapes" if "vs_train" in row else ""
-            print(f"  {row['arm']:<36} K={row['K']:<4} {row['steps_s']:>10.0f} steps/s  {row['ratio']:6.1f}x{vs}")
+            print(f"  {row['arm']:<36} K={row['K']:<4} {row['steps_s']:>10.0f} steps/s  {row['ratio']:6.1f}x{vs}"
+                  + (f"  (naive beside it: {row['naive']:.0f} steps/s)" if "naive" in row else ""), flush=True)
     if args.part in ("study", "both"):
         print(f"\ncars MLP study, {args.n_trials} trials, seeds 0-{args.seeds - 1}, fresh SQLite stores per run:")
         runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "fused": []}

@@ -10,8 +10,11 @@ the baseline fetches per-sample batches from host tensors through a DataLoader a
 
 Part "fused" (issue 8): model-steps/s of K small MLPs on the cars data, the naive DataLoader loop
 (one model at a time; the baseline) vs ``train_many`` at K = 64 ... 16384, synchronised wall time;
-the rows of ``benchmarks/fused.py --part steps``. Goal: >= 1000x vs the naive loop on an H100 at
-large K.
+the rows of ``benchmarks/fused.py --part steps`` (uniform shapes, and cars-space shapes with 4K
+jobs through K slots). Goal: >= 1000x vs the naive loop on an H100 at large K.
+
+Part "study": the cars MLP study (``studies/cars_mlp.toml``, 5-fold CV) launched sequentially and
+fused on the device, fresh SQLite stores, as ``benchmarks/fused.py --part study``.
 """
 
 from __future__ import annotations
@@ -58,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU needed)")
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--part", choices=["m3", "fused", "all"], default="all")
+    ap.add_argument("--part", choices=["m3", "fused", "study", "all"], default="all")
     ap.add_argument("--fused-k", type=int, nargs="+", default=None,
                     help="K values of the fused rows (default 64 1024 4096 16384 on CUDA, 16 64 256 with --cpu)")
     ap.add_argument("--fused-epochs", type=int, default=100, help="epochs per trial in the fused rows")
+    ap.add_argument("--study-trials", type=int, default=50, help="trials of the cars study in part study")
     args = ap.parse_args(argv)
     import numpy as np
     import torch
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("fused", "all"):
         fused_rows(device, name, args.fused_k or ([16, 64, 256] if args.cpu else [64, 1024, 4096, 16384]),
                    args.fused_epochs)
-    if args.part == "fused":
+    if args.part in ("study", "all"):
+        study_rows("cpu" if args.cpu else "cuda", name, args.study_trials)
+    if args.part in ("fused", "study"):
         return 0
     print(f"device: {name}; {args.rows:,} rows x 10 features; {args.steps} steps per configuration")
     print(f"{'hidden':>7}{'batch':>7}{'tuner steps/s':>15}{'naive steps/s':>15}{'ratio':>8}")
@@ -108,6 +114,26 @@ def fused_rows(device: Any, name: str, k_values: list[int], epochs: int) -> None
     for row in steps_per_second(cars(), device, k_values, epochs=epochs, n_sequential=2):
         vs = f"  {row['vs_train']:7.1f}x vs train()" if "vs_train" in row else ""
         print(f"  {row['arm']:<38} K={row['K']:<6} {row['steps_s']:>12.0f} steps/s  {row['ratio']:8.1f}x{vs}", flush=True)
+
+
+def study_rows(device: str, name: str, n_trials: int) -> None:
+    """Print the cars study launched sequentially and fused on ``device`` (wall and process CPU)."""
+    import tempfile
+    from pathlib import Path
+
+    from benchmarks.fused import run_study
+
+    print(f"cars MLP study on {name}: {n_trials} trials, 5-fold CV, fresh SQLite stores")
+    runs = {}
+    for execution in ("sequential", "fused"):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = run_study(execution, n_trials, Path(tmp), device=device)
+        runs[execution] = r
+        print(f"  {execution:<10} loop {r['loop_s']:7.1f}s  launch {r['launch_s']:7.1f}s  cpu {r['cpu_s']:7.1f}s  "
+              f"best rmse {r['best']:.3f}", flush=True)
+    seq, fused = runs["sequential"], runs["fused"]
+    print(f"  fused / sequential: loop {seq['loop_s'] / fused['loop_s']:.1f}x, launch "
+          f"{seq['launch_s'] / fused['launch_s']:.1f}x", flush=True)
 
 
 if __name__ == "__main__":

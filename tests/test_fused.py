@@ -112,7 +112,6 @@ def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
         bank.add(i, Job(p, i), configs[-1])
     for _ in range(10):
         bank.step()
-    bank.unpack()  # the optimizer state of the real entries back into the (K, P) blocks
     flat, mask = bank.tensors["flat"], bank.tensors["pmask"]
     assert mask.sum() < mask.numel()  # something is padded: width 8 and depth 3 for a 3-unit 1-layer trial
     assert torch.count_nonzero(flat[mask == 0]) == 0
@@ -430,3 +429,37 @@ def test_out_of_fold_predictions_are_the_same_sequential_and_fused() -> None:
     jobs = [Job(p, seed=60 + i) for i, p in enumerate(MIXED[1:5])]
     for ref, res in zip([train(j.params, data, device="cpu", seed=j.seed) for j in jobs], train_many(jobs, data, device="cpu", width=3)):
         np.testing.assert_allclose(val_predictions(res.model, data), val_predictions(ref.model, data), rtol=RTOL, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_slots", [3, 20], ids=["per-slot-loop", "vectorised"])
+def test_bank_shuffles_are_torch_randperm_with_each_trials_own_seed(n_slots: int) -> None:
+    from tuner.shuffle import Streams
+
+    rng = np.random.default_rng(0)
+    n_rows = 700  # > 624: a split's epoch spans two MT19937 blocks
+    seeds = [int(s) for s in rng.integers(0, 2**40, n_slots)]
+    sizes = [n_rows, 1, *(int(n) for n in rng.integers(2, n_rows + 1, n_slots - 2))]
+    streams = Streams(n_rows)
+    streams.resize(n_slots, [])
+    streams.seed(list(range(n_slots)), seeds)
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    for _ in range(4):
+        got = streams.permutations(list(range(n_slots)), sizes, n_rows)
+        for row, (n, g) in enumerate(zip(sizes, generators)):
+            assert got[row, :n].tolist() == torch.randperm(n, generator=g).tolist()
+            assert not got[row, n:].any()
+
+
+def test_fused_equals_train_on_a_split_too_long_for_the_vectorised_shuffles() -> None:
+    from tuner.shuffle import MAX_ROWS
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(MAX_ROWS + 600, 3))
+    y = x @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=len(x))
+    data = prepare(x, y, feature_names=["a", "b", "c"], target="y", fraction=0.1, seed=0)
+    assert len(data.x_train) > MAX_ROWS  # each slot keeps a torch generator
+    params = [TrainParams(lr=0.01, epochs=2, batch_size=512, hidden_size=4),
+              TrainParams(lr=0.02, epochs=1, batch_size=1024, hidden_size=6, activation="tanh")]
+    expected = [train(p, data, device="cpu", seed=i) for i, p in enumerate(params)]
+    for ref, res in zip(expected, train_many([Job(p, i) for i, p in enumerate(params)], data, device="cpu")):
+        _assert_same(ref, res)

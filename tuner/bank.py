@@ -1,11 +1,13 @@
 """The batched model behind ``train_many``: K trials of one shape family as stacked tensors.
 
 A ``Bank`` keeps each trial's weights, optimizer state, learning rate and schedule, hidden size
-and depth (padded and masked), activation, batch size and shuffled order in one slot (``Slot``,
-trained from a ``Job``), and runs one forward/backward and one batched optimizer step for all
-of them. Validating, stopping and freezing a trial into a ``TabularNet`` live in ``fused.py``.
+and depth (padded; a missing layer is skipped per slot), activation, batch size and shuffled
+order in one slot (``Slot``, trained from a ``Job``), and runs one forward/backward (written out
+in ``bankmath.py``) and one batched optimizer step for all of them; the epoch shuffles come from
+``shuffle.py``. Validating (``Bank.forward`` on the validation rows), stopping and freezing a
+trial into a ``TabularNet`` live in ``fused.py``.
 
-Like ``train.py`` this module imports torch only.
+Torch and numpy only (no Optuna, no MLflow), like ``train.py``'s torch only.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from tuner.bankmath import Tape, backward, forward
 from tuner.data import Prepared
-from tuner.model import ModelConfig, initial_weights, make_activation
-from tuner.train import TrainParams, task_loss
+from tuner.model import ModelConfig, initial_weights
+from tuner.shuffle import MAX_ROWS, Streams
+from tuner.train import TrainParams
 
 __all__ = ["Bank", "Job", "Slot"]
 
@@ -47,7 +52,7 @@ class Slot:
     job: Job
     config: ModelConfig
     data: Prepared
-    generator: torch.Generator
+    generator: torch.Generator | None  # None: shuffled by the bank's Streams
     batch_size: int
     steps_per_epoch: int
     epoch: int = 0
@@ -87,12 +92,16 @@ class Bank:
             if data.class_weight_ else None
         )
         self.tensors: dict[str, torch.Tensor] = {}
-        self.packed = False
         self.act_key: tuple[str | None, ...] = ()
-        self.act_groups: list[tuple[torch.nn.Module, int]] = []  # activation, its run of slots
+        self.runs: list[tuple[str, int]] = [("relu", 1)]  # activation, its run of slots
+        self.layer_on: list[torch.Tensor | None] = []  # per layer: which slots have it, None: all
+        self.any_wd_l2 = self.any_wd_dec = self.mask_grad = False
         # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
         self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
+        # Every slot's epoch shuffles, vectorised on the host (see shuffle.py); longer splits
+        # keep one torch generator per slot.
+        self.streams = Streams(self.n) if self.n <= MAX_ROWS else None
         self.b_max = 1
         self._resize(1, 0 if linear else width, 0 if linear else 1)
 
@@ -134,7 +143,6 @@ class Bank:
             "live": torch.zeros(K, dtype=torch.bool, device=dev),
             "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
             "loss_sum": torch.zeros(K, device=dev),
-            "unit_mask": torch.zeros(K, 1, H, device=dev),
             "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
@@ -144,9 +152,11 @@ class Bank:
         for key, array in self.host.items():
             host[key][:k] = array[order]
         self.host = host
+        if self.streams is not None:
+            self.streams.resize(K, order)
         if self.K:
             index = torch.tensor(order, dtype=torch.long, device=dev)
-            h, depth = min(H, self.H), min(L, self.L)
+            depth = min(L, self.L)
             for key in ("flat", "m", "v", "pmask"):
                 old_views = self.views(self.tensors[key])
                 new_views = self.views(new[key], H, L)
@@ -158,18 +168,14 @@ class Bank:
             for key, value in self.tensors.items():
                 if key in ("flat", "m", "v", "pmask"):
                     continue
-                if key == "unit_mask":
-                    new[key][:k, :, :h] = value.index_select(0, index)[:, :, :h]
-                elif key == "layer_on":
+                if key == "layer_on":
                     new[key][: max(depth, 1), :k] = value.index_select(1, index)[: max(depth, 1)]
                 else:
                     new[key][:k] = value.index_select(0, index)
             self.slots = [self.slots[i] for i in order] + [None] * (K - k)
         self.tensors = new
         self.K, self.H, self.L = K, H, L
-        # Leaves that share the flat buffer's memory: the update writes the buffer in place, and
-        # autograd gives each layer its own gradient (no full-size zero fill per view).
-        self.leaves = {name: view.detach().requires_grad_(True) for name, view in self.views(new["flat"]).items()}
+        self._cache_views()
         self.slots += [None] * (K - len(self.slots))
         self.act_key = ()  # slots moved: regroup the activations
 
@@ -179,7 +185,7 @@ class Bank:
         again for the live trials only. The last trials of a study (stragglers) would otherwise
         keep paying for the widest, deepest and most numerous group that was ever in flight."""
         live = [k for k, s in enumerate(self.slots) if s is not None]
-        if not live or self.packed:
+        if not live:
             return
         params = [self.slots[k].job.params for k in live]  # type: ignore[union-attr]
         H = self.H if self.linear else max(p.hidden_size for p in params)
@@ -194,8 +200,15 @@ class Bank:
             key: value.index_select(1 if key == "layer_on" else 0, index) for key, value in self.tensors.items()
         }
         self.host = {key: array[order] for key, array in self.host.items()}
+        if self.streams is not None:
+            self.streams.resize(self.K, order)
         self.slots = [self.slots[k] for k in order]
-        self.leaves = {name: v.detach().requires_grad_(True) for name, v in self.views(self.tensors["flat"]).items()}
+        self._cache_views()
+
+    def _cache_views(self) -> None:
+        """Per-layer views of the weights and of the gradient block, made once per layout."""
+        self.grad = torch.zeros_like(self.tensors["flat"])  # written whole by every backward
+        self.w = self.views(self.tensors["flat"])
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -210,7 +223,6 @@ class Bank:
         of tiny copies). ``refresh=False`` when more are added at once (then call ``refresh``)."""
         if not items:
             return []
-        self.unpack()  # before a resize copies the optimizer state
         free = [i for i, s in enumerate(self.slots) if s is None][: len(items)]
         free += list(range(self.K, self.K + len(items) - len(free)))
         params = [job.params for _, job, _ in items]
@@ -257,9 +269,7 @@ class Bank:
             T["off"][index] = self.offsets[T["ds"][index]][:, None]
             T["live"][index] = True
             if not self.linear:
-                hidden = column([p.hidden_size for p in params], torch.long)
                 depth = column([p.n_layers for p in params], torch.long)
-                T["unit_mask"][index] = (torch.arange(self.H, device=dev) < hidden[:, None]).float()[:, None, :]
                 T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
         for k, p, s in zip(free, params, steps):
             h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
@@ -273,7 +283,7 @@ class Bank:
                 job=job,
                 config=config,
                 data=self.datasets[job.data],
-                generator=torch.Generator().manual_seed(job.seed),
+                generator=torch.Generator().manual_seed(job.seed) if self.streams is None else None,
                 batch_size=b,
                 steps_per_epoch=s,
                 start=start,
@@ -281,6 +291,8 @@ class Bank:
             )
             self.slots[k] = slot
             slots.append(slot)
+        if self.streams is not None:
+            self.streams.seed(free, [job.seed for _, job, _ in items])
         self.start_epochs(free)
         if refresh:
             self.refresh()
@@ -290,24 +302,29 @@ class Bank:
         """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
         (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
         T = self.tensors
-        perms = []
-        for k in ks:
-            slot = self.slots[k]
+        slots = [self.slots[k] for k in ks]
+        for slot in slots:
             assert slot is not None
-            perms.append(torch.randperm(len(slot.data.x_train), generator=slot.generator))
             slot.epoch_end_t = self.t + slot.steps_per_epoch
         index = torch.tensor(ks, device=self.device)
-        sizes = {len(p) for p in perms}
-        if len(sizes) == 1:
-            T["perm"][index, : sizes.pop()] = torch.stack(perms).to(self.device)
+        if self.streams is not None:
+            perms = self.streams.permutations(ks, [len(s.data.x_train) for s in slots], self.n)  # type: ignore[union-attr]
+            T["perm"][index] = torch.from_numpy(perms).to(self.device, non_blocking=True)
         else:
-            for k, perm in zip(ks, perms):
+            for k, slot in zip(ks, slots):
+                assert slot is not None and slot.generator is not None
+                perm = torch.randperm(len(slot.data.x_train), generator=slot.generator)
                 T["perm"][k, : len(perm)] = perm.to(self.device)
         T["s"][index] = 0
         T["loss_sum"][index] = 0
 
-    def refresh(self) -> None:
-        """Host-side caches after slots changed: next epoch end, widest batch, activations in use."""
+    def refresh(self, slots_changed: bool = True) -> None:
+        """Host-side caches after slots changed: next epoch end, widest batch, activations in use,
+        which layers some slot skips. ``slots_changed=False`` (only epochs went on): the next
+        epoch end only."""
+        if not slots_changed:
+            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None), default=-1)
+            return
         self._shrink()
         live = [s for s in self.slots if s is not None]
         self.next_event = min((s.epoch_end_t for s in live), default=-1)
@@ -319,10 +336,9 @@ class Bank:
         if names != self.act_key:
             used = sorted({n for n in names if n is not None})
             if self.linear or len(used) <= 1:
-                self.act_groups = [(make_activation(used[0] if used else "relu"), self.K)]
+                self.runs = [(used[0] if used else "relu", self.K)]
             else:
                 if not _contiguous(names):
-                    assert not self.packed, "slots move only while the optimizer state is unpacked"
                     self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
                     names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
                 runs: list[list[Any]] = []
@@ -332,36 +348,17 @@ class Bank:
                         runs[-1][1] += 1
                     else:
                         runs.append([n, 1])
-                self.act_groups = [(make_activation(a), count) for a, count in runs]
+                self.runs = [(a, count) for a, count in runs]
         self.act_key = names
-        if not self.packed:
-            self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
-            self.any_wd_dec = bool(self.host["wd_dec"].any())
-            self._pack()
-
-    def _pack(self) -> None:
-        """Gather the optimizer state of the real (unpadded, live) parameters into compact vectors.
-
-        The update then touches only those entries: with mixed shapes padded to the widest and
-        deepest trial, most of the ``(K, P)`` block is padding (often >90%), and a full-block
-        update was most of a step's time.
-        """
-        T = self.tensors
-        P = T["flat"].shape[1]
-        self.idx = T["pmask"].view(-1).nonzero().squeeze(1)
-        self.entry_slot = torch.div(self.idx, P, rounding_mode="floor")
-        self.mc = T["m"].view(-1).index_select(0, self.idx)
-        self.vc = T["v"].view(-1).index_select(0, self.idx)
-        self.wd_l2c = T["wd_l2"].view(-1).index_select(0, self.entry_slot) if self.any_wd_l2 else None
-        self.packed = True
-
-    def unpack(self) -> None:
-        """Write the compact optimizer state back into the ``(K, P)`` blocks (before slots change)."""
-        if self.packed:
-            T = self.tensors
-            T["m"].view(-1).index_copy_(0, self.idx, self.mc)
-            T["v"].view(-1).index_copy_(0, self.idx, self.vc)
-            self.packed = False
+        depths = [s.job.params.n_layers for s in live]
+        self.layer_on = [
+            None if all(d > layer for d in depths) else self.tensors["layer_on"][layer] for layer in range(self.L)
+        ]
+        # A padded unit of a sigmoid layer is 0.5, not 0: its outgoing (padded) weights then get a
+        # gradient, which the update must not apply. Every other activation is 0 at 0.
+        self.mask_grad = any(n == "sigmoid" for n in names)
+        self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
+        self.any_wd_dec = bool(self.host["wd_dec"].any())
 
     @property
     def n_live(self) -> int:
@@ -369,25 +366,15 @@ class Bank:
 
     # -- compute --------------------------------------------------------------------------
 
-    def forward(self, w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = x
-        T = self.tensors
-        for layer in range(self.L):
-            z = torch.baddbmm(w[f"b{layer}"], h, w[f"w{layer}"])
-            if len(self.act_groups) == 1:
-                a = self.act_groups[0][0](z)
-            else:
-                parts = z.split([count for _, count in self.act_groups])
-                a = torch.cat([act(part) for (act, _), part in zip(self.act_groups, parts)])
-            a = a * T["unit_mask"]  # padded units stay exactly zero (sigmoid(0) is not)
-            h = a if layer == 0 else torch.where(T["layer_on"][layer], a, h)
-        out = torch.baddbmm(w["bout"], h, w["wout"])
+    def forward(self, x: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
+        """Every slot's network on its rows ``x`` (``(K, B, n_in)``): outputs ``(K, B)`` (regression)
+        or ``(K, B, classes)``."""
+        out = forward(self.w, x, self.L, self.runs, self.layer_on, tape)
         return out.squeeze(-1) if self.task == "regression" else out
 
     def step(self) -> None:
         """One optimizer step of every live slot on its next batch."""
         T = self.tensors
-        flat = T["flat"]
         cols = self.arange[: self.b_max]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
         rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
@@ -395,52 +382,58 @@ class Bank:
         if len(self.datasets) > 1:
             idx = idx + T["off"]
         xb, yb = self.x_all[idx], self.y_all[idx]
-        out = self.forward(self.leaves, xb)
-        if self.task == "regression":
-            per_row = task_loss(out, yb, self.task, "none")
-        else:
-            per_row = task_loss(out.reshape(-1, self.n_out), yb.reshape(-1), self.task, "none").view(yb.shape)
+        tape = Tape()
+        out = self.forward(xb, tape)
         count = rows.sum(1)
-        if self.class_weight is None:
-            loss = torch.where(rows, per_row, 0).sum(1) / count.clamp_min(1)  # each slot's mean, as train()
+        if self.task == "regression":
+            # each slot's mean squared error over its rows, as train(); d/d out of the sum over slots
+            err = torch.where(rows, out - yb, 0.0)
+            scale = 1.0 / count.clamp_min(1)[:, None]
+            loss = (err * err).sum(1) * scale[:, 0]
+            d_out = (2 * err * scale).unsqueeze(-1)
         else:
-            # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
-            w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
-            loss = (per_row * w_rows).sum(1) / w_rows.sum(1).clamp_min(1e-30)
-        leaves = list(self.leaves.values())
-        grads = torch.autograd.grad(loss.sum(), leaves)  # slots do not interact: each gets its own gradient
-        with torch.no_grad():
-            grad = torch.cat([g.reshape(self.K, -1) for g in grads], 1).view(-1).index_select(0, self.idx)
-            T["loss_sum"] += loss.detach() * count
-            self._update(flat.view(-1), grad)
-            T["s"] += T["live"][:, None]
+            logits = out.reshape(-1, self.n_out)
+            per_row = F.cross_entropy(logits, yb.reshape(-1), reduction="none").view(yb.shape)
+            if self.class_weight is None:
+                w_rows = rows.to(out.dtype)
+            else:
+                # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
+                w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
+            w_rows = w_rows / w_rows.sum(1, keepdim=True).clamp_min(1e-30)
+            loss = (per_row * w_rows).sum(1)
+            d_out = (torch.softmax(out, -1) - F.one_hot(yb, self.n_out).to(out.dtype)) * w_rows.unsqueeze(-1)
+        backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
+        T["loss_sum"] += loss * count
+        self._update()
+        T["s"] += T["live"][:, None]
         self.t += 1
 
-    def _update(self, flat: torch.Tensor, grad: torch.Tensor) -> None:
-        """torch's Adam / AdamW / SGD(momentum) update, per slot, on the compact real entries."""
-        h = self.host
+    def _update(self) -> None:
+        """torch's Adam / AdamW / SGD(momentum) update, per slot (its own lr, schedule and step
+        count), on the whole ``(K, P)`` block: a padded entry has no gradient, so it stays zero."""
+        T, h = self.tensors, self.host
         factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
         h["step"] += h["live"]
         safe = np.maximum(h["step"], 1)
         scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
         s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
-        s = s.index_select(0, self.entry_slot)  # per real entry
-        lr_t, step_size, bc2_sqrt, decay = s[:, 0], s[:, 1], s[:, 2], s[:, 3]
-        p = flat.index_select(0, self.idx)
-        if self.wd_l2c is not None:
-            grad = grad.add_(self.wd_l2c * p)
+        lr_t, step_size, bc2_sqrt, decay = s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4]
+        p, grad, m = T["flat"], self.grad, T["m"]
+        if self.mask_grad:
+            grad.mul_(T["pmask"])
+        if self.any_wd_l2:
+            grad.addcmul_(T["wd_l2"], p)
         if self.sgd:
-            self.mc.mul_(_MOMENTUM).add_(grad)
-            p.sub_(lr_t * self.mc)
+            m.mul_(_MOMENTUM).add_(grad)
+            p.addcmul_(m, lr_t, value=-1.0)
         else:
             if self.any_wd_dec:
                 p.mul_(decay)
-            self.mc.lerp_(grad, 1 - _BETA1)
-            self.vc.mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-            denom = (self.vc.sqrt() / bc2_sqrt).add_(_EPS)
-            p.addcdiv_(step_size * self.mc, denom, value=-1.0)
-        flat.index_copy_(0, self.idx, p)
+            m.lerp_(grad, 1 - _BETA1)
+            T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
+            denom = T["v"].sqrt().div_(bc2_sqrt).add_(_EPS)
+            p.addcdiv_(m * step_size, denom, value=-1.0)
 
 
 def _contiguous(names: tuple[str | None, ...]) -> bool:
