@@ -20,8 +20,11 @@ install: $(VENV)/.installed
 run: install
 	$(VENV)/bin/tuner launch studies/cars_mlp.toml
 
+# Two processes (pytest-xdist), a test module per process: most tests wait on subprocesses,
+# servers and kills, so two halve the wall time on two cores; --dist loadscope keeps a module's
+# shared fixtures (a launched study, a browser) in one process.
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadscope
 
 lint: install
 	$(VENV)/bin/ruff check tuner tests benchmarks
