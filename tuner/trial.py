@@ -195,7 +195,6 @@ class Objective:
             raise optuna.TrialPruned(f"non-finite {metric}")
         return value
 
-
     def _predictions(self, result: TrainResult | CVResult) -> Any:
         """The trial's final-epoch out-of-fold predictions (``tuner.validation.assemble_oof``'s
         shape; one split: its validation rows as one repeat)."""
