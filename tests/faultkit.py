@@ -104,9 +104,10 @@ def running_trial_with_run(db: Path) -> bool:
     return n > 0
 
 
-def wait_stale(spec: Any, timeout: float = 60) -> list[int]:
-    """Wait until Optuna's own rule judges a RUNNING trial of ``spec``'s study stale; return the
-    stale trial numbers.
+def wait_stale(spec: Any, timeout: float = 60, n: int = 1) -> list[int]:
+    """Wait until Optuna's own rule judges at least ``n`` RUNNING trials of ``spec``'s study stale;
+    return the stale trial numbers. (Two trials killed together may turn stale a second apart:
+    their heartbeats are stamped in whole seconds.)
 
     Not a fixed ``sleep(grace + margin)``: on SQLite, Optuna stores the heartbeat and reads "now"
     as ``CURRENT_TIMESTAMP``, which has whole-second resolution, and calls a trial stale when
@@ -121,7 +122,12 @@ def wait_stale(spec: Any, timeout: float = 60) -> list[int]:
     storage = open_storage(spec.storage_url, spec)
     try:
         study_id = storage.get_study_id_from_name(spec.name)
-        ids = wait_for(lambda: storage._get_stale_trial_ids(study_id), timeout, what="a stale trial")
+
+        def stale() -> list[int] | None:
+            found = storage._get_stale_trial_ids(study_id)
+            return found if len(found) >= n else None
+
+        ids = wait_for(stale, timeout, what=f"{n} stale trial(s)")
         return sorted(storage.get_trial_number_from_id(i) for i in ids)
     finally:
         storage.engine.dispose()
