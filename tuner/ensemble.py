@@ -190,18 +190,16 @@ def select(spec: StudySpec, study: optuna.Study, tracker: Tracker, inputs: Input
     """Greedy selection over the best ``spec.ensemble.candidates`` COMPLETE trials that stored
     out-of-fold predictions; None where the single best trial has none (e.g. it ran before
     ``ensemble`` was set)."""
-    from optuna.trial import TrialState
-
-    from tuner.selection import best_trial
+    from tuner.selection import ranked_trials
 
     assert spec.ensemble is not None
-    best = best_trial(study)
-    if best is None:
+    # The candidates in the one selection order (the best trial first, as promotion picks it).
+    ranked = [t for t in ranked_trials(study.get_trials(deepcopy=False), spec.study_direction, spec.metric)
+              if math.isfinite(float(t.value))]  # type: ignore[arg-type]
+    if not ranked:
         return None
+    best = ranked[0]
     sign = 1.0 if spec.study_direction == "minimize" else -1.0
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.value is not None and math.isfinite(t.value) and t.number != best.number]
-    ranked = [best] + sorted(complete, key=lambda t: (sign * float(t.value), t.number))  # type: ignore[arg-type]
     numbers: list[int] = []
     preds: list[np.ndarray] = []
     for t in ranked:
@@ -245,8 +243,8 @@ def ensemble_run(
     registers it. ``(None, selection)``: promotion registers the single best. ``held``: what the
     refit tag adds about rows left out (the test part)."""
     from tuner.model import Checkpoint
+    from tuner.registry import registered_version
     from tuner.replay import trial_seed
-    from tuner.tracking import tag
     from tuner.validation import refit
 
     selection = select(spec, study, tracker, inputs)
@@ -256,10 +254,9 @@ def ensemble_run(
         study.set_user_attr(ENSEMBLE_ATTR, selection.to_attr())
     if not selection.adopted:
         return None, selection
-    existing = [v for v in tracker.model_versions(spec.model_name)
-                if v.tags.get(tag("study")) == spec.name and v.tags.get(tag("ensemble")) == selection.tag]
-    if existing:
-        return existing[0].run_id, selection  # registered before: promotion reuses the version
+    existing = registered_version(tracker, spec.model_name, spec.name, selection.best_trial, ensemble=selection.tag)
+    if existing is not None:
+        return existing.run_id, selection  # registered before: promotion reuses the version
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     nets = []
     for number, _ in selection.members:

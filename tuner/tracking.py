@@ -328,10 +328,6 @@ class Tracker:
         """Log a report folder (HTML + PNGs) under ``report/`` of a run (the launch's parent run)."""
         self.client.log_artifacts(run_id, str(folder), artifact_path=REPORT_DIR)
 
-    def report_files(self, run_id: str) -> list[str]:
-        """Artifact paths of the report logged on a run (empty when none)."""
-        return sorted(f.path for f in self.client.list_artifacts(run_id, REPORT_DIR))
-
     def runs_of(self, parent_run_id: str) -> list[Any]:
         return self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = {quote(parent_run_id)}", max_results=10000
