@@ -50,7 +50,7 @@ def verdict(
     """Whether the tuned model beats the best baseline on the study's metric, in plain words. A
     tie is called a tie; with the tuned model's other metrics (``tuned``), a tie on accuracy also
     names both log losses (the selection's tie-break, ``tuner.selection.TIE_BREAK``)."""
-    from tuner.selection import TIE_BREAK
+    from tuner.selection import TIE_BREAK, TIE_RTOL
 
     scored = {name: m[metric] for name, m in baseline_metrics.items() if metric in m}
     if not scored:
@@ -62,7 +62,7 @@ def verdict(
     ours, theirs = _distinct(value, best)
     # Trials' metrics are computed in float32 (7 digits), the baselines' in float64: 68/69 is
     # 0.98550725 for one and 0.985507246 for the other, and that is a tie, not a win.
-    if math.isclose(value, best, rel_tol=1e-6, abs_tol=1e-9):
+    if math.isclose(value, best, rel_tol=TIE_RTOL, abs_tol=1e-9):  # the selection's tie, tuner.selection
         second = TIE_BREAK.get(metric)
         also = ""
         if second and tuned and second in tuned and second in baseline_metrics[name]:
