@@ -145,21 +145,14 @@ def best_info(spec: StudySpec, *, storage: str | None = None, tracking_uri: str 
         "columns": study.user_attrs.get("columns"),
         "ensemble": study.user_attrs.get("ensemble"),  # tuner.ensemble's last selection
     }
-    from tuner.promotion import TEST_ATTR
+    from tuner.promotion import champion_verdict
 
-    estimate = study.user_attrs.get(TEST_ATTR)
-    if estimate and estimate.get("trial") == best.number:  # the champion's test estimate (validation.test_fraction)
-        info["test"] = estimate
-        info["test_baselines"] = study.user_attrs.get("test_baselines") or {}
-    if info["baselines"]:
-        from tuner.baselines import verdict
-
-        # On the test part where there is one: the launch summary's verdict.
-        value, against, tuned = (
-            (info["test"]["metrics"][spec.metric], info["test_baselines"], info["test"]["metrics"])
-            if info.get("test_baselines") else (float(best.value), info["baselines"], info["metrics"])  # type: ignore[arg-type]
-        )
-        info["beats_baselines"], info["verdict"] = verdict(spec.metric, spec.study_direction, value, against, tuned)
+    test_baselines = study.user_attrs.get("test_baselines") or {}
+    test, beats, text = champion_verdict(spec, study, best, info["metrics"], info["baselines"], test_baselines)
+    if test is not None:  # the champion's test estimate (validation.test_fraction)
+        info["test"], info["test_baselines"] = test, test_baselines
+    if info["baselines"]:  # the launch summary's verdict
+        info["beats_baselines"], info["verdict"] = beats, text
     if champion is not None:
         info["champion"] = {
             "model_uri": f"models:/{spec.model_name}@champion",

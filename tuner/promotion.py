@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from tuner.registry import Promotion
     from tuner.tracking import Tracker
 
-__all__ = ["promote", "promote_study", "score_rows", "PROMOTED_ATTR", "TEST_ATTR", "REFIT_TAG", "TEST_TAG"]
+__all__ = ["promote", "promote_study", "score_rows", "champion_verdict", "PROMOTED_ATTR", "TEST_ATTR", "REFIT_TAG", "TEST_TAG"]
 
 PROMOTED_ATTR = "promoted_trial"  # study user attr: the trial registered last
 TEST_ATTR = "test_estimate"  # study user attr: {"trial", "rows", "metrics"} of the champion on the test part
@@ -159,6 +159,30 @@ def score_rows(net: TabularNet | EnsembleNet, frame: pd.DataFrame) -> dict[str, 
         out = net(x)
     names, values = output_metrics(out, y, config.task, torch.zeros(()), torch.ones(()))
     return dict(zip(names, values.tolist()))
+
+
+def champion_verdict(
+    spec: StudySpec,
+    study: optuna.Study,
+    best: optuna.trial.FrozenTrial,
+    metrics: dict[str, float],
+    reference: dict[str, dict[str, float]],
+    test_reference: dict[str, dict[str, float]] | None,
+) -> tuple[dict[str, Any] | None, bool, str]:
+    """``(test estimate, beats the baselines, verdict)`` for the launch summary and ``tuner best``:
+    the best trial's estimate on the untouched test part (None without one), and the verdict on
+    the test part where there is one (neither the champion nor a baseline was chosen there), else
+    on the validation ``metrics`` against the validation baselines ``reference``."""
+    from tuner.baselines import verdict
+
+    estimate = study.user_attrs.get(TEST_ATTR)
+    test = estimate if estimate and estimate.get("trial") == best.number else None
+    if test is not None and test_reference:
+        value, against, tuned = float(test["metrics"][spec.metric]), test_reference, test["metrics"]
+    else:
+        value, against, tuned = float(best.value), reference, metrics  # type: ignore[arg-type]
+    beats, text = verdict(spec.metric, spec.study_direction, value, against, tuned)
+    return test, beats, text
 
 
 def promote_study(spec: StudySpec, *, storage: str | None = None, tracking_uri: str | None = None) -> Promotion:

@@ -236,18 +236,13 @@ def launch(
         warm_start=warm or None,
     )
     if best is not None:
-        from tuner.baselines import verdict
-        from tuner.promotion import TEST_ATTR
+        from tuner.promotion import champion_verdict
 
-        estimate = study.user_attrs.get(TEST_ATTR)
-        if test_reference is not None and estimate and estimate.get("trial") == best.number:
-            summary.test_metrics, summary.test_rows = estimate["metrics"], int(estimate.get("rows", 0))
-        # On the test part where there is one: there neither the champion nor a baseline was chosen.
-        value, against, tuned = (
-            (summary.test_metrics[spec.metric], test_reference, summary.test_metrics) if summary.test_metrics
-            else (best.value, reference, summary.best_metrics)
+        test, summary.beats_baselines, summary.verdict = champion_verdict(
+            spec, study, best, summary.best_metrics, reference, test_reference
         )
-        summary.beats_baselines, summary.verdict = verdict(spec.metric, spec.study_direction, float(value), against, tuned)  # type: ignore[arg-type]
+        if test is not None and test_reference is not None:
+            summary.test_metrics, summary.test_rows = test["metrics"], int(test.get("rows", 0))
     return summary
 
 
