@@ -245,6 +245,7 @@ def ensemble_run(
     from tuner.model import Checkpoint
     from tuner.registry import registered_version
     from tuner.replay import trial_seed
+    from tuner.tracking import tag
     from tuner.validation import refit
 
     selection = select(spec, study, tracker, inputs)
@@ -266,6 +267,6 @@ def ensemble_run(
     run_id = tracker.start_ensemble(spec.name, selection.tag)
     tracker.save_checkpoint(run_id, checkpoint)
     rows = len(inputs.cv.all_rows.x_train) if inputs.cv.all_rows is not None else 0
-    tracker.end_run(run_id, "FINISHED", {"tuner.refit": f"all {rows} rows{held}",
-                                         "tuner.ensemble_summary": selection.describe()[:5000]})
+    tracker.end_run(run_id, "FINISHED", {tag("refit"): f"all {rows} rows{held}",
+                                         tag("ensemble_summary"): selection.describe()[:5000]})
     return run_id, selection

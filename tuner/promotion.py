@@ -32,7 +32,7 @@ __all__ = ["promote", "promote_study", "score_rows", "champion_verdict", "PROMOT
 
 PROMOTED_ATTR = "promoted_trial"  # study user attr: the trial registered last
 TEST_ATTR = "test_estimate"  # study user attr: {"trial", "rows", "metrics"} of the champion on the test part
-REFIT_TAG = "tuner.refit"  # run and version tag: the rows the registered model was fit on
+REFIT_TAG = "tuner.refit"  # (tracking.tag("refit")) run and version tag: the rows the registered model was fit on
 TEST_TAG = "tuner.test_"  # + metric: run and version tags, the champion's metrics on the test part
 
 

@@ -206,6 +206,8 @@ def _champion(
     import numpy as np
     import torch
 
+    from tuner.tracking import tag
+
     version = tracker.champion(spec.model_name)
     if version is not None and version.tags.get("tuner.study") == spec.name:
         run_id = version.run_id
@@ -220,7 +222,7 @@ def _champion(
     net = checkpoint.build()
     # A refit champion has seen every row (the dev rows, with a test part): show them all, and say
     # they are in-sample, rather than a holdout it was trained on.
-    refit = tracker.client.get_run(run_id).data.tags.get("tuner.refit", "").startswith("all ")
+    refit = tracker.client.get_run(run_id).data.tags.get(tag("refit"), "").startswith("all ")
     rows = frame if refit else frame.iloc[prepared.val_index]
     what = f"all {len(rows)} rows, in-sample (the champion was refit on them)" if refit else "validation rows"
     from tuner.model import encode_frame
