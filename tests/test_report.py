@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
-from tests.conftest import write_study
+from tests.conftest import ROOT, write_study
 from tuner.config import load_spec
 from tuner.inputs import load_data
 from tuner.report import SECTIONS, write_report
@@ -83,3 +86,33 @@ def test_report_of_a_study_without_complete_trials_is_written_with_reasons(spec_
     assert "no complete trial" in text
     for key in SECTIONS:
         assert f'<section id="{key}">' in text
+
+
+def test_launch_report_imports_no_matplotlib_and_a_full_report_after_it_draws_every_png(tmp_path: Path) -> None:
+    # A launch's report is plotly only (matplotlib's import is 0.6 s of every launch); `tuner
+    # report` later in the same process must still get Optuna's matplotlib plots.
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        import optuna
+        from tests.conftest import ROOT, write_study
+        from tests.test_report import _trial
+        from tuner.config import load_spec
+        from tuner.inputs import load_data
+        from tuner.report import write_report
+        spec = load_spec(write_study(Path({str(tmp_path)!r}), "report"))
+        prepared, frame = load_data(spec)
+        study = optuna.create_study(study_name="report")
+        for i in range(3):
+            study.add_trial(_trial(i, optuna.trial.TrialState.COMPLETE, [5.0 - i, 4.0 - i]))
+        launch = write_report(study, spec, Path({str(tmp_path)!r}) / "launch.html", prepared=prepared, frame=frame, full=False)
+        print(sorted(launch.pngs), "matplotlib" in sys.modules)
+        full = write_report(study, spec, Path({str(tmp_path)!r}) / "full.html", prepared=prepared, frame=frame)
+        print(sorted(full.pngs))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    launch_line, full_line = out.stdout.strip().splitlines()
+    assert launch_line == "[] False"
+    assert full_line == str(sorted(k for k in SECTIONS if k != "predicted_vs_actual"))

@@ -12,6 +12,8 @@ with the baselines (mean predictor, least squares).
 from __future__ import annotations
 
 import html
+import importlib
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -66,17 +68,38 @@ class _Champion:
     rows: str = "validation rows"  # what the points are, for the legend and the caption
 
 
-def _optuna_plots() -> dict[str, tuple[Callable[..., Any], Callable[..., Any]]]:
-    import optuna.visualization as vis
-    import optuna.visualization.matplotlib as vmpl
-
-    return {
-        "history": (vis.plot_optimization_history, vmpl.plot_optimization_history),
-        "importances": (vis.plot_param_importances, vmpl.plot_param_importances),
-        "parallel_coordinate": (vis.plot_parallel_coordinate, vmpl.plot_parallel_coordinate),
-        "slice": (vis.plot_slice, vmpl.plot_slice),
-        "intermediate_values": (vis.plot_intermediate_values, vmpl.plot_intermediate_values),
+def _optuna_plots(full: bool) -> dict[str, tuple[Callable[..., Any], Callable[..., Any] | None]]:
+    """Each section's plotly function and, where PNGs are drawn, its matplotlib twin."""
+    vis = _plotly_visualization() if not full else importlib.import_module("optuna.visualization")
+    names = {
+        "history": "plot_optimization_history",
+        "importances": "plot_param_importances",
+        "parallel_coordinate": "plot_parallel_coordinate",
+        "slice": "plot_slice",
+        "intermediate_values": "plot_intermediate_values",
     }
+    vmpl = importlib.import_module("optuna.visualization.matplotlib") if full else None
+    return {key: (getattr(vis, name), getattr(vmpl, name) if vmpl else None) for key, name in names.items()}
+
+
+def _plotly_visualization() -> Any:
+    """``optuna.visualization`` without its matplotlib half. The package imports
+    ``optuna.visualization.matplotlib`` and through it pyplot (0.6-0.7 s on 2 cores) though a
+    launch draws no PNG; matplotlib is hidden for that one import (Optuna defers a missing
+    matplotlib to the first matplotlib plot) and the half-loaded submodule is dropped after, so a
+    later ``import optuna.visualization.matplotlib`` (``tuner report`` in the same process) loads
+    it afresh with matplotlib present."""
+    if "optuna.visualization" in sys.modules or "matplotlib" in sys.modules:
+        return importlib.import_module("optuna.visualization")
+    sys.modules["matplotlib"] = None  # type: ignore[assignment]  # `import matplotlib` -> ImportError
+    try:
+        vis = importlib.import_module("optuna.visualization")
+    finally:
+        del sys.modules["matplotlib"]
+        for name in [n for n in sys.modules if n.startswith("optuna.visualization.matplotlib")]:
+            del sys.modules[name]
+    vars(vis).pop("matplotlib", None)
+    return vis
 
 
 def write_report(
@@ -123,7 +146,7 @@ def write_report(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # matplotlib plots are "experimental"; empty-study warnings
         n_complete = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        for key, (plotly_fn, mpl_fn) in _optuna_plots().items():
+        for key, (plotly_fn, mpl_fn) in _optuna_plots(full).items():
             if n_complete == 0 and key != "intermediate_values":
                 # Optuna would draw an empty frame; say why instead.
                 files.skipped[key] = "no complete trial yet"
@@ -133,7 +156,7 @@ def write_report(
                 continue
             try:
                 figures[key] = plotly_fn(study)
-                if not full:
+                if mpl_fn is None:
                     continue
                 axes = mpl_fn(study)
             except Exception as e:  # e.g. importances with fewer than two complete trials
