@@ -149,17 +149,26 @@ def overhead(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+SLOW_STATEMENT_S = 0.005  # a statement this slow has waited (SQLite's write lock, a busy disk)
+
+
 @contextlib.contextmanager
-def storage_probe() -> Iterator[dict[str, float]]:
+def storage_probe(*, whole: bool = False) -> Iterator[dict[str, Any]]:
     """Count the SQL statements and time the storage calls of the trial loop (``run_trials``).
 
     Statements: SQLAlchemy's ``before_cursor_execute`` on every engine, split by database (the
     MLflow store's file or database name holds "mlflow"; the rest is the Optuna storage). Time:
-    wall time inside the Optuna storage's methods and the MLflow client's (and its artifact
-    repository's ``log_artifact``), outermost call only. Only the main thread counts: the heartbeat
-    thread beats on a clock, in parallel. Start-up and promotion are outside ``run_trials``, so
-    they do not count. Yields the counters: ``optuna_sql``, ``mlflow_sql``, ``optuna_s``,
-    ``mlflow_s``, ``trials`` (trials told in the loop).
+    wall time and this thread's CPU time inside the Optuna storage's methods and the MLflow
+    client's (and its artifact repository's ``log_artifact``), outermost call only, also per
+    method (``methods``: calls, seconds, CPU seconds, statements). Only the main thread counts in
+    those: the heartbeat thread beats on a clock, in parallel; statements of other threads are
+    counted apart, by thread name (``threads``; the gate's heartbeat thread is "tuner-heartbeat").
+    ``slow_sql`` counts statements that took longer than ``SLOW_STATEMENT_S`` inside the driver (a wait on SQLite's write lock shows there).
+    Start-up and promotion are outside ``run_trials``, so they do not count (``whole=True``:
+    everything while the context is open counts). Yields the counters: ``optuna_sql``,
+    ``mlflow_sql``, ``optuna_s``, ``mlflow_s``, ``optuna_cpu_s``, ``mlflow_cpu_s``,
+    ``threads``, ``slow_sql``, ``sql_s`` (driver time of the main thread's statements),
+    ``trials`` (trials told in the loop), ``methods``.
     """
     import functools
     import threading
@@ -172,14 +181,33 @@ def storage_probe() -> Iterator[dict[str, float]]:
     import tuner.gate as gate_mod
     import tuner.runners as runners_mod
 
-    counts = {"optuna_sql": 0, "mlflow_sql": 0, "optuna_s": 0.0, "mlflow_s": 0.0, "trials": 0}
+    counts: dict[str, Any] = {
+        "optuna_sql": 0, "mlflow_sql": 0, "optuna_s": 0.0, "mlflow_s": 0.0, "optuna_cpu_s": 0.0, "mlflow_cpu_s": 0.0,
+        "threads": {}, "slow_sql": 0, "sql_s": 0.0, "trials": 0, "methods": {},
+    }
     main = threading.main_thread()
-    state = {"on": False, "depth": 0}
+    state: dict[str, Any] = {"on": whole, "depth": 0, "method": None}
+    started: dict[int, float] = {}
 
     def on_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-        if state["on"] and threading.current_thread() is main:
-            name = str(conn.engine.url.database or "")
-            counts["mlflow_sql" if "mlflow" in name else "optuna_sql"] += 1
+        if not state["on"]:
+            return
+        if threading.current_thread() is not main:
+            name = threading.current_thread().name
+            counts["threads"][name] = counts["threads"].get(name, 0) + 1
+            return
+        name = str(conn.engine.url.database or "")
+        counts["mlflow_sql" if "mlflow" in name else "optuna_sql"] += 1
+        if state["method"] is not None:
+            state["method"][3] += 1
+        started[id(cursor)] = time.perf_counter()
+
+    def on_executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+        t = started.pop(id(cursor), None)
+        if t is not None:
+            took = time.perf_counter() - t
+            counts["sql_s"] += took
+            counts["slow_sql"] += took > SLOW_STATEMENT_S
 
     def timed(kind: str, fn: Any) -> Any:
         @functools.wraps(fn)
@@ -187,12 +215,20 @@ def storage_probe() -> Iterator[dict[str, float]]:
             if not state["on"] or state["depth"] or threading.current_thread() is not main:
                 return fn(*args, **kwargs)
             state["depth"] += 1
-            t = time.perf_counter()
+            method = counts["methods"].setdefault(f"{kind}.{fn.__name__}", [0, 0.0, 0.0, 0])
+            state["method"] = method
+            t, c = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                counts[kind] += time.perf_counter() - t
+                wall, cpu = time.perf_counter() - t, time.thread_time() - c
+                counts[f"{kind}_s"] += wall
+                counts[f"{kind}_cpu_s"] += cpu
+                method[0] += 1
+                method[1] += wall
+                method[2] += cpu
                 state["depth"] -= 1
+                state["method"] = None
         return wrapper
 
     patched: list[tuple[Any, str, Any]] = []
@@ -205,11 +241,11 @@ def storage_probe() -> Iterator[dict[str, float]]:
     for cls in (optuna.storages.RDBStorage, optuna.storages._cached_storage._CachedStorage):
         for name, fn in list(vars(cls).items()):
             if inspect.isfunction(fn) and not name.startswith("__"):
-                patch(cls, name, timed("optuna_s", fn))
+                patch(cls, name, timed("optuna", fn))
     for name, fn in list(vars(MlflowClient).items()):
         if inspect.isfunction(fn) and not name.startswith("_"):
-            patch(MlflowClient, name, timed("mlflow_s", fn))
-    patch(LocalArtifactRepository, "log_artifact", timed("mlflow_s", LocalArtifactRepository.log_artifact))
+            patch(MlflowClient, name, timed("mlflow", fn))
+    patch(LocalArtifactRepository, "log_artifact", timed("mlflow", LocalArtifactRepository.log_artifact))
 
     tell = gate_mod.TrialGate.tell
 
@@ -225,26 +261,44 @@ def storage_probe() -> Iterator[dict[str, float]]:
         try:
             return run_trials(*args, **kwargs)
         finally:
-            state["on"] = False
+            state["on"] = whole
 
     patch(runners_mod, "run_trials", probed)  # session imports it at call time
     sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", on_execute)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "after_cursor_execute", on_executed)
     try:
         yield counts
     finally:
+        state["on"] = False
         sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", on_execute)
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "after_cursor_execute", on_executed)
         for owner, name, original in reversed(patched):
             setattr(owner, name, original)
 
 
-def per_trial(counts: dict[str, float]) -> dict[str, float]:
+def per_trial(counts: dict[str, Any]) -> dict[str, float]:
     """``storage_probe``'s counters per trial told (statements, milliseconds)."""
     n = max(int(counts["trials"]), 1)
+    sql = counts["optuna_sql"] + counts["mlflow_sql"]
+    storage_s = counts["optuna_s"] + counts["mlflow_s"]
     return {
         "trials": counts["trials"],
         "optuna_sql": counts["optuna_sql"] / n,
         "mlflow_sql": counts["mlflow_sql"] / n,
         "optuna_ms": 1000 * counts["optuna_s"] / n,
         "mlflow_ms": 1000 * counts["mlflow_s"] / n,
-        "storage_ms": 1000 * (counts["optuna_s"] + counts["mlflow_s"]) / n,
+        "storage_ms": 1000 * storage_s / n,
+        "storage_cpu_ms": 1000 * (counts["optuna_cpu_s"] + counts["mlflow_cpu_s"]) / n,
+        "sql_driver_ms": 1000 * counts["sql_s"] / n,
+        "ms_per_statement": 1000 * storage_s / max(sql, 1),
+        "heartbeat_sql": counts["threads"].get("tuner-heartbeat", 0),
+        "other_thread_sql": sum(v for k, v in counts["threads"].items() if k != "tuner-heartbeat"),
+        "slow_sql": counts["slow_sql"],
     }
+
+
+def per_method(counts: dict[str, Any]) -> list[tuple[str, float, float, float, float]]:
+    """``(method, calls, ms, CPU ms, statements)`` per trial told, the costliest first."""
+    n = max(int(counts["trials"]), 1)
+    rows = [(name, c / n, 1000 * s / n, 1000 * cpu / n, sql / n) for name, (c, s, cpu, sql) in counts["methods"].items()]
+    return sorted(rows, key=lambda r: -r[2])

@@ -4,6 +4,7 @@
     python -m benchmarks.overhead --baseline-trials 30 # the same count on both sides (~6 min)
     python -m benchmarks.overhead --storage --trials 8 # SQL statements and storage ms per trial,
                                                        # sequential and fused, no baseline
+    python -m benchmarks.overhead --storage --execution fused --methods  # and per storage method
 
 Both run the mtcars MLP study (studies/cars_mlp.toml) in fresh SQLite stores, one after the
 other in this process. Overhead of a trial = its share of the wall time minus the time inside
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", action="store_true", help="count SQL statements and storage ms per trial instead")
     ap.add_argument("--execution", choices=["sequential", "fused", "both"], default="both", help="with --storage")
     ap.add_argument("--cv", action="store_true", help="with --storage: the study's 5 folds instead of one split")
+    ap.add_argument("--methods", action="store_true", help="with --storage: also the cost of each storage method")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     warnings.filterwarnings("ignore")
@@ -69,12 +71,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def storage_main(args: argparse.Namespace) -> int:
-    """SQL statements and storage milliseconds per trial of the trial loop, per execution mode."""
-    from benchmarks._arms import per_trial, storage_probe
+    """SQL statements and storage milliseconds per trial of the trial loop, per execution mode.
+
+    Besides wall time: the main thread's CPU time inside the storage calls (equal to the wall time
+    when nothing waits: no lock, no disk), the time inside the database driver, statements of the
+    heartbeat thread and statements slower than 5 ms (a wait on SQLite's write lock shows there).
+    """
+    from benchmarks._arms import per_method, per_trial, storage_probe
 
     modes = ["sequential", "fused"] if args.execution == "both" else [args.execution]
     print(f"{'execution':<12}{'trials':>7}{'optuna SQL':>12}{'mlflow SQL':>12}{'optuna ms':>11}{'mlflow ms':>11}"
-          f"{'storage ms':>12}   (per trial told, trial loop only)")
+          f"{'storage ms':>12}{'CPU ms':>8}{'driver ms':>11}{'ms/stmt':>9}{'beat SQL':>10}{'slow SQL':>10}"
+          "   (per trial told, trial loop only)")
     for mode in modes:
         overrides: dict = {"execution": mode}
         if args.cv:
@@ -83,7 +91,11 @@ def storage_main(args: argparse.Namespace) -> int:
             run_tuner(CARS_MLP, n_trials=args.trials, seed=args.seed, workdir=Path(tmp), overrides=overrides, promote=False)
         p = per_trial(counts)
         print(f"{mode:<12}{p['trials']:>7}{p['optuna_sql']:>12.1f}{p['mlflow_sql']:>12.1f}{p['optuna_ms']:>11.1f}"
-              f"{p['mlflow_ms']:>11.1f}{p['storage_ms']:>12.1f}")
+              f"{p['mlflow_ms']:>11.1f}{p['storage_ms']:>12.1f}{p['storage_cpu_ms']:>8.1f}{p['sql_driver_ms']:>11.1f}"
+              f"{p['ms_per_statement']:>9.2f}{p['heartbeat_sql']:>10}{p['slow_sql']:>10}")
+        if args.methods:
+            for name, calls, ms, cpu, sql in per_method(counts):
+                print(f"    {name:<42}{calls:>6.2f} calls{ms:>8.1f} ms{cpu:>8.1f} CPU ms{sql:>7.1f} SQL  (per trial)")
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     return 0
