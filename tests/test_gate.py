@@ -74,3 +74,31 @@ def test_ask_many_hands_out_at_most_the_free_slots_in_one_go(tmp_path: Path) -> 
         assert (stored[2].state, stored[2].value, told[2].value) == (TrialState.PRUNED, 0.5, 0.5) and not gate.in_flight
     finally:
         gate.close()
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_storage_probe_counts_the_heartbeat_threads_writes_apart_from_the_trial_loops(tmp_path: Path) -> None:
+    """The evidence for the fused storage cost (docs/performance.md "Storage per trial"): the
+    heartbeat thread's beats are counted by thread, not as the trial loop's statements."""
+    import time
+
+    from benchmarks._arms import per_trial, storage_probe
+    from tuner.config import load_spec
+    from tuner.gate import Heartbeat
+    from tuner.study import open_study
+
+    spec = load_spec(write_study(tmp_path, "beats", body="[heartbeat]\ninterval = 1\n"))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'optuna.db'}")
+    trial = study.ask()
+    heartbeat = Heartbeat(study)
+    with storage_probe(whole=True) as counts:
+        heartbeat.add(trial._trial_id)  # the first beat: in this thread, before the trial is handed out
+        first = counts["optuna_sql"]
+        deadline = time.monotonic() + 30
+        while counts["threads"].get("tuner-heartbeat", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        heartbeat.close()
+    cost = per_trial(counts)
+    assert first == 2 and counts["optuna_sql"] == first  # a beat is 2 statements; the thread's are not the loop's
+    assert cost["heartbeat_sql"] >= 2 and cost["heartbeat_sql"] % 2 == 0 and cost["other_thread_sql"] == 0
+    assert counts["methods"]["optuna.record_heartbeat"][0] == 1  # the main thread's one call, timed
