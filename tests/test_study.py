@@ -211,3 +211,15 @@ def test_every_classification_trial_records_the_log_loss_that_breaks_ties(
     assert complete and all(isinstance(t.user_attrs.get("log_loss"), float) for t in complete)
     assert summary.best_number == best_trial(study).number == ranked_trials(study.trials, "maximize", "accuracy")[0].number
     assert summary.promotion is not None and summary.promotion.trial_number == summary.best_number
+
+
+def test_a_resumed_launch_does_not_draw_the_first_launchs_params_again(
+    tmp_path: Path, storage_url: str, tracking_uri: str
+) -> None:
+    # A seeded sampler replays its stream from the start: before the fix trials 3-5 repeated 0-2.
+    spec = load_spec(write_study(tmp_path, n_trials=3))
+    launch(spec, storage=storage_url, tracking_uri=tracking_uri, progress=False, report=False)
+    launch(spec, n_trials=6, storage=storage_url, tracking_uri=tracking_uri, progress=False, report=False)
+    trials = optuna.load_study(study_name=spec.name, storage=storage_url).get_trials()
+    drawn = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(drawn) == 6 and len(set(drawn)) == 6

@@ -28,6 +28,7 @@ __all__ = [
     "open_study",
     "make_sampler",
     "make_pruner",
+    "resumed_seed",
     "check_storage_url",
     "finished_count",
     "StaleTrials",
@@ -191,6 +192,14 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
         raise TunerError(f"sampler {spec.sampler.name!r} needs a package that is missing: {e}; pip install it") from None
 
 
+def resumed_seed(seed: int, n_existing: int) -> int:
+    """The sampler seed of a launch on a study that holds ``n_existing`` trials (numpy's
+    SeedSequence mixes the two: nearby inputs give unrelated streams)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, n_existing]).generate_state(1)[0])
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     import optuna
 
@@ -252,6 +261,13 @@ def open_study(
             raise StorageError(f"study {spec.name!r} in {redact_url(url)} cannot be resumed: {e}") from None
         if study.metric_names != [spec.metric]:
             study.set_metric_names([spec.metric])  # optuna-dashboard and plots say "rmse", not "Objective 0"
+        n_existing = len(study.get_trials(deepcopy=False))
+        if n_existing:
+            # A seeded sampler replays its random stream from the start: a resumed launch would draw
+            # the startup trials of the first launch again. Resumed, the seed also counts the trials
+            # already there (still deterministic: the same study state gives the same draws).
+            base = spec.seed if sampler_seed is None else sampler_seed
+            study.sampler = make_sampler(spec, resumed_seed(base, n_existing))
     else:
         try:
             study = optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner)
