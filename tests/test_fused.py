@@ -62,8 +62,12 @@ def _assert_same(ref, got) -> None:
         torch.testing.assert_close(got_sd[key], ref_sd[key], rtol=RTOL, atol=1e-5)
 
 
-@pytest.mark.parametrize("group_widths", [False, True], ids=["one-padded-group", "width-groups"])
-def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(cars, group_widths) -> None:
+@pytest.mark.parametrize(("group_widths", "vector_shuffles"), [(False, None), (True, None), (True, True)],
+                         ids=["one-padded-group", "width-groups", "width-groups-vectorised-shuffles"])
+def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(
+    cars, group_widths, vector_shuffles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Bank, "vector_shuffles", vector_shuffles)  # None: a generator per slot on the CPU
     jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
     expected = [
         train(j.params, cars, device="cpu", seed=j.seed, on_epoch_end=lambda e, m, i=i: _prune_first(i, e, m))

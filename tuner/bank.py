@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tuner.bankmath import Tape, backward, forward
+from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_weights
 from tuner.shuffle import MAX_ROWS, Streams
@@ -30,6 +30,7 @@ from tuner.train import TrainParams
 __all__ = ["Bank", "Job", "Slot"]
 
 _BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults, train()'s SGD momentum
+_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,13 @@ class Bank:
     backward pass fills one gradient tensor and the optimizer update is a handful of ops.
     """
 
+    # Epoch shuffles through shuffle.Streams (True) or one torch generator per slot (False);
+    # None: Streams on a device other than the CPU. Same permutations either way. On the CPU
+    # an epoch event ends a few slots at a time, and there a randperm per slot (~5 us) is
+    # cheaper than Streams' ~25 vectorised numpy rounds (~0.6 ms at 8-64 slots, 26 rows);
+    # Streams pays off where each randperm would be a host-to-device copy.
+    vector_shuffles: bool | None = None
+
     def __init__(
         self, datasets: list[Prepared], device: torch.device, *, linear: bool, sgd: bool, width: int
     ) -> None:
@@ -94,14 +102,15 @@ class Bank:
         self.tensors: dict[str, torch.Tensor] = {}
         self.act_key: tuple[str | None, ...] = ()
         self.runs: list[tuple[str, int]] = [("relu", 1)]  # activation, its run of slots
-        self.layer_on: list[torch.Tensor | None] = []  # per layer: which slots have it, None: all
+        self.layer_on: list[LayerMask | None] = []  # per layer: which slots have it, None: all
         self.any_wd_l2 = self.any_wd_dec = self.mask_grad = False
         # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
         self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
-        # Every slot's epoch shuffles, vectorised on the host (see shuffle.py); longer splits
-        # keep one torch generator per slot.
-        self.streams = Streams(self.n) if self.n <= MAX_ROWS else None
+        # Every slot's epoch shuffles, vectorised on the host (see shuffle.py) for a device other
+        # than the CPU; on the CPU, and for longer splits, one torch generator per slot.
+        vector = self.vector_shuffles if self.vector_shuffles is not None else device.type != "cpu"
+        self.streams = Streams(self.n) if vector and self.n <= MAX_ROWS else None
         self.b_max = 1
         self._resize(1, 0 if linear else width, 0 if linear else 1)
 
@@ -311,10 +320,14 @@ class Bank:
             perms = self.streams.permutations(ks, [len(s.data.x_train) for s in slots], self.n)  # type: ignore[union-attr]
             T["perm"][index] = torch.from_numpy(perms).to(self.device, non_blocking=True)
         else:
-            for k, slot in zip(ks, slots):
-                assert slot is not None and slot.generator is not None
-                perm = torch.randperm(len(slot.data.x_train), generator=slot.generator)
-                T["perm"][k, : len(perm)] = perm.to(self.device)
+            perms = [torch.randperm(len(s.data.x_train), generator=s.generator) for s in slots]  # type: ignore[union-attr]
+            if all(len(p) == self.n for p in perms):
+                block = torch.stack(perms)
+            else:
+                block = torch.zeros(len(perms), self.n, dtype=torch.long)
+                for row, perm in enumerate(perms):
+                    block[row, : len(perm)] = perm
+            T["perm"][index] = block.to(self.device)
         T["s"][index] = 0
         T["loss_sum"][index] = 0
 
@@ -352,7 +365,7 @@ class Bank:
         self.act_key = names
         depths = [s.job.params.n_layers for s in live]
         self.layer_on = [
-            None if all(d > layer for d in depths) else self.tensors["layer_on"][layer] for layer in range(self.L)
+            None if all(d > layer for d in depths) else layer_mask(self.tensors["layer_on"][layer]) for layer in range(self.L)
         ]
         # A padded unit of a sigmoid layer is 0.5, not 0: its outgoing (padded) weights then get a
         # gradient, which the update must not apply. Every other activation is 0 at 0.
@@ -432,7 +445,10 @@ class Bank:
                 p.mul_(decay)
             m.lerp_(grad, 1 - _BETA1)
             T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-            denom = T["v"].sqrt().div_(bc2_sqrt).add_(_EPS)
+            # sqrt of 0.0 takes ~15x as long as of a normal float on CPUs seen here (padded and free
+            # entries are 0): clamped to the smallest normal float the denominator is the same
+            # float, since sqrt(tiny) / bc2_sqrt is far below half an ulp of eps.
+            denom = T["v"].clamp_min(_TINY).sqrt_().div_(bc2_sqrt).add_(_EPS)
             p.addcdiv_(m * step_size, denom, value=-1.0)
 
 
