@@ -123,6 +123,36 @@ def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
     assert torch.count_nonzero(flat[mask == 1]) == int(mask.sum())  # the real weights did train
 
 
+def test_rows_carried_in_a_training_forward_see_the_weights_before_the_step(cars) -> None:
+    """How an epoch's validation rides in the next step: the extra rows' outputs are the
+    network's before the update, the step itself is the one without them, and a stopped slot
+    keeps its weights through the step."""
+    from tuner.model import ModelConfig
+
+    banks = [Bank([cars], torch.device("cpu"), linear=False, sgd=False, width=8) for _ in range(2)]
+    for bank in banks:
+        for i, p in enumerate([TrainParams(lr=0.05, epochs=3, batch_size=4, hidden_size=5, activation="gelu", n_layers=2),
+                               TrainParams(lr=0.05, epochs=3, batch_size=8, hidden_size=8, activation="tanh", n_layers=3),
+                               TrainParams(lr=0.05, epochs=3, batch_size=32, hidden_size=3)]):
+            bank.add(i, Job(p, i), ModelConfig(cars.feature_names, cars.target, hidden_size=p.hidden_size,
+                                               n_layers=p.n_layers, activation=p.activation))
+    plain, carrying = banks
+    extra = cars.x_val.expand(plain.K, *cars.x_val.shape)
+    for step in range(4):
+        before = plain.forward(extra)
+        plain.step()
+        got = carrying.begin_step(extra)
+        assert got is not None
+        torch.testing.assert_close(got, before, rtol=1e-6, atol=1e-7)
+        if step == 3:
+            kept = carrying.tensors["flat"][1].clone()
+            carrying.stop([1])
+        carrying.end_step()
+    torch.testing.assert_close(carrying.tensors["flat"][[0, 2]], plain.tensors["flat"][[0, 2]], rtol=1e-6, atol=1e-7)
+    assert torch.equal(carrying.tensors["flat"][1], kept)
+    assert int(carrying.host["step"][1]) == 3 and int(plain.host["step"][1]) == 4
+
+
 def test_a_slot_is_refilled_only_after_the_finished_trial_was_handed_back(cars) -> None:
     events: list[str] = []
 

@@ -4,8 +4,10 @@ A ``Bank`` keeps each trial's weights, optimizer state, learning rate and schedu
 and depth (padded; a missing layer is skipped per slot), activation, batch size and shuffled
 order in one slot (``Slot``, trained from a ``Job``), and runs one forward/backward (written out
 in ``bankmath.py``) and one batched optimizer step for all of them; the epoch shuffles come from
-``shuffle.py``. Validating (``Bank.forward`` on the validation rows), stopping and freezing a
-trial into a ``TabularNet`` live in ``fused.py``.
+``shuffle.py``. A step is two halves (``begin_step``: the forward, which also carries extra
+rows such as the validation rows of the slots whose epoch just ended; ``end_step``: backward and
+update), so a trial's epoch can be reported and stopped between them. Reporting, stopping and
+freezing a trial into a ``TabularNet`` live in ``fused.py``.
 
 Torch and numpy only (no Optuna, no MLflow), like ``train.py``'s torch only.
 """
@@ -19,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask
+from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_weights
 from tuner.shuffle import MAX_ROWS, Streams
@@ -29,8 +30,6 @@ from tuner.train import TrainParams
 
 __all__ = ["Bank", "Job", "Slot"]
 
-_BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults, train()'s SGD momentum
-_TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,8 @@ class Slot:
     generator: torch.Generator | None  # None: shuffled by the bank's Streams
     batch_size: int
     steps_per_epoch: int
-    epoch: int = 0
+    epoch: int = 0  # the epoch it trains
+    ended: int = -1  # the epoch that ended and awaits validation (in the next step's forward), or -1
     epoch_end_t: int = 0  # bank step count at which the current epoch ends
     start: float = 0.0
     history: list[dict[str, float]] | None = None
@@ -87,6 +87,7 @@ class Bank:
         self.slots: list[Slot | None] = []
         self.t = 0
         self.next_event = -1
+        self._half: tuple[Tape, torch.Tensor, torch.Tensor] | None = None  # begin_step's, for end_step
         # Every split's training rows in one table (a slot reads its own at an offset).
         sizes = [len(d.x_train) for d in datasets]
         self.n = max(sizes)
@@ -152,6 +153,7 @@ class Bank:
             "live": torch.zeros(K, dtype=torch.bool, device=dev),
             "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
             "loss_sum": torch.zeros(K, device=dev),
+            "ended_loss": torch.zeros(K, device=dev),  # mean train loss of the epoch awaiting validation
             "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
@@ -320,27 +322,54 @@ class Bank:
             perms = self.streams.permutations(ks, [len(s.data.x_train) for s in slots], self.n)  # type: ignore[union-attr]
             T["perm"][index] = torch.from_numpy(perms).to(self.device, non_blocking=True)
         else:
-            perms = [torch.randperm(len(s.data.x_train), generator=s.generator) for s in slots]  # type: ignore[union-attr]
-            if all(len(p) == self.n for p in perms):
-                block = torch.stack(perms)
+            drawn = [torch.randperm(len(s.data.x_train), generator=s.generator) for s in slots]  # type: ignore[union-attr]
+            if all(len(p) == self.n for p in drawn):
+                block = torch.stack(drawn)
             else:
-                block = torch.zeros(len(perms), self.n, dtype=torch.long)
-                for row, perm in enumerate(perms):
+                block = torch.zeros(len(drawn), self.n, dtype=torch.long)
+                for row, perm in enumerate(drawn):
                     block[row, : len(perm)] = perm
             T["perm"][index] = block.to(self.device)
         T["s"][index] = 0
         T["loss_sum"][index] = 0
+
+    def end_epochs(self) -> list[int]:
+        """After a step: the slots whose epoch ended with it keep its mean train loss and await
+        validation (``Slot.ended``); each starts its next epoch, or, after its last, stops
+        training. Returns the slots awaiting validation."""
+        if self.t == self.next_event:
+            ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
+            T = self.tensors
+            index = torch.tensor(ending, device=self.device)
+            T["ended_loss"][index] = T["loss_sum"][index] / T["n"][index, 0]
+            going_on, last = [], []
+            for k in ending:
+                slot = self.slots[k]
+                assert slot is not None
+                slot.ended = slot.epoch
+                if slot.epoch + 1 < slot.job.params.epochs:
+                    slot.epoch += 1
+                    going_on.append(k)
+                else:
+                    last.append(k)
+            if going_on:
+                self.start_epochs(going_on)
+            self.stop(last)
+            self.refresh(slots_changed=False)
+        return [k for k, s in enumerate(self.slots) if s is not None and s.ended >= 0]
 
     def refresh(self, slots_changed: bool = True) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use,
         which layers some slot skips. ``slots_changed=False`` (only epochs went on): the next
         epoch end only."""
         if not slots_changed:
-            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None), default=-1)
+            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None and s.epoch_end_t > self.t),
+                                  default=-1)
             return
         self._shrink()
         live = [s for s in self.slots if s is not None]
-        self.next_event = min((s.epoch_end_t for s in live), default=-1)
+        # (a slot past its last epoch only awaits validation: its epoch_end_t is not ahead)
+        self.next_event = min((s.epoch_end_t for s in live if s.epoch_end_t > self.t), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
         # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
         # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
@@ -387,8 +416,17 @@ class Bank:
 
     def step(self) -> None:
         """One optimizer step of every live slot on its next batch."""
+        self.begin_step()
+        self.end_step()
+
+    def begin_step(self, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The forward half of a step: each live slot's loss on its next batch and the gradient
+        of its outputs, and, in the same forward, every slot's outputs on the rows ``extra``
+        (``(K, e, n_in)``, e.g. its validation rows) with the weights it has before this step,
+        which are returned. ``stop`` may then keep slots out of the update; ``end_step`` ends it."""
         T = self.tensors
-        cols = self.arange[: self.b_max]
+        b = self.b_max
+        cols = self.arange[:b]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
         rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
         idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
@@ -396,29 +434,40 @@ class Bank:
             idx = idx + T["off"]
         xb, yb = self.x_all[idx], self.y_all[idx]
         tape = Tape()
-        out = self.forward(xb, tape)
-        count = rows.sum(1)
-        if self.task == "regression":
-            # each slot's mean squared error over its rows, as train(); d/d out of the sum over slots
-            err = torch.where(rows, out - yb, 0.0)
-            scale = 1.0 / count.clamp_min(1)[:, None]
-            loss = (err * err).sum(1) * scale[:, 0]
-            d_out = (2 * err * scale).unsqueeze(-1)
-        else:
-            logits = out.reshape(-1, self.n_out)
-            per_row = F.cross_entropy(logits, yb.reshape(-1), reduction="none").view(yb.shape)
-            if self.class_weight is None:
-                w_rows = rows.to(out.dtype)
-            else:
-                # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
-                w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
-            w_rows = w_rows / w_rows.sum(1, keepdim=True).clamp_min(1e-30)
-            loss = (per_row * w_rows).sum(1)
-            d_out = (torch.softmax(out, -1) - F.one_hot(yb, self.n_out).to(out.dtype)) * w_rows.unsqueeze(-1)
-        backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
-        T["loss_sum"] += loss * count
-        self._update()
-        T["s"] += T["live"][:, None]
+        out = self.forward(xb if extra is None else torch.cat([xb, extra], 1), tape)
+        out_extra = None
+        if extra is not None:
+            # The backward sees the batch rows only (views; the extra rows get no gradient).
+            out, out_extra = out[:, :b], out[:, b:]
+            tape.inputs = [t[:, :b] for t in tape.inputs]
+            tape.z = [t[:, :b] for t in tape.z]
+            tape.a = [t[:, :b] for t in tape.a]
+            tape.last = tape.last[:, :b] if tape.last is not None else None
+        weight = None
+        if self.task != "regression" and self.class_weight is not None:
+            weight = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
+        loss, d_out = loss_and_grad(out, yb, rows, self.task, weight)
+        self._half = (tape, d_out, loss * rows.sum(1))
+        return out_extra
+
+    def stop(self, ks: list[int]) -> None:
+        """Keep slots ``ks`` out of every update from now on (their weights stay as they are,
+        this step's included when called between ``begin_step`` and ``end_step``)."""
+        if ks:
+            self.tensors["live"][torch.tensor(ks, device=self.device)] = False
+            self.host["live"][ks] = False
+
+    def end_step(self) -> None:
+        """The backward and the update of the step ``begin_step`` began."""
+        assert self._half is not None, "end_step without begin_step"
+        tape, d_out, loss = self._half
+        self._half = None
+        T = self.tensors
+        if self.host["live"].any():
+            backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
+            T["loss_sum"] += loss
+            self._update()
+            T["s"] += T["live"][:, None]
         self.t += 1
 
     def _update(self) -> None:
@@ -428,28 +477,12 @@ class Bank:
         factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
         h["step"] += h["live"]
-        safe = np.maximum(h["step"], 1)
-        scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
-        s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
-        lr_t, step_size, bc2_sqrt, decay = s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4]
-        p, grad, m = T["flat"], self.grad, T["m"]
+        scalars = torch.from_numpy(step_scalars(lr, h["step"], h["wd_dec"])).to(self.device, non_blocking=True)
         if self.mask_grad:
-            grad.mul_(T["pmask"])
+            self.grad.mul_(T["pmask"])
         if self.any_wd_l2:
-            grad.addcmul_(T["wd_l2"], p)
-        if self.sgd:
-            m.mul_(_MOMENTUM).add_(grad)
-            p.addcmul_(m, lr_t, value=-1.0)
-        else:
-            if self.any_wd_dec:
-                p.mul_(decay)
-            m.lerp_(grad, 1 - _BETA1)
-            T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-            # sqrt of 0.0 takes ~15x as long as of a normal float on CPUs seen here (padded and free
-            # entries are 0): clamped to the smallest normal float the denominator is the same
-            # float, since sqrt(tiny) / bc2_sqrt is far below half an ulp of eps.
-            denom = T["v"].clamp_min(_TINY).sqrt_().div_(bc2_sqrt).add_(_EPS)
-            p.addcdiv_(m * step_size, denom, value=-1.0)
+            self.grad.addcmul_(T["wd_l2"], T["flat"])
+        update(T["flat"], self.grad, T["m"], T["v"], scalars, sgd=self.sgd, decoupled=self.any_wd_dec)
 
 
 def _contiguous(names: tuple[str | None, ...]) -> bool:
