@@ -137,7 +137,8 @@ def test_rows_carried_in_a_training_forward_see_the_weights_before_the_step(cars
             bank.add(i, Job(p, i), ModelConfig(cars.feature_names, cars.target, hidden_size=p.hidden_size,
                                                n_layers=p.n_layers, activation=p.activation))
     plain, carrying = banks
-    extra = cars.x_val.expand(plain.K, *cars.x_val.shape)
+    assert plain.n_used == 3 < plain.K  # grown to 4 slots: the free one is not computed
+    extra = cars.x_val.expand(plain.n_used, *cars.x_val.shape)
     for step in range(4):
         before = plain.forward(extra)
         plain.step()

@@ -186,8 +186,8 @@ class Bank:
             self.slots = [self.slots[i] for i in order] + [None] * (K - k)
         self.tensors = new
         self.K, self.H, self.L = K, H, L
-        self._cache_views()
         self.slots += [None] * (K - len(self.slots))
+        self._cache_views()
         self.act_key = ()  # slots moved: regroup the activations
 
     def _shrink(self) -> None:
@@ -217,9 +217,15 @@ class Bank:
         self._cache_views()
 
     def _cache_views(self) -> None:
-        """Per-layer views of the weights and of the gradient block, made once per layout."""
-        self.grad = torch.zeros_like(self.tensors["flat"])  # written whole by every backward
-        self.w = self.views(self.tensors["flat"])
+        """The slots a step computes (``n_used``: up to the last slot in use) and views of their
+        rows of every per-slot tensor (``used``), per-layer views of their weights and their
+        gradient block, made once per layout."""
+        self.n_used = next((k + 1 for k in range(len(self.slots) - 1, -1, -1) if self.slots[k] is not None), 0)
+        n = self.n_used
+        self.used = {key: value[:n] for key, value in self.tensors.items() if key != "layer_on"}
+        if getattr(self, "grad", None) is None or self.grad.shape != self.used["flat"].shape:
+            self.grad = torch.zeros_like(self.used["flat"])  # written whole by every backward
+        self.w = self.views(self.used["flat"])
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -371,30 +377,34 @@ class Bank:
         # (a slot past its last epoch only awaits validation: its epoch_end_t is not ahead)
         self.next_event = min((s.epoch_end_t for s in live if s.epoch_end_t > self.t), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
-        # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
-        # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
-        # the backward pass). Free slots ride with a neighbouring run.
+        # Used slots first, so every step computes only the prefix of slots in use (free slots
+        # stay free until a refill, a third of the slots on the cars space at K=64), and sorted
+        # by activation, so each activation runs on one contiguous run of slots (a split and a
+        # cat; gathering scattered slots cost a full-size zero fill per group in the backward).
         names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
         if names != self.act_key:
             used = sorted({n for n in names if n is not None})
-            if self.linear or len(used) <= 1:
-                self.runs = [(used[0] if used else "relu", self.K)]
+            several = not self.linear and len(used) > 1
+            n = len(live)
+            if any(name is None for name in names[:n]) or (several and not _contiguous(names)):
+                self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, (names[k] or "") if several else "")))
+                names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+            if not several:
+                self.runs = [(used[0] if used else "relu", n)]
             else:
-                if not _contiguous(names):
-                    self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
-                    names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
                 runs: list[list[Any]] = []
-                for n in names:
-                    n = n if n is not None else (runs[-1][0] if runs else used[0])
-                    if runs and runs[-1][0] == n:
+                for name in names[:n]:
+                    if runs and runs[-1][0] == name:
                         runs[-1][1] += 1
                     else:
-                        runs.append([n, 1])
+                        runs.append([name, 1])
                 self.runs = [(a, count) for a, count in runs]
+        self._cache_views()
         self.act_key = names
         depths = [s.job.params.n_layers for s in live]
         self.layer_on = [
-            None if all(d > layer for d in depths) else layer_mask(self.tensors["layer_on"][layer]) for layer in range(self.L)
+            None if all(d > layer for d in depths) else layer_mask(self.tensors["layer_on"][layer][: self.n_used])
+            for layer in range(self.L)
         ]
         # A padded unit of a sigmoid layer is 0.5, not 0: its outgoing (padded) weights then get a
         # gradient, which the update must not apply. Every other activation is 0 at 0.
@@ -409,8 +419,8 @@ class Bank:
     # -- compute --------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
-        """Every slot's network on its rows ``x`` (``(K, B, n_in)``): outputs ``(K, B)`` (regression)
-        or ``(K, B, classes)``."""
+        """Every used slot's network on its rows ``x`` (``(n_used, B, n_in)``): outputs ``(n_used, B)``
+        (regression) or ``(n_used, B, classes)``."""
         out = forward(self.w, x, self.L, self.runs, self.layer_on, tape)
         return out.squeeze(-1) if self.task == "regression" else out
 
@@ -423,8 +433,9 @@ class Bank:
         """The forward half of a step: each live slot's loss on its next batch and the gradient
         of its outputs, and, in the same forward, every slot's outputs on the rows ``extra``
         (``(K, e, n_in)``, e.g. its validation rows) with the weights it has before this step,
-        which are returned. ``stop`` may then keep slots out of the update; ``end_step`` ends it."""
-        T = self.tensors
+        which are returned. ``stop`` may then keep slots out of the update; ``end_step`` ends it.
+        Only the slots up to the last one in use are computed (``n_used``; ``extra`` has as many)."""
+        T = self.used
         b = self.b_max
         cols = self.arange[:b]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
@@ -462,7 +473,7 @@ class Bank:
         assert self._half is not None, "end_step without begin_step"
         tape, d_out, loss = self._half
         self._half = None
-        T = self.tensors
+        T = self.used
         if self.host["live"].any():
             backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
             T["loss_sum"] += loss
@@ -473,11 +484,12 @@ class Bank:
     def _update(self) -> None:
         """torch's Adam / AdamW / SGD(momentum) update, per slot (its own lr, schedule and step
         count), on the whole ``(K, P)`` block: a padded entry has no gradient, so it stays zero."""
-        T, h = self.tensors, self.host
+        T, h = self.used, self.host
         factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
         h["step"] += h["live"]
-        scalars = torch.from_numpy(step_scalars(lr, h["step"], h["wd_dec"])).to(self.device, non_blocking=True)
+        n = self.n_used
+        scalars = torch.from_numpy(step_scalars(lr[:n], h["step"][:n], h["wd_dec"][:n])).to(self.device, non_blocking=True)
         if self.mask_grad:
             self.grad.mul_(T["pmask"])
         if self.any_wd_l2:

@@ -90,11 +90,11 @@ class _Validation:
 
 
 def _validation_rows(bank: Bank, val: _Validation) -> torch.Tensor:
-    """Every slot's validation inputs ``(K, v, n_in)`` (row i of slot k: row i of its split's
+    """Every used slot's validation inputs ``(n_used, v, n_in)`` (row i of slot k: row i of its split's
     ``x_val``, padded past its split's length), to ride in the bank's next training forward."""
     if len(bank.datasets) == 1:
-        return val.x.expand(bank.K, *val.x.shape[1:])
-    return val.x.index_select(0, bank.tensors["ds"])
+        return val.x.expand(bank.n_used, *val.x.shape[1:])
+    return val.x.index_select(0, bank.used["ds"])
 
 
 @torch.no_grad()
