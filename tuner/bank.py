@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask, loss_and_grad, step_scalars, update
+from tuner.bankmath import LayerMask, Tape, activation_runs, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_weights
 from tuner.shuffle import MAX_ROWS, Streams
@@ -88,6 +88,7 @@ class Bank:
         self.t = 0
         self.next_event = -1
         self._half: tuple[Tape, torch.Tensor, torch.Tensor] | None = None  # begin_step's, for end_step
+        self.grad = torch.zeros(0, device=device)  # the used slots' gradient block (see _cache_views)
         # Every split's training rows in one table (a slot reads its own at an offset).
         sizes = [len(d.x_train) for d in datasets]
         self.n = max(sizes)
@@ -223,7 +224,7 @@ class Bank:
         self.n_used = next((k + 1 for k in range(len(self.slots) - 1, -1, -1) if self.slots[k] is not None), 0)
         n = self.n_used
         self.used = {key: value[:n] for key, value in self.tensors.items() if key != "layer_on"}
-        if getattr(self, "grad", None) is None or self.grad.shape != self.used["flat"].shape:
+        if self.grad.shape != self.used["flat"].shape:
             self.grad = torch.zeros_like(self.used["flat"])  # written whole by every backward
         self.w = self.views(self.used["flat"])
 
@@ -386,19 +387,12 @@ class Bank:
             used = sorted({n for n in names if n is not None})
             several = not self.linear and len(used) > 1
             n = len(live)
-            if any(name is None for name in names[:n]) or (several and not _contiguous(names)):
+            first = [name for name in names[:n] if name is not None]
+            if len(first) < n or (several and len(activation_runs(first)) > len(used)):
                 self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, (names[k] or "") if several else "")))
                 names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-            if not several:
-                self.runs = [(used[0] if used else "relu", n)]
-            else:
-                runs: list[list[Any]] = []
-                for name in names[:n]:
-                    if runs and runs[-1][0] == name:
-                        runs[-1][1] += 1
-                    else:
-                        runs.append([name, 1])
-                self.runs = [(a, count) for a, count in runs]
+                first = [name for name in names[:n] if name is not None]
+            self.runs = activation_runs(first) if several else [(used[0] if used else "relu", n)]
         self._cache_views()
         self.act_key = names
         depths = [s.job.params.n_layers for s in live]
@@ -496,13 +490,3 @@ class Bank:
             self.grad.addcmul_(T["wd_l2"], T["flat"])
         update(T["flat"], self.grad, T["m"], T["v"], scalars, sgd=self.sgd, decoupled=self.any_wd_dec)
 
-
-def _contiguous(names: tuple[str | None, ...]) -> bool:
-    """Whether each name fills one run of positions (None fits anywhere)."""
-    seen: list[str] = []
-    for n in names:
-        if n is not None and (not seen or seen[-1] != n):
-            if n in seen:
-                return False
-            seen.append(n)
-    return True
