@@ -34,7 +34,7 @@ def cars(tmp_path_factory: pytest.TempPathFactory):
 MIXED = [
     TrainParams(lr=0.01, epochs=5, batch_size=4, hidden_size=8, activation="relu"),
     TrainParams(lr=0.05, epochs=3, batch_size=16, hidden_size=3, activation="sigmoid", n_layers=2),
-    TrainParams(lr=0.002, epochs=6, batch_size=32, hidden_size=20, activation="tanh", n_layers=3, weight_decay=1e-3),
+    TrainParams(lr=0.002, epochs=6, batch_size=32, hidden_size=40, activation="tanh", n_layers=3, weight_decay=1e-3),
     TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=0),
     TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=5, activation="gelu", optimizer="adamw", weight_decay=0.1),
     TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=5, activation="leaky_relu", optimizer="sgd"),
