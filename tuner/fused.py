@@ -9,12 +9,12 @@ decision stops it at the same epoch.
 
 This module holds the jobs (``Job``, ``fusable``), the loop that feeds the banks, and the epoch
 events: validate, report, stop or go on, and freeze a finished trial into a ``TabularNet``. A
-slot's validation rows ride in the bank's next training forward, which runs on the weights its
-epoch left; its epoch is reported between that forward and the update, and a trial that ends
-there is kept out of the update (an epoch ends every step or few on small tables, and a forward
-of the whole bank per event was a third of the time). A
 finished or stopped trial's slot is refilled from the next job, pulled lazily from
-``params_list`` (a study's ask), so the batch stays full.
+``params_list`` (a study's ask), so the batch stays full. A slot's validation rows ride in the
+bank's next training forward, which runs on the weights its epoch left; its epoch is reported
+between that forward and the update, and a trial that ends there is kept out of the update (an
+epoch ends every step or few on small tables, and a forward of the whole bank per event was a
+third of the time).
 
 Like ``train.py`` this module imports torch only.
 """
