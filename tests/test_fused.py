@@ -34,7 +34,7 @@ def cars(tmp_path_factory: pytest.TempPathFactory):
 MIXED = [
     TrainParams(lr=0.01, epochs=5, batch_size=4, hidden_size=8, activation="relu"),
     TrainParams(lr=0.05, epochs=3, batch_size=16, hidden_size=3, activation="sigmoid", n_layers=2),
-    TrainParams(lr=0.002, epochs=6, batch_size=32, hidden_size=20, activation="tanh", n_layers=3, weight_decay=1e-3),
+    TrainParams(lr=0.002, epochs=6, batch_size=32, hidden_size=40, activation="tanh", n_layers=3, weight_decay=1e-3),
     TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=0),
     TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=5, activation="gelu", optimizer="adamw", weight_decay=0.1),
     TrainParams(lr=0.02, epochs=4, batch_size=8, hidden_size=5, activation="leaky_relu", optimizer="sgd"),
@@ -62,8 +62,12 @@ def _assert_same(ref, got) -> None:
         torch.testing.assert_close(got_sd[key], ref_sd[key], rtol=RTOL, atol=1e-5)
 
 
-@pytest.mark.parametrize("group_widths", [False, True], ids=["one-padded-group", "width-groups"])
-def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(cars, group_widths) -> None:
+@pytest.mark.parametrize(("group_widths", "vector_shuffles"), [(False, None), (True, None), (True, True)],
+                         ids=["one-padded-group", "width-groups", "width-groups-vectorised-shuffles"])
+def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pruned_trial(
+    cars, group_widths, vector_shuffles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Bank, "vector_shuffles", vector_shuffles)  # None: a generator per slot on the CPU
     jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
     expected = [
         train(j.params, cars, device="cpu", seed=j.seed, on_epoch_end=lambda e, m, i=i: _prune_first(i, e, m))
@@ -117,6 +121,37 @@ def test_padded_units_and_missing_layers_stay_exactly_zero(cars) -> None:
     assert torch.count_nonzero(flat[mask == 0]) == 0
     assert torch.count_nonzero(bank.tensors["m"][mask == 0]) == 0  # no gradient ever reached them
     assert torch.count_nonzero(flat[mask == 1]) == int(mask.sum())  # the real weights did train
+
+
+def test_rows_carried_in_a_training_forward_see_the_weights_before_the_step(cars) -> None:
+    """How an epoch's validation rides in the next step: the extra rows' outputs are the
+    network's before the update, the step itself is the one without them, and a stopped slot
+    keeps its weights through the step."""
+    from tuner.model import ModelConfig
+
+    banks = [Bank([cars], torch.device("cpu"), linear=False, sgd=False, width=8) for _ in range(2)]
+    for bank in banks:
+        for i, p in enumerate([TrainParams(lr=0.05, epochs=3, batch_size=4, hidden_size=5, activation="gelu", n_layers=2),
+                               TrainParams(lr=0.05, epochs=3, batch_size=8, hidden_size=8, activation="tanh", n_layers=3),
+                               TrainParams(lr=0.05, epochs=3, batch_size=32, hidden_size=3)]):
+            bank.add(i, Job(p, i), ModelConfig(cars.feature_names, cars.target, hidden_size=p.hidden_size,
+                                               n_layers=p.n_layers, activation=p.activation))
+    plain, carrying = banks
+    assert plain.n_used == 3 < plain.K  # grown to 4 slots: the free one is not computed
+    extra = cars.x_val.expand(plain.n_used, *cars.x_val.shape)
+    for step in range(4):
+        before = plain.forward(extra)
+        plain.step()
+        got = carrying.begin_step(extra)
+        assert got is not None
+        torch.testing.assert_close(got, before, rtol=1e-6, atol=1e-7)
+        if step == 3:
+            kept = carrying.tensors["flat"][1].clone()
+            carrying.stop([1])
+        carrying.end_step()
+    torch.testing.assert_close(carrying.tensors["flat"][[0, 2]], plain.tensors["flat"][[0, 2]], rtol=1e-6, atol=1e-7)
+    assert torch.equal(carrying.tensors["flat"][1], kept)
+    assert int(carrying.host["step"][1]) == 3 and int(plain.host["step"][1]) == 4
 
 
 def test_a_slot_is_refilled_only_after_the_finished_trial_was_handed_back(cars) -> None:

@@ -4,8 +4,10 @@ A ``Bank`` keeps each trial's weights, optimizer state, learning rate and schedu
 and depth (padded; a missing layer is skipped per slot), activation, batch size and shuffled
 order in one slot (``Slot``, trained from a ``Job``), and runs one forward/backward (written out
 in ``bankmath.py``) and one batched optimizer step for all of them; the epoch shuffles come from
-``shuffle.py``. Validating (``Bank.forward`` on the validation rows), stopping and freezing a
-trial into a ``TabularNet`` live in ``fused.py``.
+``shuffle.py``. A step is two halves (``begin_step``: the forward, which also carries extra
+rows such as the validation rows of the slots whose epoch just ended; ``end_step``: backward and
+update), so a trial's epoch can be reported and stopped between them. Reporting, stopping and
+freezing a trial into a ``TabularNet`` live in ``fused.py``.
 
 Torch and numpy only (no Optuna, no MLflow), like ``train.py``'s torch only.
 """
@@ -19,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from tuner.bankmath import Tape, backward, forward
+from tuner.bankmath import LayerMask, Tape, activation_runs, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_weights
 from tuner.shuffle import MAX_ROWS, Streams
@@ -29,7 +30,6 @@ from tuner.train import TrainParams
 
 __all__ = ["Bank", "Job", "Slot"]
 
-_BETA1, _BETA2, _EPS, _MOMENTUM = 0.9, 0.999, 1e-8, 0.9  # torch's Adam defaults, train()'s SGD momentum
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,8 @@ class Slot:
     generator: torch.Generator | None  # None: shuffled by the bank's Streams
     batch_size: int
     steps_per_epoch: int
-    epoch: int = 0
+    epoch: int = 0  # the epoch it trains
+    ended: int = -1  # the epoch that ended and awaits validation (in the next step's forward), or -1
     epoch_end_t: int = 0  # bank step count at which the current epoch ends
     start: float = 0.0
     history: list[dict[str, float]] | None = None
@@ -68,6 +69,13 @@ class Bank:
     backward pass fills one gradient tensor and the optimizer update is a handful of ops.
     """
 
+    # Epoch shuffles through shuffle.Streams (True) or one torch generator per slot (False);
+    # None: Streams on a device other than the CPU. Same permutations either way. On the CPU
+    # an epoch event ends a few slots at a time, and there a randperm per slot (~5 us) is
+    # cheaper than Streams' ~25 vectorised numpy rounds (~0.6 ms at 8-64 slots, 26 rows);
+    # Streams pays off where each randperm would be a host-to-device copy.
+    vector_shuffles: bool | None = None
+
     def __init__(
         self, datasets: list[Prepared], device: torch.device, *, linear: bool, sgd: bool, width: int
     ) -> None:
@@ -79,6 +87,8 @@ class Bank:
         self.slots: list[Slot | None] = []
         self.t = 0
         self.next_event = -1
+        self._half: tuple[Tape, torch.Tensor, torch.Tensor] | None = None  # begin_step's, for end_step
+        self.grad = torch.zeros(0, device=device)  # the used slots' gradient block (see _cache_views)
         # Every split's training rows in one table (a slot reads its own at an offset).
         sizes = [len(d.x_train) for d in datasets]
         self.n = max(sizes)
@@ -94,14 +104,15 @@ class Bank:
         self.tensors: dict[str, torch.Tensor] = {}
         self.act_key: tuple[str | None, ...] = ()
         self.runs: list[tuple[str, int]] = [("relu", 1)]  # activation, its run of slots
-        self.layer_on: list[torch.Tensor | None] = []  # per layer: which slots have it, None: all
+        self.layer_on: list[LayerMask | None] = []  # per layer: which slots have it, None: all
         self.any_wd_l2 = self.any_wd_dec = self.mask_grad = False
         # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
         self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
-        # Every slot's epoch shuffles, vectorised on the host (see shuffle.py); longer splits
-        # keep one torch generator per slot.
-        self.streams = Streams(self.n) if self.n <= MAX_ROWS else None
+        # Every slot's epoch shuffles, vectorised on the host (see shuffle.py) for a device other
+        # than the CPU; on the CPU, and for longer splits, one torch generator per slot.
+        vector = self.vector_shuffles if self.vector_shuffles is not None else device.type != "cpu"
+        self.streams = Streams(self.n) if vector and self.n <= MAX_ROWS else None
         self.b_max = 1
         self._resize(1, 0 if linear else width, 0 if linear else 1)
 
@@ -143,6 +154,7 @@ class Bank:
             "live": torch.zeros(K, dtype=torch.bool, device=dev),
             "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
             "loss_sum": torch.zeros(K, device=dev),
+            "ended_loss": torch.zeros(K, device=dev),  # mean train loss of the epoch awaiting validation
             "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
@@ -175,8 +187,8 @@ class Bank:
             self.slots = [self.slots[i] for i in order] + [None] * (K - k)
         self.tensors = new
         self.K, self.H, self.L = K, H, L
-        self._cache_views()
         self.slots += [None] * (K - len(self.slots))
+        self._cache_views()
         self.act_key = ()  # slots moved: regroup the activations
 
     def _shrink(self) -> None:
@@ -206,9 +218,15 @@ class Bank:
         self._cache_views()
 
     def _cache_views(self) -> None:
-        """Per-layer views of the weights and of the gradient block, made once per layout."""
-        self.grad = torch.zeros_like(self.tensors["flat"])  # written whole by every backward
-        self.w = self.views(self.tensors["flat"])
+        """The slots a step computes (``n_used``: up to the last slot in use) and views of their
+        rows of every per-slot tensor (``used``), per-layer views of their weights and their
+        gradient block, made once per layout."""
+        self.n_used = next((k + 1 for k in range(len(self.slots) - 1, -1, -1) if self.slots[k] is not None), 0)
+        n = self.n_used
+        self.used = {key: value[:n] for key, value in self.tensors.items() if key != "layer_on"}
+        if self.grad.shape != self.used["flat"].shape:
+            self.grad = torch.zeros_like(self.used["flat"])  # written whole by every backward
+        self.w = self.views(self.used["flat"])
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -311,48 +329,76 @@ class Bank:
             perms = self.streams.permutations(ks, [len(s.data.x_train) for s in slots], self.n)  # type: ignore[union-attr]
             T["perm"][index] = torch.from_numpy(perms).to(self.device, non_blocking=True)
         else:
-            for k, slot in zip(ks, slots):
-                assert slot is not None and slot.generator is not None
-                perm = torch.randperm(len(slot.data.x_train), generator=slot.generator)
-                T["perm"][k, : len(perm)] = perm.to(self.device)
+            drawn = [torch.randperm(len(s.data.x_train), generator=s.generator) for s in slots]  # type: ignore[union-attr]
+            if all(len(p) == self.n for p in drawn):
+                block = torch.stack(drawn)
+            else:
+                block = torch.zeros(len(drawn), self.n, dtype=torch.long)
+                for row, perm in enumerate(drawn):
+                    block[row, : len(perm)] = perm
+            T["perm"][index] = block.to(self.device)
         T["s"][index] = 0
         T["loss_sum"][index] = 0
+
+    def end_epochs(self) -> list[int]:
+        """After a step: the slots whose epoch ended with it keep its mean train loss and await
+        validation (``Slot.ended``); each starts its next epoch, or, after its last, stops
+        training. Returns the slots awaiting validation."""
+        if self.t == self.next_event:
+            ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
+            T = self.tensors
+            index = torch.tensor(ending, device=self.device)
+            T["ended_loss"][index] = T["loss_sum"][index] / T["n"][index, 0]
+            going_on, last = [], []
+            for k in ending:
+                slot = self.slots[k]
+                assert slot is not None
+                slot.ended = slot.epoch
+                if slot.epoch + 1 < slot.job.params.epochs:
+                    slot.epoch += 1
+                    going_on.append(k)
+                else:
+                    last.append(k)
+            if going_on:
+                self.start_epochs(going_on)
+            self.stop(last)
+            self.refresh(slots_changed=False)
+        return [k for k, s in enumerate(self.slots) if s is not None and s.ended >= 0]
 
     def refresh(self, slots_changed: bool = True) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use,
         which layers some slot skips. ``slots_changed=False`` (only epochs went on): the next
         epoch end only."""
         if not slots_changed:
-            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None), default=-1)
+            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None and s.epoch_end_t > self.t),
+                                  default=-1)
             return
         self._shrink()
         live = [s for s in self.slots if s is not None]
-        self.next_event = min((s.epoch_end_t for s in live), default=-1)
+        # (a slot past its last epoch only awaits validation: its epoch_end_t is not ahead)
+        self.next_event = min((s.epoch_end_t for s in live if s.epoch_end_t > self.t), default=-1)
         self.b_max = max((s.batch_size for s in live), default=1)
-        # Slots kept sorted by activation, so each activation runs on one contiguous run of slots
-        # (a split and a cat; gathering scattered slots cost a full-size zero fill per group in
-        # the backward pass). Free slots ride with a neighbouring run.
+        # Used slots first, so every step computes only the prefix of slots in use (free slots
+        # stay free until a refill, a third of the slots on the cars space at K=64), and sorted
+        # by activation, so each activation runs on one contiguous run of slots (a split and a
+        # cat; gathering scattered slots cost a full-size zero fill per group in the backward).
         names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
         if names != self.act_key:
             used = sorted({n for n in names if n is not None})
-            if self.linear or len(used) <= 1:
-                self.runs = [(used[0] if used else "relu", self.K)]
-            else:
-                if not _contiguous(names):
-                    self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, names[k] or "")))
-                    names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-                runs: list[list[Any]] = []
-                for n in names:
-                    n = n if n is not None else (runs[-1][0] if runs else used[0])
-                    if runs and runs[-1][0] == n:
-                        runs[-1][1] += 1
-                    else:
-                        runs.append([n, 1])
-                self.runs = [(a, count) for a, count in runs]
+            several = not self.linear and len(used) > 1
+            n = len(live)
+            first = [name for name in names[:n] if name is not None]
+            if len(first) < n or (several and len(activation_runs(first)) > len(used)):
+                self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, (names[k] or "") if several else "")))
+                names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
+                first = [name for name in names[:n] if name is not None]
+            self.runs = activation_runs(first) if several else [(used[0] if used else "relu", n)]
+        self._cache_views()
         self.act_key = names
         depths = [s.job.params.n_layers for s in live]
         self.layer_on = [
-            None if all(d > layer for d in depths) else self.tensors["layer_on"][layer] for layer in range(self.L)
+            None if all(d > layer for d in depths) else layer_mask(self.tensors["layer_on"][layer][: self.n_used])
+            for layer in range(self.L)
         ]
         # A padded unit of a sigmoid layer is 0.5, not 0: its outgoing (padded) weights then get a
         # gradient, which the update must not apply. Every other activation is 0 at 0.
@@ -367,15 +413,25 @@ class Bank:
     # -- compute --------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, tape: Tape | None = None) -> torch.Tensor:
-        """Every slot's network on its rows ``x`` (``(K, B, n_in)``): outputs ``(K, B)`` (regression)
-        or ``(K, B, classes)``."""
+        """Every used slot's network on its rows ``x`` (``(n_used, B, n_in)``): outputs ``(n_used, B)``
+        (regression) or ``(n_used, B, classes)``."""
         out = forward(self.w, x, self.L, self.runs, self.layer_on, tape)
         return out.squeeze(-1) if self.task == "regression" else out
 
     def step(self) -> None:
         """One optimizer step of every live slot on its next batch."""
-        T = self.tensors
-        cols = self.arange[: self.b_max]
+        self.begin_step()
+        self.end_step()
+
+    def begin_step(self, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The forward half of a step: each live slot's loss on its next batch and the gradient
+        of its outputs, and, in the same forward, every slot's outputs on the rows ``extra``
+        (``(K, e, n_in)``, e.g. its validation rows) with the weights it has before this step,
+        which are returned. ``stop`` may then keep slots out of the update; ``end_step`` ends it.
+        Only the slots up to the last one in use are computed (``n_used``; ``extra`` has as many)."""
+        T = self.used
+        b = self.b_max
+        cols = self.arange[:b]
         pos = T["s"] * T["bs"] + cols  # (K, b_max): this step's rows of each slot's permutation
         rows = (cols < T["bs"]) & (pos < T["n"]) & T["live"][:, None]
         idx = torch.gather(T["perm"], 1, pos.clamp_max(self.n - 1))
@@ -383,65 +439,54 @@ class Bank:
             idx = idx + T["off"]
         xb, yb = self.x_all[idx], self.y_all[idx]
         tape = Tape()
-        out = self.forward(xb, tape)
-        count = rows.sum(1)
-        if self.task == "regression":
-            # each slot's mean squared error over its rows, as train(); d/d out of the sum over slots
-            err = torch.where(rows, out - yb, 0.0)
-            scale = 1.0 / count.clamp_min(1)[:, None]
-            loss = (err * err).sum(1) * scale[:, 0]
-            d_out = (2 * err * scale).unsqueeze(-1)
-        else:
-            logits = out.reshape(-1, self.n_out)
-            per_row = F.cross_entropy(logits, yb.reshape(-1), reduction="none").view(yb.shape)
-            if self.class_weight is None:
-                w_rows = rows.to(out.dtype)
-            else:
-                # cross_entropy(weight=w)'s mean, per slot: sum(w_y * loss) / sum(w_y) over its rows
-                w_rows = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
-            w_rows = w_rows / w_rows.sum(1, keepdim=True).clamp_min(1e-30)
-            loss = (per_row * w_rows).sum(1)
-            d_out = (torch.softmax(out, -1) - F.one_hot(yb, self.n_out).to(out.dtype)) * w_rows.unsqueeze(-1)
-        backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
-        T["loss_sum"] += loss * count
-        self._update()
-        T["s"] += T["live"][:, None]
+        out = self.forward(xb if extra is None else torch.cat([xb, extra], 1), tape)
+        out_extra = None
+        if extra is not None:
+            # The backward sees the batch rows only (views; the extra rows get no gradient).
+            out, out_extra = out[:, :b], out[:, b:]
+            tape.inputs = [t[:, :b] for t in tape.inputs]
+            tape.z = [t[:, :b] for t in tape.z]
+            tape.a = [t[:, :b] for t in tape.a]
+            tape.last = tape.last[:, :b] if tape.last is not None else None
+        weight = None
+        if self.task != "regression" and self.class_weight is not None:
+            weight = torch.where(rows, self.class_weight[T["ds"][:, None], yb], 0)
+        loss, d_out = loss_and_grad(out, yb, rows, self.task, weight)
+        self._half = (tape, d_out, loss * rows.sum(1))
+        return out_extra
+
+    def stop(self, ks: list[int]) -> None:
+        """Keep slots ``ks`` out of every update from now on (their weights stay as they are,
+        this step's included when called between ``begin_step`` and ``end_step``)."""
+        if ks:
+            self.tensors["live"][torch.tensor(ks, device=self.device)] = False
+            self.host["live"][ks] = False
+
+    def end_step(self) -> None:
+        """The backward and the update of the step ``begin_step`` began."""
+        assert self._half is not None, "end_step without begin_step"
+        tape, d_out, loss = self._half
+        self._half = None
+        T = self.used
+        if self.host["live"].any():
+            backward(tape, self.w, self.grad, d_out, self.runs, self.layer_on)
+            T["loss_sum"] += loss
+            self._update()
+            T["s"] += T["live"][:, None]
         self.t += 1
 
     def _update(self) -> None:
         """torch's Adam / AdamW / SGD(momentum) update, per slot (its own lr, schedule and step
         count), on the whole ``(K, P)`` block: a padded entry has no gradient, so it stays zero."""
-        T, h = self.tensors, self.host
+        T, h = self.used, self.host
         factor = np.where(h["cosine"], 0.5 * (1 + np.cos(math.pi * h["step"] / h["total"])), 1.0)
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
         h["step"] += h["live"]
-        safe = np.maximum(h["step"], 1)
-        scalars = np.stack([lr, lr / (1 - _BETA1**safe), np.sqrt(1 - _BETA2**safe), 1 - lr * h["wd_dec"]], 1)
-        s = torch.from_numpy(scalars.astype(np.float32)).to(self.device, non_blocking=True)
-        lr_t, step_size, bc2_sqrt, decay = s[:, 0:1], s[:, 1:2], s[:, 2:3], s[:, 3:4]
-        p, grad, m = T["flat"], self.grad, T["m"]
+        n = self.n_used
+        scalars = torch.from_numpy(step_scalars(lr[:n], h["step"][:n], h["wd_dec"][:n])).to(self.device, non_blocking=True)
         if self.mask_grad:
-            grad.mul_(T["pmask"])
+            self.grad.mul_(T["pmask"])
         if self.any_wd_l2:
-            grad.addcmul_(T["wd_l2"], p)
-        if self.sgd:
-            m.mul_(_MOMENTUM).add_(grad)
-            p.addcmul_(m, lr_t, value=-1.0)
-        else:
-            if self.any_wd_dec:
-                p.mul_(decay)
-            m.lerp_(grad, 1 - _BETA1)
-            T["v"].mul_(_BETA2).addcmul_(grad, grad, value=1 - _BETA2)
-            denom = T["v"].sqrt().div_(bc2_sqrt).add_(_EPS)
-            p.addcdiv_(m * step_size, denom, value=-1.0)
+            self.grad.addcmul_(T["wd_l2"], T["flat"])
+        update(T["flat"], self.grad, T["m"], T["v"], scalars, sgd=self.sgd, decoupled=self.any_wd_dec)
 
-
-def _contiguous(names: tuple[str | None, ...]) -> bool:
-    """Whether each name fills one run of positions (None fits anywhere)."""
-    seen: list[str] = []
-    for n in names:
-        if n is not None and (not seen or seen[-1] != n):
-            if n in seen:
-                return False
-            seen.append(n)
-    return True

@@ -10,7 +10,11 @@ decision stops it at the same epoch.
 This module holds the jobs (``Job``, ``fusable``), the loop that feeds the banks, and the epoch
 events: validate, report, stop or go on, and freeze a finished trial into a ``TabularNet``. A
 finished or stopped trial's slot is refilled from the next job, pulled lazily from
-``params_list`` (a study's ask), so the batch stays full.
+``params_list`` (a study's ask), so the batch stays full. A slot's validation rows ride in the
+bank's next training forward, which runs on the weights its epoch left; its epoch is reported
+between that forward and the update, and a trial that ends there is kept out of the update (an
+epoch ends every step or few on small tables, and a forward of the whole bank per event was a
+third of the time).
 
 Like ``train.py`` this module imports torch only.
 """
@@ -85,24 +89,28 @@ class _Validation:
         return cls(x, y, mask, not bool(mask.all()), y_mean, y_std)
 
 
-@torch.no_grad()
-def _validate(bank: Bank, val: _Validation) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every slot's validation outputs (``(K, v)`` standardised, or ``(K, v, classes)`` logits;
-    row i of slot k is row i of its split's validation rows, padded rows past its split's length)
-    and metrics ``(K, 3)``."""
+def _validation_rows(bank: Bank, val: _Validation) -> torch.Tensor:
+    """Every used slot's validation inputs ``(n_used, v, n_in)`` (row i of slot k: row i of its split's
+    ``x_val``, padded past its split's length), to ride in the bank's next training forward."""
     if len(bank.datasets) == 1:
-        x = val.x.expand(bank.K, *val.x.shape[1:])
-        out = bank.forward(x)
-        _, values = output_metrics(out, val.y[0], bank.task, val.y_mean[0], val.y_std[0])
-        return out, values
-    ds = bank.tensors["ds"]
-    out = bank.forward(val.x.index_select(0, ds))
+        return val.x.expand(bank.n_used, *val.x.shape[1:])
+    return val.x.index_select(0, bank.used["ds"])
+
+
+@torch.no_grad()
+def _metrics(bank: Bank, val: _Validation, out: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Metrics ``(len(index), 3)`` of slots ``index`` from their validation outputs ``out``
+    (``(K, v)`` standardised, or ``(K, v, classes)`` logits: ``out[k]`` is slot k's predictions
+    of its split's validation rows after the epoch)."""
+    out = out.index_select(0, index)
+    if len(bank.datasets) == 1:
+        return output_metrics(out, val.y[0], bank.task, val.y_mean[0], val.y_std[0])[1]
+    ds = bank.tensors["ds"].index_select(0, index)
     mean, std = val.y_mean.index_select(0, ds)[:, None], val.y_std.index_select(0, ds)[:, None]
     if bank.task != "regression":
         mean, std = mean[:, :, None], std[:, :, None]
     mask = val.mask.index_select(0, ds) if val.padded else None
-    _, values = output_metrics(out, val.y.index_select(0, ds), bank.task, mean, std, mask)
-    return out, values
+    return output_metrics(out, val.y.index_select(0, ds), bank.task, mean, std, mask)[1]
 
 
 def _metric_names(bank: Bank) -> tuple[str, ...]:
@@ -112,30 +120,31 @@ def _metric_names(bank: Bank) -> tuple[str, ...]:
 def _events(
     bank: Bank,
     val: _Validation,
+    out: torch.Tensor,
+    ending: list[int],
     on_epoch_end: ManyEpochHook | None,
     should_stop: Callable[[int], bool] | None = None,
-) -> list[tuple[int, TrainResult]]:
-    """Close the epoch of every slot whose epoch ends now: validate, report, stop or go on.
+) -> list[tuple[int, str | None, bool]]:
+    """Close the epoch of slots ``ending`` (their epoch ended with the previous step; ``out``:
+    every slot's validation outputs from this step's forward, i.e. with the weights that epoch
+    left): report, and stop or go on. Returns ``(slot, stop reason, diverged)`` of the slots
+    whose trial ends here (kept out of this step's update: ``_finish`` them after it).
 
     Every ending slot's hook runs first; then ``should_stop(index)`` is asked for each of
     them, so a decision that needs several slots' epochs (the folds of a cross-validated
     trial) stops all of them at this same epoch.
     """
-    ending = [k for k, s in enumerate(bank.slots) if s is not None and s.epoch_end_t == bank.t]
     T = bank.tensors
-    # out[k]: slot k's validation predictions after this epoch (standardised outputs or logits,
-    # rows as in its split's x_val; see _validate), e.g. a trial's out-of-fold predictions.
-    out, metrics = _validate(bank, val)
     index = torch.tensor(ending, device=bank.device)
     # The ending slots' history rows, train loss and metrics, to the host in one copy (one sync).
-    rows = torch.cat([(T["loss_sum"][index] / T["n"][index, 0])[:, None], metrics[index]], 1).tolist()
+    rows = torch.cat([T["ended_loss"][index][:, None], _metrics(bank, val, out, index)], 1).tolist()
     names = _metric_names(bank)
     outcomes: list[tuple[int, str | None, bool]] = []
     for k, (train_loss, *row) in zip(ending, rows):
         slot = bank.slots[k]
         assert slot is not None and slot.history is not None
         p = slot.job.params
-        epoch = slot.epoch
+        epoch = slot.ended
         record, reason = epoch_record(
             epoch, train_loss, dict(zip(names, row)), task=bank.task, y_std=slot.data.y_std_, lr=p.lr
         )
@@ -145,22 +154,17 @@ def _events(
             if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
                 reason = f"stopped by the epoch hook after epoch {epoch}"
         outcomes.append((k, reason, diverged))
-    finished: list[tuple[int, TrainResult]] = []
-    going_on: list[int] = []
+    ends: list[tuple[int, str | None, bool]] = []
     for k, reason, diverged in outcomes:
         slot = bank.slots[k]
         assert slot is not None
         if reason is None and should_stop is not None and should_stop(slot.index):
-            reason = f"stopped by the epoch hook after epoch {slot.epoch}"
-        if reason is not None or slot.epoch + 1 == slot.job.params.epochs:
-            finished.append((slot.index, _finish(bank, k, reason, diverged)))
-        else:
-            slot.epoch += 1
-            going_on.append(k)
-    if going_on:
-        bank.start_epochs(going_on)
-    bank.refresh(slots_changed=bool(finished))
-    return finished
+            reason = f"stopped by the epoch hook after epoch {slot.ended}"
+        if reason is not None or slot.ended + 1 == slot.job.params.epochs:
+            ends.append((k, reason, diverged))
+        slot.ended = -1
+    bank.stop([k for k, _, _ in ends])
+    return ends
 
 
 def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResult:
@@ -228,11 +232,12 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def _padded_width(hidden_size: int, floor: int = 16) -> int:
+def _padded_width(hidden_size: int, floor: int = 32) -> int:
     """The width of the group a hidden size trains in: the next power of two, so padding never
     wastes more than half of a layer's units (weights and optimizer state scale with it), and
     all sizes up to ``floor`` in one group (below it a bank step's fixed cost outweighs the
-    padded arithmetic)."""
+    padded arithmetic: on the cars space at K=64, 100 epochs, a floor of 32 (two banks) ran
+    1.15-1.3x the model-steps/s of 16 (three) and of one bank padded to 64)."""
     return max(floor, 1 << max(hidden_size - 1, 0).bit_length()) if hidden_size > 0 else 0
 
 
@@ -263,7 +268,7 @@ def train_many(
         should_stop: asked with ``index`` after the hooks of all the trials whose epoch ends
             at the same step ran; True stops that trial there too (see ``_events``).
         width: how many trials train at once.
-        group_widths: train hidden sizes in power-of-two width groups from 16 up (one bank per
+        group_widths: train hidden sizes in power-of-two width groups from 32 up (one bank per
             group: padding wastes at most half a layer) instead of one bank padded to the
             widest. ``None``: group on a CPU from width 32 up, where the padded arithmetic is
             most of a step (measured on the cars space, 100 epochs: K=64 1.1x, K=256 1.3x
@@ -319,10 +324,19 @@ def train_many(
         for bank, val in list(banks.values()):
             if not bank.n_live:
                 continue
-            bank.step()
-            if bank.t != bank.next_event:
+            # A slot whose epoch ended with the previous step is validated in this step's forward
+            # (its validation rows ride with the batch, before the update) and reported before
+            # the update, which leaves the slots whose trial ends there as they are.
+            ending = [k for k, s in enumerate(bank.slots) if s is not None and s.ended >= 0]
+            out = bank.begin_step(_validation_rows(bank, val) if ending else None)
+            ends = _events(bank, val, out, ending, on_epoch_end, should_stop) if out is not None else []
+            bank.end_step()
+            finished = [(bank.slots[k].index, _finish(bank, k, reason, diverged)) for k, reason, diverged in ends]  # type: ignore[union-attr]
+            bank.end_epochs()
+            if not finished:
                 continue
-            for index, result in _events(bank, val, on_epoch_end, should_stop):
+            bank.refresh()
+            for index, result in finished:
                 results[index] = result
                 in_flight -= 1
                 if on_trial_end is not None:
