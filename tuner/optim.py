@@ -56,9 +56,14 @@ class Stepper:
 
     @torch.no_grad()
     def step(self) -> None:
-        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params = [self.params[i] for i in with_grad]
-        grads = [p.grad for p in params]
+        with_grad: list[int] = []
+        params: list[torch.Tensor] = []
+        grads: list[torch.Tensor] = []
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                with_grad.append(i)
+                params.append(p)
+                grads.append(p.grad)
         if self.kind == "sgd":
             buffers = [self._momentum[i] for i in with_grad]
             sgd(params, grads, buffers, weight_decay=self.weight_decay, momentum=_MOMENTUM, lr=self.lr,
