@@ -75,6 +75,10 @@ def test_read_only_commands_from_other_folders_find_the_study_stores_and_create_
     lines = predicted.stdout.splitlines()
     assert lines[0] == "model,prediction" and lines[1].startswith("Mazda RX4,") and len(lines) == 33
 
+    by_study = run_tuner("predict", "../studies/s.toml", "--input", "cars.csv", "--keep", "model", cwd=data)
+    assert by_study.returncode == 0, by_study.stderr
+    assert by_study.stdout.splitlines() == lines  # a study file stands for its champion
+
     report = run_tuner("report", "studies/s.toml", "--output", str(tmp_path / "r.html"), cwd=project)
     assert report.returncode == 0, report.stderr
     # the champion was refit on every row: the plot says so instead of "validation rows"
@@ -99,6 +103,7 @@ def test_read_only_commands_refuse_missing_stores_and_create_none(tmp_path: Path
         (["replay", "s.toml", "--trial", "0"], no_storage),
         (["studies", str(storage)], no_storage.replace("s.toml", "STUDY")),
         (["predict", "s@champion", "--input", str(CARS)], no_store_here),
+        (["predict", "s.toml", "--input", str(CARS)], no_mlflow),
         (["ui"], no_store_here),
         (["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], no_mlflow),
     ]

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="HTML file to write (default: STUDYNAME-report.html here); PNGs go beside it")
 
     p = sub.add_parser("predict", help="predict with a registered model")
-    p.add_argument("model", help="NAME@ALIAS, NAME/VERSION or models:/... (e.g. cars-mpg@champion)")
+    p.add_argument("model", help="NAME@ALIAS, NAME/VERSION, models:/... (e.g. cars-mpg@champion), or a study file: its champion")
     p.add_argument("--input", required=True, help="CSV with the raw feature columns (others are ignored)")
     p.add_argument("--output", help="CSV to write (default: stdout)")
     p.add_argument("--proba", action="store_true", help="class probabilities, one column per class (classifiers)")
@@ -326,7 +326,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     unknown = [c for c in args.keep if c not in frame.columns]
     if unknown:
         raise ModelError(f"--keep {unknown}: no such column in {args.input}; its columns are {list(frame.columns)}")
-    model, _ = load_model(args.model, _tracking_uri(args))
+    model, _ = load_model(*_model_and_store(args))
     features = model.metadata.get_input_schema().input_names()
     missing = [c for c in features if c not in frame.columns]
     if missing:
@@ -352,6 +352,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     else:
         out.to_csv(sys.stdout, index=False)
     return 0
+
+
+def _model_and_store(args: argparse.Namespace) -> tuple[str, str]:
+    """MODEL as given and the store found from here, or a study file's champion in its store."""
+    if not args.model.endswith(".toml"):
+        return args.model, _tracking_uri(args)
+    from tuner.config import load_spec
+    from tuner.stores import require_tracking_store
+
+    spec = load_spec(args.model)
+    uri = _tracking_uri(args, spec)
+    require_tracking_store(uri)  # a read-only command never creates the store
+    return f"{spec.model_name}@champion", uri
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
