@@ -262,7 +262,7 @@ def open_study(
         if study.metric_names != [spec.metric]:
             study.set_metric_names([spec.metric])  # optuna-dashboard and plots say "rmse", not "Objective 0"
         n_existing = len(study.get_trials(deepcopy=False))
-        if n_existing:
+        if n_existing and spec.sampler.name != "qmc":  # QMC keeps its place in the study, by seed
             # A seeded sampler replays its random stream from the start: a resumed launch would draw
             # the startup trials of the first launch again. Resumed, the seed also counts the trials
             # already there (still deterministic: the same study state gives the same draws).
