@@ -476,7 +476,8 @@ def test_f4_two_launches_on_one_postgres_study_run_exactly_n_trials(tmp_path: Pa
     outputs = [out for _, out in results]
     assert [code for code, _ in results] == [0, 0], outputs
     assert any(f"execution: {execution}" in out for out in outputs), outputs
-    # Two launches of one file share its seed: they may draw the same params (not this test's point).
-    check_study(pg_url, tracking, "pgf4", n_trials, distinct_params=False)
+    # Two launches of one file share its seed: the gate reseeds a launch that sees the other's trial
+    # running, so no trial repeats another's params.
+    check_study(pg_url, tracking, "pgf4", n_trials)
     ran = [int(out.split(" run now")[0].rsplit("(", 1)[1]) for out in outputs]
     assert sum(ran) == n_trials and all(n > 0 for n in ran), outputs

@@ -109,6 +109,9 @@ class TrialGate:
         deadline: ``time.monotonic()`` after which ``ask`` hands out nothing more.
         on_lost: called with a trial that this process ran but another one failed (stale) or the
             storage lost; the launch ends its MLflow run there.
+        reseed: called under the lock, before asking, with the number of trials in the study when
+            the read shows another process's RUNNING trial (``study.reseed_sampler``: two
+            processes with one seed would otherwise draw the same params).
     """
 
     def __init__(
@@ -121,9 +124,11 @@ class TrialGate:
         poll: float = 0.5,
         max_wait: float = 300.0,
         on_lost: Callable[[optuna.trial.FrozenTrial], None] | None = None,
+        reseed: Callable[[int], None] | None = None,
     ) -> None:
         self.study, self.n_trials, self.lock = study, n_trials, lock
         self.deadline, self.poll, self.max_wait, self.on_lost = deadline, poll, max_wait, on_lost
+        self.reseed = reseed
         self.heartbeat = Heartbeat(study)
         self.in_flight: dict[int, optuna.Trial] = {}
         self.finished = FinishedTrials(study)
@@ -166,6 +171,8 @@ class TrialGate:
                     return []
                 free = self.n_trials - self.n_finished - len(running)
                 if free > 0:
+                    if self.reseed is not None and any(t._trial_id not in self.in_flight for t in running):
+                        self.reseed(len(trials))  # another process asks too: not its stream
                     return [self._ask_one() for _ in range(min(n, free))]
             held = [t.number for t in running if t._trial_id not in self.in_flight]
             if not wait or not held:

@@ -21,7 +21,7 @@ from tuner.config import StudySpec, redact_url
 from tuner.errors import StorageError, TrackingError, TunerError
 from tuner.lock import StudyLock
 from tuner.selection import best_trial
-from tuner.study import caused_by_storage, finished_count, storage_problem
+from tuner.study import caused_by_storage, finished_count, reseed_sampler, storage_problem
 from tuner.workers import LAUNCH_PID_ENV, PARENT_RUN_ENV, WORKER_INDEX_ENV
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def launch(
                     spec, study, tracker, inputs, lock, parent_run_id, dev, execution,
                     provenance={**provenance(spec, dev, inputs.cv.plan), "execution": execution},
                     total=total, url=url, progress=progress, verbose=verbose, role=role,
-                    width=fused_width(remaining),
+                    width=fused_width(remaining), sampler_seed=seed,
                 )
         except BaseException as e:
             if role == "launch":  # a worker shares the launch run with others: the launch ends it
@@ -263,6 +263,7 @@ def _run_here(
     verbose: bool,
     role: str,
     width: int,
+    sampler_seed: int | None,
 ) -> tuple[int, float, str]:
     """The trials of this process through the gate: ``(trials run, training seconds, execution)``."""
     from tuner.gate import TrialGate
@@ -274,7 +275,8 @@ def _run_here(
     objective = Objective(spec, inputs.prepared, tracker, parent_run_id, dev, cv=inputs.cv, provenance=provenance, worker=worker)
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     gate = TrialGate(study, total, lock, deadline=deadline, poll=min(1.0, spec.heartbeat.interval),
-                     on_lost=lambda t: _end_lost_run(tracker, t))
+                     on_lost=lambda t: _end_lost_run(tracker, t),
+                     reseed=lambda n: reseed_sampler(study, spec, n, sampler_seed))
     bar = Progress(total, n_done_before=finished_count(study), verbose=verbose) if progress else None
     _watch_launch_process()
     try:

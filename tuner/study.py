@@ -29,6 +29,7 @@ __all__ = [
     "make_sampler",
     "make_pruner",
     "resumed_seed",
+    "reseed_sampler",
     "check_storage_url",
     "finished_count",
     "StaleTrials",
@@ -200,6 +201,20 @@ def resumed_seed(seed: int, n_existing: int) -> int:
     return int(np.random.SeedSequence([seed, n_existing]).generate_state(1)[0])
 
 
+def reseed_sampler(study: optuna.Study, spec: StudySpec, n_existing: int, seed: int | None = None) -> None:
+    """Give the study's sampler a stream of its own for a study that holds ``n_existing`` trials.
+
+    A seeded sampler replays its random stream from the start: a resumed launch, or a second
+    launch started with the first on one study, would draw the same startup params as the first.
+    Called when a launch opens a study that has trials, and by the gate when another process's
+    trial is running; deterministic (the same study state gives the same draws), and a launch that
+    has the study to itself from the start is never reseeded. QMC keeps its place in the sequence
+    in the study (keyed by its seed): it is left alone.
+    """
+    if spec.sampler.name != "qmc":
+        study.sampler = make_sampler(spec, resumed_seed(spec.seed if seed is None else seed, n_existing))
+
+
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     import optuna
 
@@ -262,12 +277,8 @@ def open_study(
         if study.metric_names != [spec.metric]:
             study.set_metric_names([spec.metric])  # optuna-dashboard and plots say "rmse", not "Objective 0"
         n_existing = len(study.get_trials(deepcopy=False))
-        if n_existing and spec.sampler.name != "qmc":  # QMC keeps its place in the study, by seed
-            # A seeded sampler replays its random stream from the start: a resumed launch would draw
-            # the startup trials of the first launch again. Resumed, the seed also counts the trials
-            # already there (still deterministic: the same study state gives the same draws).
-            base = spec.seed if sampler_seed is None else sampler_seed
-            study.sampler = make_sampler(spec, resumed_seed(base, n_existing))
+        if n_existing:  # a resumed launch would draw the first launch's startup params again
+            reseed_sampler(study, spec, n_existing, sampler_seed)
     else:
         try:
             study = optuna.load_study(storage=storage, study_name=spec.name, sampler=sampler, pruner=pruner)
