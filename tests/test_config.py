@@ -170,3 +170,9 @@ def test_shipped_studies_do_not_warn_about_their_own_batch_sizes() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the clamping warning would raise here
             load_inputs(load_spec(path))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_the_samplers_cannot_take_is_refused(tmp_path: Path, seed: int) -> None:
+    with pytest.raises(ConfigError, match=r"seed: Input should be (greater than or equal to 0|less than 4294967296)"):
+        load_spec(write_study(tmp_path, seed=seed))

@@ -171,7 +171,7 @@ class StudySpec(_Strict):
     task: Literal["regression", "classification"] = "regression"  # load_spec infers it when unset
     n_trials: int = Field(50, gt=0)  # finished (complete + pruned) trials the study should reach
     timeout: float | None = Field(None, gt=0)  # seconds for one launch
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32)  # numpy and the samplers take 0 .. 2**32 - 1
     metric: str = "rmse"  # unset: rmse (regression) or accuracy (classification)
     direction: Literal["minimize", "maximize"] | None = None  # None: the metric's own
     registered_model: str | None = None  # None: the study name

@@ -414,7 +414,7 @@ def _device(name: str, gpus: Sequence[str]) -> Any:
 def _worker_seed(spec: StudySpec, index: int | None) -> int:
     # Distinct sampler seeds: workers with one seed would sample the same startup trials.
     if index is not None:
-        return spec.seed + 7919 * (index + 1)
+        return (spec.seed + 7919 * (index + 1)) % 2**32  # the samplers take 0 .. 2**32 - 1
     return int.from_bytes(os.urandom(4), "little")
 
 
