@@ -109,9 +109,10 @@ class TrialGate:
         deadline: ``time.monotonic()`` after which ``ask`` hands out nothing more.
         on_lost: called with a trial that this process ran but another one failed (stale) or the
             storage lost; the launch ends its MLflow run there.
-        reseed: called under the lock, before asking, with the number of trials in the study when
-            the read shows another process's RUNNING trial (``study.reseed_sampler``: two
-            processes with one seed would otherwise draw the same params).
+        reseed: called once, under the lock, before asking, with the number of trials in the
+            study the first time the read shows another process's RUNNING trial
+            (``study.reseed_sampler``: two launches with one seed would otherwise draw the same
+            params; once is enough, their seeds differ from then on).
     """
 
     def __init__(
@@ -172,7 +173,8 @@ class TrialGate:
                 free = self.n_trials - self.n_finished - len(running)
                 if free > 0:
                     if self.reseed is not None and any(t._trial_id not in self.in_flight for t in running):
-                        self.reseed(len(trials))  # another process asks too: not its stream
+                        self.reseed(len(trials))  # another process asks too: a stream of its own, once
+                        self.reseed = None
                     return [self._ask_one() for _ in range(min(n, free))]
             held = [t.number for t in running if t._trial_id not in self.in_flight]
             if not wait or not held:

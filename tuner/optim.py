@@ -20,9 +20,10 @@ from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 from torch.optim.sgd import sgd
 
-__all__ = ["OPTIMIZERS", "Stepper"]
+from tuner.config import OPTIMIZERS
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
+__all__ = ["Stepper"]
+
 _BETAS, _EPS, _MOMENTUM = (0.9, 0.999), 1e-8, 0.9  # torch's Adam defaults; train()'s SGD momentum
 
 

@@ -183,7 +183,7 @@ def launch(
                     spec, study, tracker, inputs, lock, parent_run_id, dev, execution,
                     provenance={**provenance(spec, dev, inputs.cv.plan), "execution": execution},
                     total=total, url=url, progress=progress, verbose=verbose, role=role,
-                    width=fused_width(remaining), sampler_seed=seed,
+                    width=fused_width(remaining),
                 )
         except BaseException as e:
             if role == "launch":  # a worker shares the launch run with others: the launch ends it
@@ -263,7 +263,6 @@ def _run_here(
     verbose: bool,
     role: str,
     width: int,
-    sampler_seed: int | None,
 ) -> tuple[int, float, str]:
     """The trials of this process through the gate: ``(trials run, training seconds, execution)``."""
     from tuner.gate import TrialGate
@@ -276,7 +275,8 @@ def _run_here(
     deadline = time.monotonic() + spec.timeout if spec.timeout else None
     gate = TrialGate(study, total, lock, deadline=deadline, poll=min(1.0, spec.heartbeat.interval),
                      on_lost=lambda t: _end_lost_run(tracker, t),
-                     reseed=lambda n: reseed_sampler(study, spec, n, sampler_seed))
+                     # workers have seeds of their own already (_worker_seed)
+                     reseed=(lambda n: reseed_sampler(study, spec, n)) if role == "launch" else None)
     bar = Progress(total, n_done_before=finished_count(study), verbose=verbose) if progress else None
     _watch_launch_process()
     try:

@@ -28,7 +28,6 @@ __all__ = [
     "open_study",
     "make_sampler",
     "make_pruner",
-    "resumed_seed",
     "reseed_sampler",
     "check_storage_url",
     "finished_count",
@@ -193,14 +192,6 @@ def make_sampler(spec: StudySpec, seed: int | None = None) -> optuna.samplers.Ba
         raise TunerError(f"sampler {spec.sampler.name!r} needs a package that is missing: {e}; pip install it") from None
 
 
-def resumed_seed(seed: int, n_existing: int) -> int:
-    """The sampler seed of a launch on a study that holds ``n_existing`` trials (numpy's
-    SeedSequence mixes the two: nearby inputs give unrelated streams)."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([seed, n_existing]).generate_state(1)[0])
-
-
 def reseed_sampler(study: optuna.Study, spec: StudySpec, n_existing: int, seed: int | None = None) -> None:
     """Give the study's sampler a stream of its own for a study that holds ``n_existing`` trials.
 
@@ -211,8 +202,11 @@ def reseed_sampler(study: optuna.Study, spec: StudySpec, n_existing: int, seed: 
     has the study to itself from the start is never reseeded. QMC keeps its place in the sequence
     in the study (keyed by its seed): it is left alone.
     """
-    if spec.sampler.name != "qmc":
-        study.sampler = make_sampler(spec, resumed_seed(spec.seed if seed is None else seed, n_existing))
+    import numpy as np
+
+    if spec.sampler.name != "qmc":  # numpy's SeedSequence: nearby inputs give unrelated streams
+        mixed = np.random.SeedSequence([spec.seed if seed is None else seed, n_existing]).generate_state(1)[0]
+        study.sampler = make_sampler(spec, int(mixed))
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
