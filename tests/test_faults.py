@@ -37,6 +37,9 @@ from tuner.session import launch
 
 
 def _spec(tmp_path: Path, name: str, n_trials: int = 3, **top: Any) -> Any:
+    # Sequential unless a test says otherwise: these faults are injected through train() (a slow
+    # or failing first trial), which fused trials do not call; the fused cases pass "fused".
+    top.setdefault("execution", "sequential")
     path = write_study(tmp_path, name, body=HEARTBEAT, n_trials=n_trials, tracking_uri=mlflow_store(tmp_path / "mlflow.db"), **top)
     return load_spec(path)
 

@@ -179,8 +179,11 @@ def test_execution_choice_is_stated_and_refuses_fused_dropout(tmp_path: Path, ca
     assert choose_execution(spec, cars, dev, 50) == ("sequential", "execution = 'sequential' in the study file")
     spec = load_spec(write_study(tmp_path))
     assert spec.execution == "auto"
-    execution, why = choose_execution(spec, cars, dev, 3)
-    assert (execution, why) == ("sequential", "auto: 3 trial(s) to run; under 8 do not pay to fuse")
+    execution, why = choose_execution(spec, cars, dev, 2)
+    assert (execution, why) == ("sequential", "auto: 2 trial(s) to run; under 3 models do not pay to fuse")
+    # one trial of 5 folds trains 5 models: they fuse
+    execution, why = choose_execution(spec, cars, dev, 1, 5)
+    assert (execution, why) == ("fused", "auto: the middle model's step is 880 multiply-adds (<= 2e+05 on cpu), width 2")
     execution, why = choose_execution(spec, cars, dev, 50)  # a rule, not a timing: the same answer every time
     assert (execution, why) == ("fused", "auto: the middle model's step is 880 multiply-adds (<= 2e+05 on cpu), width 12")
     assert choose_execution(spec, cars, torch.device("mps"), 50)[0] == "sequential"

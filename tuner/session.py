@@ -151,7 +151,7 @@ def launch(
     remaining = total - finished_count(study)
 
     # -- choose: sequential or fused, by rule (the same study always runs the same way)
-    execution, why = choose_execution(spec, inputs.train_part, dev, max(remaining, 0))
+    execution, why = choose_execution(spec, inputs.train_part, dev, max(remaining, 0), max(len(inputs.cv.folds), 1))
     if remaining > 0 and role == "launch":
         where = f" in each of {n_workers} workers" if pool else ""
         print(f"execution: {execution}{where} ({why})", file=sys.stderr, flush=True)
