@@ -42,7 +42,7 @@ __all__ = [
     "fused_width",
     "step_work",
     "FUSED_WIDTH",
-    "MIN_SLOTS_FOR_AUTO",
+    "MIN_MODELS_FOR_AUTO",
     "MAX_FAILED_IN_A_ROW",
     "FUSE_BELOW_WORK",
 ]
@@ -54,7 +54,7 @@ FUSED_WIDTH = 64  # most trials in flight at once
 # of each: its folds). Measured (1-trial and 3-trial launches of the cars study, 2 CPU cores): one
 # 5-fold trial trains 2.6x faster fused, 3 of them 4x; one holdout trial takes the same time
 # either way, 3 of them 1.3x less fused.
-MIN_SLOTS_FOR_AUTO = 3
+MIN_MODELS_FOR_AUTO = 3
 # A launch stops after this many failed trials in a row (e.g. out of memory on every trial)
 # instead of failing forever; failed trials never count towards n_trials.
 MAX_FAILED_IN_A_ROW = 5
@@ -144,10 +144,10 @@ def choose_execution(
         return "fused", "execution = 'fused' in the study file"
     if reason:
         return "sequential", f"auto: {reason}"
-    if n_remaining * models_per_trial < MIN_SLOTS_FOR_AUTO:
+    if n_remaining * models_per_trial < MIN_MODELS_FOR_AUTO:
         models = f" x {models_per_trial} folds" if models_per_trial > 1 else ""
         return "sequential", (
-            f"auto: {n_remaining} trial(s){models} to run; under {MIN_SLOTS_FOR_AUTO} models do not pay to fuse"
+            f"auto: {n_remaining} trial(s){models} to run; under {MIN_MODELS_FOR_AUTO} models do not pay to fuse"
         )
     limit = FUSE_BELOW_WORK.get(device.type)
     if limit is None:
