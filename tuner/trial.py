@@ -79,9 +79,9 @@ class Objective:
         from tuner.validation import cross_validate
 
         params, seed, run_id = self.begin(trial)
-        report = EpochReporter(trial, self.spec, int(params["epochs"]), finished)
         result: TrainResult | CVResult
-        try:
+        try:  # from the moment the trial has a run: a Ctrl-C or SIGTERM anywhere here KILLs it
+            report = EpochReporter(trial, self.spec, int(params["epochs"]), finished)
             if self.cv is not None and self.cv.folds:
                 result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=report,
                                         keep_predictions=self.keeps_predictions)
@@ -117,7 +117,11 @@ class Objective:
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
-            trial.set_user_attr("mlflow_run_id", run_id)
+            try:
+                trial.set_user_attr("mlflow_run_id", run_id)
+            except BaseException as e:  # the run exists: close it as abort() would
+                self.abort(trial, params, run_id, e)
+                raise
         return params, seed, run_id
 
     def abort(self, trial: optuna.Trial | None, params: dict[str, Any], run_id: str | None, e: BaseException) -> None:
