@@ -78,17 +78,23 @@ class Objective:
         from tuner.train import train
         from tuner.validation import cross_validate
 
-        params, seed, run_id = self.begin(trial)
+        begun: tuple[dict[str, Any], int, str | None] | None = None
         result: TrainResult | CVResult
-        try:  # from the moment the trial has a run: a Ctrl-C or SIGTERM anywhere here KILLs it
-            report = EpochReporter(trial, self.spec, int(params["epochs"]), finished)
+        try:
+            # Begun with a Ctrl-C or SIGTERM held, as the fused loop begins its trials: it is
+            # raised once the trial has its run and its reporter, here, where abort() KILLs the run.
+            with interrupts.deferred():
+                begun = self.begin(trial)
+                report = EpochReporter(trial, self.spec, int(begun[0]["epochs"]), finished)
+            params, seed, run_id = begun
             if self.cv is not None and self.cv.folds:
                 result = cross_validate(params, self.cv.folds, device=self.device, seed=seed, on_epoch_end=report,
                                         keep_predictions=self.keeps_predictions)
             else:
                 result = train(params, self.data, device=self.device, seed=seed, on_epoch_end=report)
         except BaseException as e:
-            self.abort(trial, params, run_id, e)
+            if begun is not None:
+                self.abort(trial, begun[0], begun[2], e)
             raise
         self.train_seconds.append(result.seconds)
         return self.finish(trial, params, seed, run_id, result, report.reported)
@@ -117,11 +123,7 @@ class Objective:
         run_id = None
         if self.tracker is not None:
             run_id = self.tracker.start_trial(self.parent_run_id, self.spec.name, trial.number)
-            try:
-                trial.set_user_attr("mlflow_run_id", run_id)
-            except BaseException as e:  # the run exists: close it as abort() would
-                self.abort(trial, params, run_id, e)
-                raise
+            trial.set_user_attr("mlflow_run_id", run_id)
         return params, seed, run_id
 
     def abort(self, trial: optuna.Trial | None, params: dict[str, Any], run_id: str | None, e: BaseException) -> None:
