@@ -95,6 +95,9 @@ def run_one(backend: str, n_workers: int, n_trials: int, epochs: int, execution:
         firsts.setdefault(_provenance(t).get("worker", "?"), t.datetime_complete)
     start = max(firsts.values())
     steady = [t for t in trials if t.datetime_start and t.datetime_complete and t.datetime_start >= start]
+    if len(steady) < 2:  # every trial started in the first refill (few trials per worker): count them all
+        steady = [t for t in trials if t.datetime_start and t.datetime_complete]
+        start = min(t.datetime_start for t in steady)
     span = (max(t.datetime_complete for t in steady) - start).total_seconds()
     return {
         "backend": backend,

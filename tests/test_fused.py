@@ -16,7 +16,7 @@ from tuner.data import prepare
 from tuner.errors import ConfigError
 from tuner.fused import Job, train_many
 from tuner.inputs import load_data
-from tuner.runners import choose_execution
+from tuner.runners import FUSED_WIDTH, choose_execution, fused_width
 from tuner.train import TrainParams, train
 
 RTOL = 1e-4  # float32 rounding, summed in another order, over a few dozen steps
@@ -186,6 +186,9 @@ def test_execution_choice_is_stated_and_refuses_fused_dropout(tmp_path: Path, ca
     assert (execution, why) == ("fused", "auto: the middle model's step is 880 multiply-adds (<= 2e+05 on cpu), width 2")
     execution, why = choose_execution(spec, cars, dev, 50)  # a rule, not a timing: the same answer every time
     assert (execution, why) == ("fused", "auto: the middle model's step is 880 multiply-adds (<= 2e+05 on cpu), width 12")
+    # two workers share the 50 trials: each fuses a quarter of its 25 (as many in flight as one launch)
+    assert choose_execution(spec, cars, dev, 50, 1, 2)[1].endswith("width 6")
+    assert [fused_width(50), fused_width(50, 2), fused_width(12, 2), fused_width(10**5, 4)] == [12, 6, 2, FUSED_WIDTH]
     assert choose_execution(spec, cars, torch.device("mps"), 50)[0] == "sequential"
     space = (
         'lr = { type = "fixed", value = 0.01 }\nepochs = { type = "fixed", value = 2 }\n'

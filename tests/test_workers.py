@@ -217,9 +217,10 @@ def test_gpus_pin_one_worker_per_gpu() -> None:
 
     gpus = parse_gpus("0, 1")
     assert gpus == ["0", "1"]
-    envs = [_worker_env(i, "run1", "sqlite:////tmp/x.db", "sqlite:////tmp/m.db", gpus[i % len(gpus)]) for i in range(4)]
+    envs = [_worker_env(i, 4, "run1", "sqlite:////tmp/x.db", "sqlite:////tmp/m.db", gpus[i % len(gpus)]) for i in range(4)]
     assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0", "1", "0", "1"]
     assert [e["TUNER_WORKER_INDEX"] for e in envs] == ["0", "1", "2", "3"]
+    assert {e["TUNER_N_WORKERS"] for e in envs} == {"4"}
     assert envs[0]["TUNER_PARENT_RUN_ID"] == "run1" and envs[0]["TUNER_STORAGE"] == "sqlite:////tmp/x.db"
     with pytest.raises(TunerError, match="comma-separated GPU indices"):
         parse_gpus("0,,1")
@@ -328,28 +329,30 @@ def test_four_workers_on_one_sqlite_study_then_promote(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_launch_with_workers_fuses_in_every_worker(tmp_path: Path) -> None:
     """`tuner launch --workers 2` on a fused study: each worker trains its own K trials at once
-    (N workers x K slots), every trial's provenance says fused, and the budget stays exact."""
+    (N workers x K slots, K a quarter of its share of the budget: as many trials in flight as one
+    fused launch), every trial's provenance says fused, and the budget stays exact."""
     from tests.faultkit import FUSED_F4_SPACE
 
     # Trials of ~2-3 s (as in F4): the study outlasts the seconds by which one worker starts after the other.
     body = '[pruner]\nname = "none"\n'
-    study = write_study(tmp_path, "fw", n_trials=8, space=FUSED_F4_SPACE, body=body, execution="fused")
+    study = write_study(tmp_path, "fw", n_trials=12, space=FUSED_F4_SPACE, body=body, execution="fused")
     storage, tracking = f"sqlite:///{tmp_path / 'optuna.db'}", mlflow_store(tmp_path / "mlflow.db")
     r = run_tuner("launch", str(study), "--workers", "2", "--no-progress", "--storage", storage, "--tracking-uri", tracking,
                   cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "execution: fused in each of 2 workers" in r.stderr, r.stderr
-    trials = check_study(storage, tracking, "fw", 8)
+    trials = check_study(storage, tracking, "fw", 12)
     provenance = [t.user_attrs["provenance"] for t in trials]
     assert {p["execution"] for p in provenance} == {"fused"}
     by_worker: dict[str, list[Any]] = {}
     for t, p in zip(trials, provenance):
         by_worker.setdefault(p["worker"], []).append(t)
     assert len(by_worker) == 2, by_worker.keys()  # both workers ran trials
-    # Fused, not one after another: a worker's first trials started before its first one ended.
+    # Fused, not one after another, and at width fused_width(12, 2) = 2 (one launch alone: 3):
+    # at most 2 of a worker's trials were ever in flight at once, and 2 were.
     for worker, own in by_worker.items():
-        first_end = min(t.datetime_complete for t in own)
-        assert sum(t.datetime_start < first_end for t in own) >= 2, (worker, [(t.number, t.datetime_start) for t in own])
+        in_flight = [sum(u.datetime_start <= t.datetime_start < u.datetime_complete for u in own) for t in own]
+        assert max(in_flight) == 2, (worker, [(t.number, t.datetime_start, t.datetime_complete) for t in own])
 
 
 @pytest.mark.slow

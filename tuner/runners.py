@@ -66,14 +66,17 @@ MAX_FAILED_IN_A_ROW = 5
 FUSE_BELOW_WORK = {"cpu": 2e5, "cuda": 5e7}
 
 
-def fused_width(n_trials: int) -> int:
-    """Trials in flight for a launch of ``n_trials``: a quarter of them, 2 to FUSED_WIDTH.
+def fused_width(n_trials: int, n_workers: int = 1) -> int:
+    """Trials in flight in one process of ``n_workers`` sharing ``n_trials``: a quarter of its
+    share, 2 to FUSED_WIDTH.
 
     The sampler proposes each trial knowing the trials told so far (the ones in flight count as
     constant lies), so a width near the whole budget would make most trials blind draws: a
-    quarter keeps at least four rounds of results for TPE to learn from.
+    quarter keeps at least four rounds of results for TPE to learn from. Workers on one study
+    each take a quarter of their share, so N fused workers keep about as many trials in flight
+    as one fused launch (not N times as many).
     """
-    return max(2, min(FUSED_WIDTH, n_trials // 4))
+    return max(2, min(FUSED_WIDTH, n_trials // (4 * max(n_workers, 1))))
 
 
 def unfusable_reason(spec: StudySpec) -> str | None:
@@ -127,10 +130,12 @@ def step_work(params: dict[str, Any], data: Prepared) -> float:
 
 
 def choose_execution(
-    spec: StudySpec, data: Prepared, device: torch.device, n_remaining: int, models_per_trial: int = 1
+    spec: StudySpec, data: Prepared, device: torch.device, n_remaining: int, models_per_trial: int = 1,
+    n_workers: int = 1,
 ) -> tuple[str, str]:
     """``(execution, why)``: ``sequential`` or ``fused``, from the study file or by rule for ``auto``.
-    ``models_per_trial``: the models one trial trains (its folds; 1 for a holdout), each a slot.
+    ``models_per_trial``: the models one trial trains (its folds; 1 for a holdout), each a slot;
+    ``n_workers``: the processes sharing the trials (the width named is each one's).
 
     Raises:
         ConfigError: ``execution = "fused"`` for a space that cannot train fused.
@@ -155,7 +160,7 @@ def choose_execution(
     work = step_work(typical_params(spec), data)
     size = f"the middle model's step is {work:.3g} multiply-adds"
     if work <= limit:
-        return "fused", f"auto: {size} (<= {limit:.0e} on {device.type}), width {fused_width(n_remaining)}"
+        return "fused", f"auto: {size} (<= {limit:.0e} on {device.type}), width {fused_width(n_remaining, n_workers)}"
     return "sequential", f"auto: {size} (> {limit:.0e} on {device.type})"
 
 

@@ -22,7 +22,7 @@ from tuner.errors import StorageError, TrackingError, TunerError
 from tuner.lock import StudyLock
 from tuner.selection import best_trial
 from tuner.study import caused_by_storage, finished_count, reseed_sampler, storage_problem
-from tuner.workers import LAUNCH_PID_ENV, PARENT_RUN_ENV, WORKER_INDEX_ENV
+from tuner.workers import LAUNCH_PID_ENV, N_WORKERS_ENV, PARENT_RUN_ENV, WORKER_INDEX_ENV
 
 if TYPE_CHECKING:
     import optuna
@@ -128,7 +128,9 @@ def launch(
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
     import_mlflow()  # outside the lock: seconds of imports that other processes need not queue for
-    index = worker_index if worker_index is not None else _env_index()
+    index = worker_index if worker_index is not None else _env_int(WORKER_INDEX_ENV, "0..N-1")
+    # the processes sharing the trials: each fuses a share (a pool says how many it started)
+    sharing = n_workers if pool else (_env_int(N_WORKERS_ENV, "the number of workers") or 1)
     with lock:  # processes started together: one creates the schemas and the study
         tracker = Tracker(tracking, spec.name)
         seed = _worker_seed(spec, index) if role == "worker" else None
@@ -151,7 +153,8 @@ def launch(
     remaining = total - finished_count(study)
 
     # -- choose: sequential or fused, by rule (the same study always runs the same way)
-    execution, why = choose_execution(spec, inputs.train_part, dev, max(remaining, 0), max(len(inputs.cv.folds), 1))
+    execution, why = choose_execution(spec, inputs.train_part, dev, max(remaining, 0), max(len(inputs.cv.folds), 1),
+                                      sharing)
     if remaining > 0 and role == "launch":
         where = f" in each of {n_workers} workers" if pool else ""
         print(f"execution: {execution}{where} ({why})", file=sys.stderr, flush=True)
@@ -183,7 +186,7 @@ def launch(
                     spec, study, tracker, inputs, lock, parent_run_id, dev, execution,
                     provenance={**provenance(spec, dev, inputs.cv.plan), "execution": execution},
                     total=total, url=url, progress=progress, verbose=verbose, role=role,
-                    width=fused_width(remaining),
+                    width=fused_width(remaining, sharing),
                 )
         except BaseException as e:
             if role == "launch":  # a worker shares the launch run with others: the launch ends it
@@ -418,14 +421,14 @@ def _worker_seed(spec: StudySpec, index: int | None) -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def _env_index() -> int | None:
-    raw = os.environ.get(WORKER_INDEX_ENV)
+def _env_int(name: str, hint: str) -> int | None:
+    raw = os.environ.get(name)
     if raw is None or raw == "":
         return None
     try:
         return int(raw)
     except ValueError:
-        raise TunerError(f"{WORKER_INDEX_ENV}={raw!r} is not a whole number; set it to 0..N-1 or unset it") from None
+        raise TunerError(f"{name}={raw!r} is not a whole number; set it to {hint} or unset it") from None
 
 
 def _watch_launch_process() -> None:

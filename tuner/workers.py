@@ -33,6 +33,7 @@ __all__ = ["run_pool", "parse_gpus", "STORAGE_ENV", "PARENT_RUN_ENV", "WORKER_IN
 STORAGE_ENV = "TUNER_STORAGE"  # Optuna storage URL (keeps a password off the command line)
 PARENT_RUN_ENV = "TUNER_PARENT_RUN_ID"  # the launch run a worker's trial runs nest under
 WORKER_INDEX_ENV = "TUNER_WORKER_INDEX"  # 0..N-1: the worker's sampler seed offset
+N_WORKERS_ENV = "TUNER_N_WORKERS"  # N: the workers sharing the study (each fuses a share of its trials)
 LAUNCH_PID_ENV = "TUNER_LAUNCH_PID"  # a pool worker ends when this process is gone
 
 
@@ -83,7 +84,7 @@ class _CombinedProgress:
             self.stream.flush()
 
 
-def _worker_env(index: int, parent: str | None, url: str, tracking: str, gpu: str | None) -> dict[str, str]:
+def _worker_env(index: int, n_workers: int, parent: str | None, url: str, tracking: str, gpu: str | None) -> dict[str, str]:
     import tuner
 
     env = dict(os.environ)
@@ -93,6 +94,7 @@ def _worker_env(index: int, parent: str | None, url: str, tracking: str, gpu: st
     env[STORAGE_ENV] = url  # in the environment, not argv: argv is visible to every user in `ps`
     env["MLFLOW_TRACKING_URI"] = tracking
     env[WORKER_INDEX_ENV] = str(index)
+    env[N_WORKERS_ENV] = str(n_workers)
     env.setdefault("OMP_NUM_THREADS", "1")
     if parent:
         env[PARENT_RUN_ENV] = parent
@@ -139,7 +141,7 @@ def run_pool(
             log = log_dir / f"worker-{i}.log"
             logs.append(log)
             with open(log, "w") as out:
-                env = _worker_env(i, parent_run_id, url, tracking, gpus[i % len(gpus)] if gpus else None)
+                env = _worker_env(i, n_workers, parent_run_id, url, tracking, gpus[i % len(gpus)] if gpus else None)
                 procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         while any(p.poll() is None for p in procs):
             if bar:
