@@ -77,3 +77,38 @@ def test_readme_layout_table_lists_the_modules() -> None:
     listed = set(re.findall(r"`tuner/([a-z_]+)\.py`", text))
     actual = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", "__main__"}
     assert listed == actual, f"README lacks {sorted(actual - listed)}, lists missing {sorted(listed - actual)}"
+
+
+def _third_party(module: str) -> set[str]:
+    """The top-level packages a tuner module imports (function-level imports included)."""
+    tops: set[str] = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            tops |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            tops.add(node.module.split(".")[0])
+    return tops - {"tuner"}
+
+
+def test_mlflow_is_imported_only_at_the_tracking_boundary() -> None:
+    """tracking.py (runs, metrics, artifacts), registry.py (the model registry half of it, split off
+    at 500 lines) and pyfunc_model.py (the models-from-code file MLflow itself loads)."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert {m for m in modules if "mlflow" in _third_party(m)} == {"tracking", "registry", "pyfunc_model"}
+
+
+def test_the_training_function_and_everything_it_imports_know_neither_optuna_nor_mlflow() -> None:
+    """train() is shared by every path (sequential, fused, refit, replay): it and the tuner modules
+    it reaches, transitively, import torch, never optuna or mlflow."""
+    imports = _imports()
+    graph = {m: {target for target, _ in names if target in imports} for m, names in imports.items()}
+    reached: set[str] = set()
+    todo = ["train", "fused"]
+    while todo:
+        m = todo.pop()
+        if m not in reached:
+            reached.add(m)
+            todo += sorted(graph[m])
+    assert {"train", "fused", "bank", "model", "data", "optim"} <= reached
+    leaking = {m: sorted(_third_party(m) & {"optuna", "mlflow"}) for m in reached}
+    assert {m: found for m, found in leaking.items() if found} == {}
