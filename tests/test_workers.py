@@ -484,3 +484,17 @@ def test_f4_two_launches_on_one_postgres_study_run_exactly_n_trials(tmp_path: Pa
     check_study(pg_url, tracking, "pgf4", n_trials)
     ran = [int(out.split(" run now")[0].rsplit("(", 1)[1]) for out in outputs]
     assert sum(ran) == n_trials and all(n > 0 for n in ran), outputs
+
+
+@pytest.mark.parametrize("value, message", [("four", "is not a whole number"), ("0", "must be >= 1")])
+def test_a_bad_worker_count_in_the_environment_is_one_line_before_anything_is_stored(
+    tmp_path: Path, value: str, message: str
+) -> None:
+    study = write_study(tmp_path, "count")
+    r = run_tuner("worker", str(study), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                  "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path,
+                  env=tuner_env(TUNER_N_WORKERS=value))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: TUNER_N_WORKERS=") and message in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()

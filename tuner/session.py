@@ -113,6 +113,12 @@ def launch(
     n_workers = workers if workers is not None else (len(gpus) or 1)
     if pool and n_workers < 1:
         raise TunerError(f"--workers must be >= 1 (got {n_workers})")
+    index = worker_index if worker_index is not None else _env_int(WORKER_INDEX_ENV, "0..N-1")
+    # the processes sharing the trials: each fuses a share (a pool says how many it started)
+    told = None if pool else _env_int(N_WORKERS_ENV, "the number of workers")
+    sharing = n_workers if pool else 1 if told is None else told
+    if sharing < 1:
+        raise TunerError(f"{N_WORKERS_ENV}={sharing} must be >= 1: set it to the number of workers or unset it")
     if pool and spec.source is None:
         raise TunerError("launching workers needs a study file (the spec has no source path)")
     dev = _device(device or spec.device, gpus)
@@ -128,9 +134,6 @@ def launch(
     with lock:  # an unreachable database fails fast, before MLflow is touched
         pass
     import_mlflow()  # outside the lock: seconds of imports that other processes need not queue for
-    index = worker_index if worker_index is not None else _env_int(WORKER_INDEX_ENV, "0..N-1")
-    # the processes sharing the trials: each fuses a share (a pool says how many it started)
-    sharing = n_workers if pool else (_env_int(N_WORKERS_ENV, "the number of workers") or 1)
     with lock:  # processes started together: one creates the schemas and the study
         tracker = Tracker(tracking, spec.name)
         seed = _worker_seed(spec, index) if role == "worker" else None
