@@ -115,9 +115,10 @@ def launch(
         raise TunerError(f"--workers must be >= 1 (got {n_workers})")
     index = worker_index if worker_index is not None else _env_int(WORKER_INDEX_ENV, "0..N-1")
     # the processes sharing the trials: each fuses a share (a pool says how many it started)
-    told = None if pool else _env_int(N_WORKERS_ENV, "the number of workers")
-    sharing = n_workers if pool else 1 if told is None else told
-    if sharing < 1:
+    sharing = n_workers if pool else _env_int(N_WORKERS_ENV, "the number of workers")
+    if sharing is None:
+        sharing = 1
+    elif sharing < 1:
         raise TunerError(f"{N_WORKERS_ENV}={sharing} must be >= 1: set it to the number of workers or unset it")
     if pool and spec.source is None:
         raise TunerError("launching workers needs a study file (the spec has no source path)")

@@ -27,7 +27,7 @@ from tuner.study import finished_count, storage_errors
 if TYPE_CHECKING:
     import optuna
 
-__all__ = ["run_pool", "parse_gpus", "STORAGE_ENV", "PARENT_RUN_ENV", "WORKER_INDEX_ENV", "LAUNCH_PID_ENV"]
+__all__ = ["run_pool", "parse_gpus", "STORAGE_ENV", "PARENT_RUN_ENV", "WORKER_INDEX_ENV", "LAUNCH_PID_ENV", "N_WORKERS_ENV"]
 
 # Environment a pool passes to its workers (and what a container may set by hand).
 STORAGE_ENV = "TUNER_STORAGE"  # Optuna storage URL (keeps a password off the command line)
