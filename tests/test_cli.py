@@ -141,7 +141,7 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
         'activation = { type = "fixed", value = "tanh" }\n'
     )
     # One split: 32 rows would default to 5-fold CV, five times the training time of this test.
-    study_file = write_study(tmp_path, n_trials=2, space=space, body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
+    study_file = write_study(tmp_path, n_trials=1, space=space, body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
     tracking = mlflow_store(tmp_path / "m.db")
     args = ["launch", str(study_file), "--tracking-uri", tracking, "--no-progress"]
     proc = subprocess.Popen([sys.executable, "-m", "tuner", *args], cwd=tmp_path, env=tuner_env(),
@@ -171,12 +171,10 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     client = MlflowClient(tracking)
     assert client.get_run(failed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
-    fast = write_study(tmp_path, n_trials=2, space=space.replace("low = 400, high = 500", "low = 400, high = 500"),
-                       body='[validation]\nfraction = 0.2\n[pruner]\nname = "none"\n')
-    resumed = run_tuner("launch", str(fast), "--tracking-uri", tracking, "--no-progress", cwd=tmp_path)
+    resumed = run_tuner("launch", str(study_file), "--tracking-uri", tracking, "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     study = optuna.load_study(study_name="study", storage=storage)
-    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 2
+    assert len(study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 1
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
 
