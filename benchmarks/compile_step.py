@@ -5,9 +5,10 @@
 
 A step is what ``Bank.end_step`` computes once the batch is gathered: ``bankmath.forward``
 (recording the tape), the regression loss and its gradient, ``bankmath.backward`` and the Adam
-update of the whole ``(K, P)`` block, on synthetic data of the cars shape (8 rows per batch, 10
-features). "mixed" spreads the K slots over five activations (five runs per layer, as the cars
-space does). Process CPU time per step after a warm-up; the first compiled call is timed apart.
+update of the whole ``(K, P)`` block, on a real ``Bank`` of K cars trials (its layout, activation
+runs and layer masks; one batch of 8 training rows per slot). "mixed" spreads the K trials over
+five activations (five runs per layer, as the cars space does). Process CPU time per step after
+a warm-up; the first compiled call is timed apart (a cold compile unless ``--warm-cache``).
 What it does not measure: the bank's host work around the step (batch gather, epoch events,
 starting and freezing trials), and recompiles: ``runs``, the slots in use and the widest batch
 change at nearly every refill of a mixed-shape bank, and each new combination compiles again.
@@ -23,45 +24,40 @@ from typing import Any
 
 import torch
 
+from benchmarks.fused import cars
 from tuner import bankmath as bm
+from tuner.bank import Bank, Job
+from tuner.train import TrainParams, model_config
 
 ACTIVATIONS = ["gelu", "leaky_relu", "relu", "sigmoid", "tanh"]
+BATCH = 8
 
 
-def _bank(k: int, hidden: int, layers: int, kind: str, n_in: int = 10, batch: int = 8) -> dict[str, Any]:
-    runs = [("relu", k)]
-    if kind == "mixed":
-        runs = [(a, k // 5 + (i < k % 5)) for i, a in enumerate(ACTIVATIONS) if k // 5 + (i < k % 5)]
-    shapes = [("w0", (n_in, hidden)), ("b0", (1, hidden))]
-    shapes += [(f"{p}{i}", s) for i in range(1, layers) for p, s in (("w", (hidden, hidden)), ("b", (1, hidden)))]
-    shapes += [("wout", (hidden, 1)), ("bout", (1, 1))]
-    n_params = sum(a * b for _, (a, b) in shapes)
+def _step(k: int, hidden: int, layers: int, kind: str) -> tuple[Any, tuple[torch.Tensor, ...]]:
+    """One bank step of K cars trials as a function of its tensors, and those tensors."""
+    data = cars()
+    jobs = [Job(TrainParams(lr=1e-2, epochs=1, batch_size=BATCH, hidden_size=hidden, n_layers=layers,
+                            activation=ACTIVATIONS[i % 5] if kind == "mixed" else "relu"), i) for i in range(k)]
+    bank = Bank([data], torch.device("cpu"), linear=False, sgd=False, width=hidden)
+    bank.add_many([(i, job, model_config(job.params, data)) for i, job in enumerate(jobs)])
+    runs, layer_on = bank.runs, bank.layer_on
     gen = torch.Generator().manual_seed(0)
-    return {
-        "runs": runs, "shapes": shapes, "layers": layers,
-        "tensors": (torch.randn(k, n_params, generator=gen) * 0.1, torch.zeros(k, n_params), torch.zeros(k, n_params),
-                    torch.zeros(k, n_params), torch.randn(k, batch, n_in, generator=gen), torch.randn(k, batch, generator=gen),
-                    torch.ones(k, batch, dtype=torch.bool), torch.tensor([[1e-2, 1e-2, 0.03, 1.0]]).repeat(k, 1)),
-    }
-
-
-def _step_function(bank: dict[str, Any]) -> Any:
-    runs, shapes, layers = bank["runs"], bank["shapes"], bank["layers"]
+    rows_of = torch.stack([torch.randperm(len(data.x_train), generator=gen)[:BATCH] for _ in range(k)])
+    T = bank.used
+    tensors = (T["flat"], bank.grad, T["m"], T["v"], data.x_train[rows_of], data.y_train[rows_of],
+               torch.ones(k, BATCH, dtype=torch.bool), torch.tensor([[1e-2, 1e-2, 0.03, 1.0]]).repeat(k, 1))
 
     def step(flat: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, x: torch.Tensor,
              y: torch.Tensor, rows: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        w, offset = {}, 0
-        for name, (a, b) in shapes:
-            w[name] = flat[:, offset:offset + a * b].view(-1, a, b)
-            offset += a * b
+        w = bank.views(flat)
         tape = bm.Tape()
-        out = bm.forward(w, x, layers, runs, [None] * layers, tape).squeeze(-1)
+        out = bm.forward(w, x, layers, runs, layer_on, tape).squeeze(-1)
         loss, d_out = bm.loss_and_grad(out, y, rows, "regression")
-        bm.backward(tape, w, grad, d_out, runs, [None] * layers)
+        bm.backward(tape, w, grad, d_out, runs, layer_on)
         bm.update(flat, grad, m, v, scalars, sgd=False, decoupled=False)
         return loss
 
-    return step
+    return step, tensors
 
 
 def _us_per_step(step: Any, tensors: tuple[torch.Tensor, ...], n: int) -> float:
@@ -74,14 +70,14 @@ def _us_per_step(step: Any, tensors: tuple[torch.Tensor, ...], n: int) -> float:
 
 
 def measure(k: int, hidden: int, layers: int, kind: str, n: int = 400) -> dict[str, Any]:
-    bank = _bank(k, hidden, layers, kind)
-    eager = _us_per_step(_step_function(bank), bank["tensors"], n)
-    compiled = torch.compile(_step_function(bank), dynamic=False)
+    step, tensors = _step(k, hidden, layers, kind)
+    eager = _us_per_step(step, tensors, n)
+    compiled = torch.compile(step, dynamic=False)
     start = time.perf_counter()
-    compiled(*bank["tensors"])
+    compiled(*tensors)
     first = time.perf_counter() - start
     return {"shape": f"K={k}, hidden {hidden}, {layers} layer(s), {kind}", "eager_us": eager,
-            "compiled_us": _us_per_step(compiled, bank["tensors"], n), "first_s": first}
+            "compiled_us": _us_per_step(compiled, tensors, n), "first_s": first}
 
 
 def main() -> None:
