@@ -12,12 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tuner"
 
 
+def _import_nodes(path: Path) -> list[ast.Import | ast.ImportFrom]:
+    """Every import statement of a module, function-level ones included."""
+    return [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.Import, ast.ImportFrom))]
+
+
 def _imports() -> dict[str, set[tuple[str, str]]]:
     """module -> {(imported tuner module, imported name or '')} from every import statement."""
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     found: dict[str, set[tuple[str, str]]] = {m: set() for m in modules}
     for path in PACKAGE.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in _import_nodes(path):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tuner":
                 parts = node.module.split(".")
                 if len(parts) > 1:
@@ -82,7 +87,7 @@ def test_readme_layout_table_lists_the_modules() -> None:
 def _third_party(module: str) -> set[str]:
     """The top-level packages a tuner module imports (function-level imports included)."""
     tops: set[str] = set()
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+    for node in _import_nodes(PACKAGE / f"{module}.py"):
         if isinstance(node, ast.Import):
             tops |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

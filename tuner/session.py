@@ -115,11 +115,11 @@ def launch(
         raise TunerError(f"--workers must be >= 1 (got {n_workers})")
     index = worker_index if worker_index is not None else _env_int(WORKER_INDEX_ENV, "0..N-1")
     # the processes sharing the trials: each fuses a share (a pool says how many it started)
-    sharing = n_workers if pool else _env_int(N_WORKERS_ENV, "the number of workers")
-    if sharing is None:
-        sharing = 1
-    elif sharing < 1:
-        raise TunerError(f"{N_WORKERS_ENV}={sharing} must be >= 1: set it to the number of workers or unset it")
+    n_sharing = n_workers if pool else _env_int(N_WORKERS_ENV, "the number of workers")
+    if n_sharing is None:
+        n_sharing = 1
+    elif n_sharing < 1:
+        raise TunerError(f"{N_WORKERS_ENV}={n_sharing} must be >= 1: set it to the number of workers or unset it")
     if pool and spec.source is None:
         raise TunerError("launching workers needs a study file (the spec has no source path)")
     dev = _device(device or spec.device, gpus)
@@ -158,7 +158,7 @@ def launch(
 
     # -- choose: sequential or fused, by rule (the same study always runs the same way)
     execution, why = choose_execution(spec, inputs.train_part, dev, max(remaining, 0), max(len(inputs.cv.folds), 1),
-                                      sharing)
+                                      n_sharing)
     if remaining > 0 and role == "launch":
         where = f" in each of {n_workers} workers" if pool else ""
         print(f"execution: {execution}{where} ({why})", file=sys.stderr, flush=True)
@@ -190,7 +190,7 @@ def launch(
                     spec, study, tracker, inputs, lock, parent_run_id, dev, execution,
                     provenance={**provenance(spec, dev, inputs.cv.plan), "execution": execution},
                     total=total, url=url, progress=progress, verbose=verbose, role=role,
-                    width=fused_width(remaining, sharing),
+                    width=fused_width(remaining, n_sharing),
                 )
         except BaseException as e:
             if role == "launch":  # a worker shares the launch run with others: the launch ends it
