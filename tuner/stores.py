@@ -98,6 +98,14 @@ def find_tracking_uri(explicit: str | None = None, start: str | Path | None = No
     for d in (here, *here.parents):
         if (d / MLFLOW_DB).is_file():
             return f"sqlite:///{d / MLFLOW_DB}"
+    # A project without pyproject.toml or .git keeps its store beside the study files
+    # (studies/mlflow.db): name one just below, the usual case of running from the project's top.
+    below = sorted(p for p in here.glob(f"*/{MLFLOW_DB}") if p.is_file())
+    if below:
+        raise TrackingError(
+            f"no MLflow store found in {here} or any folder above it, but {below[0]} is one; run this in "
+            f"{below[0].parent}, or pass --tracking-uri sqlite:///{below[0]}"
+        )
     raise TrackingError(
         f"no MLflow store found: no {MLFLOW_DB} in {here} or any folder above it; run this in the project "
         "where `tuner launch` wrote it, or pass --tracking-uri (or set MLFLOW_TRACKING_URI)"
