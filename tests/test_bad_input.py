@@ -86,6 +86,15 @@ STUDY_CASES: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+# A classification study whose task cannot be inferred (the data are missing): the data problem
+# is named, not "metric 'accuracy' does not fit task 'regression'".
+# name -> (keyword arguments of write_study, expected message)
+MISSING_DATA_CASES: dict[str, tuple[dict[str, Any], str]] = {
+    "missing_file": ({"data": "nosuch.csv"}, r"data file '.*nosuch.csv' does not exist; set `data` in the study file"),
+    "missing_target": ({"target": "MPG"}, r"target column 'MPG' \(did you mean 'mpg'\?\) is not in .*; columns are \['model', 'mpg', "),
+}
+
+
 def _refused(tmp_path: Path, capsys: Any, argv: list[str], match: str) -> str:
     """Run `tuner ARGV`; assert exit 2, one `error:` line matching, and no store written."""
     import re
@@ -120,6 +129,14 @@ def test_bad_study_file_is_refused_in_one_line_before_anything_is_written(tmp_pa
     kwargs, match = STUDY_CASES[case]
     study = write_study(tmp_path, "bad", **kwargs)
     _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
+
+
+@pytest.mark.parametrize("case", sorted(MISSING_DATA_CASES))
+def test_missing_data_of_a_classification_study_is_named_not_its_metric(tmp_path: Path, capsys: Any, case: str) -> None:
+    kwargs, match = MISSING_DATA_CASES[case]
+    study = write_study(tmp_path, "bad", metric="accuracy", **kwargs)
+    line = _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
+    assert "does not fit task" not in line
 
 
 def test_n_trials_zero_on_the_command_line_is_refused_not_ignored(tmp_path: Path, capsys: Any) -> None:

@@ -34,7 +34,7 @@ def test_help_lists_the_commands_without_importing_heavy_packages() -> None:
     ("setup", "message"),
     [
         ("missing_study", r"^error: study file 'nope.toml' does not exist"),
-        ("bad_target", r"^error: target column 'MPG' is not in .*cars.csv; columns are \['model', 'mpg'"),
+        ("bad_target", r"^error: target column 'MPG' \(did you mean 'mpg'\?\) is not in .*cars.csv; columns are \['model', 'mpg'"),
         ("missing_data", r"^error: data file '.*absent.csv' does not exist"),
         ("bad_space", r"^error: .*space.lr: low \(1.0\) > high \(0.1\); swap them"),
     ],

@@ -65,6 +65,8 @@ def test_study_file_overrides_categorical_exclude_and_features() -> None:
     assert (roles.numeric, roles.categorical, roles.excluded) == (["rownames"], ["colour"], {})
     with pytest.raises(DataError, match=r"target 'y' is listed in `categorical`.*`exclude` names column\(s\) \['nope'\]"):
         detect_roles(frame, "y", categorical=["y"], exclude=["nope"])
+    with pytest.raises(DataError, match=r"`exclude` names column\(s\) \['Colour'\] \(did you mean 'colour'\?\) that are not in"):
+        detect_roles(frame, "y", exclude=["Colour"])
 
 
 def test_an_unnamed_exported_index_is_a_row_id_but_a_float_column_never_is() -> None:

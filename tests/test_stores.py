@@ -71,7 +71,8 @@ def test_commands_without_a_study_find_the_first_mlflow_db_here_or_above(tmp_pat
     (deep / "studies").mkdir()
     (deep / "studies" / "mlflow.db").write_bytes(b"")
     below = deep / "studies" / "mlflow.db"
-    with pytest.raises(TrackingError, match=rf"^no MLflow store found in {deep} or any folder above it, but {below} is one; run this in {below.parent}, or pass --tracking-uri sqlite:///{below}$"):
+    expected = rf"^no MLflow store found in {deep} or any folder above it, but {below} is one; run this in {below.parent}, "
+    with pytest.raises(TrackingError, match=expected + rf"or pass --tracking-uri sqlite:///{below}$"):
         find_tracking_uri(start=deep)
     (tmp_path / "mlflow.db").write_bytes(b"")
     assert find_tracking_uri(start=deep) == f"sqlite:///{tmp_path / 'mlflow.db'}"

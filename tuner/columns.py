@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import numpy as np
 
-from tuner.errors import DataError
+from tuner.errors import DataError, did_you_mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -125,7 +125,8 @@ def detect_roles(
     for key, names in (("features", features or []), ("categorical", categorical), ("exclude", exclude)):
         missing = [c for c in names if c not in columns]
         if missing:
-            problems.append(f"`{key}` names column(s) {missing} that are not in {source}; columns are {_cut_list(columns)}")
+            hint = did_you_mean(missing[0], columns) if len(missing) == 1 else ""
+            problems.append(f"`{key}` names column(s) {missing}{hint} that are not in {source}; columns are {_cut_list(columns)}")
         if target in names:
             problems.append(f"target {target!r} is listed in `{key}`; remove it from there")
     both = sorted(set(categorical) & set(exclude))
@@ -272,7 +273,7 @@ def table_inputs(
     """
     columns = [str(c) for c in frame.columns]
     if target not in columns:
-        raise DataError(f"target column {target!r} is not in {source}; columns are {columns[:30]}")
+        raise DataError(f"target column {target!r}{did_you_mean(target, columns)} is not in {source}; columns are {columns[:30]}")
     labels = frame[target]
     if task == "regression":
         labels = _numeric_target(labels, target, source)

@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuner import stores
-from tuner.errors import ConfigError
+from tuner.errors import ConfigError, did_you_mean
 
 __all__ = [
     "ACTIVATIONS",
@@ -205,7 +205,7 @@ class StudySpec(_Strict):
         known = REQUIRED_PARAMS + EXTRA_PARAMS
         for name in space:
             if name not in known:
-                problems.append(f"unknown parameter {name!r}{_did_you_mean(name, known)}; choose from {list(known)}")
+                problems.append(f"unknown parameter {name!r}{did_you_mean(name, known)}; choose from {list(known)}")
         for name in REQUIRED_PARAMS:
             if name not in space:
                 problems.append(f"missing parameter {name!r} (every study samples {list(REQUIRED_PARAMS)})")
@@ -418,6 +418,10 @@ def load_spec(path: str | Path, **overrides: Any) -> StudySpec:
         inferred = infer_task(raw["data"], raw["target"])  # None: data unreadable, reported later
         if inferred is not None:
             raw["task"], raw["task_note"] = inferred
+        elif raw.get("metric") in CLASSIFICATION_METRICS:
+            # The data cannot tell (a missing file or column: the loader names it), the metric can;
+            # otherwise "metric does not fit task 'regression'" would hide the real problem.
+            raw["task"] = "classification"
     if "metric" not in raw and raw.get("task") == "classification":
         raw["metric"] = "accuracy"
     try:
@@ -439,7 +443,7 @@ def _format_errors(e: ValidationError) -> str:
             continue
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
-            msg = f"unknown key{_did_you_mean(key, _known_keys(err['loc'][:-1]))}; remove it or check its spelling"
+            msg = f"unknown key{did_you_mean(key, _known_keys(err['loc'][:-1]))}; remove it or check its spelling"
         elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             parts.append(_type_problem(loc, err))
             continue
@@ -452,11 +456,6 @@ def _format_errors(e: ValidationError) -> str:
 _PARAM_TYPES: dict[str, type[BaseModel]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam, "fixed": FixedParam}
 _SECTIONS: dict[str, type[BaseModel]] = {"validation": Validation, "sampler": SamplerSpec, "pruner": PrunerSpec, "heartbeat": Heartbeat}
 _SET_BY_TUNER = ("source", "task_note")
-
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _known_keys(parent: tuple[Any, ...]) -> list[str]:
@@ -476,7 +475,7 @@ def _type_problem(loc: str, err: Any) -> str:
     given = err.get("input")
     if err["type"] == "union_tag_invalid":
         tag = str(err.get("ctx", {}).get("tag", given))
-        return f"{loc}.type: {tag!r} is not a parameter type{_did_you_mean(tag, types)}; choose one of {types}"
+        return f"{loc}.type: {tag!r} is not a parameter type{did_you_mean(tag, types)}; choose one of {types}"
     if isinstance(given, dict):
         near = [k for k in given if difflib.get_close_matches(str(k), ["type"], n=1, cutoff=0.6)]
         hint = f" ({near[0]!r}: did you mean 'type'?)" if near else ""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError", "first_line"]
+from typing import Iterable
+
+__all__ = ["TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError", "did_you_mean", "first_line"]
 
 
 class TunerError(Exception):
@@ -40,3 +42,14 @@ def first_line(e: BaseException, hide: str = "") -> str:
     except ValueError:
         password = None
     return text.replace(password, "***") if password else text
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``word``, or ``""``."""
+    import difflib
+
+    options = list(choices)
+    # a case slip ('Label' for 'label') first: difflib's ratio misses it on short names
+    same = [c for c in options if c.lower() == word.lower()]
+    close = same or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
