@@ -255,6 +255,38 @@ def test_changed_search_space_is_refused_with_the_difference_then_allowed(tmp_pa
     assert after[:2] == trials_before and len(after) == 3 and after[2][1] == "COMPLETE"
 
 
+def test_changed_data_file_is_refused_then_allowed(tmp_path: Path, capsys: Any) -> None:
+    import hashlib
+
+    from tuner.session import launch
+
+    data = tmp_path / "cars.csv"
+    data.write_text(CARS_TEXT)
+    path = write_study(tmp_path, "data", data=data, n_trials=2, tracking_uri=mlflow_store(tmp_path / "mlflow.db"))
+    launch(load_spec(path), progress=False, promote=False)
+    trials_before = _trials(path)
+    before = hashlib.sha256(data.read_bytes()).hexdigest()
+    data.write_text("\n".join(CARS_TEXT.splitlines()[:25]) + "\n")  # rows dropped: scores would not compare
+    now = hashlib.sha256(data.read_bytes()).hexdigest()
+
+    rc = main(["launch", str(path), "--n-trials", "3"])
+    [err] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert rc == 2
+    assert err == (
+        f"error: study 'data' was run on other data: {data} changed since (SHA-256 {before[:12]} then, {now[:12]} now), "
+        "and its trials were scored on the old rows; its trials are untouched: use a new study name, or relaunch "
+        "with --allow-data-change"
+    )
+    assert _trials(path) == trials_before
+
+    assert main(["launch", str(path), "--n-trials", "3", "--allow-data-change", "--no-progress"]) == 0
+    after = _trials(path)
+    assert after[:2] == trials_before and len(after) == 3 and after[2][1] == "COMPLETE"
+    # the new file is the study's data from now on: the next resume needs no flag
+    assert main(["launch", str(path), "--n-trials", "4", "--no-progress"]) == 0
+    assert len(_trials(path)) == 4
+
+
 def _trials(path: Path) -> list[tuple[int, str, dict[str, Any]]]:
     import optuna
 

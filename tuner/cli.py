@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (overrides the study file)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
     p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
+    p.add_argument("--allow-data-change", action="store_true", help="resume although the data file changed")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
     p.add_argument("--no-progress", action="store_true", help="no progress line")
     p.add_argument("--no-report", action="store_true", help="do not log the study report on the launch's MLflow run")
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (overrides the study file)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides the study file)")
     p.add_argument("--allow-space-change", action="store_true", help="resume although the search space changed")
+    p.add_argument("--allow-data-change", action="store_true", help="resume although the data file changed")
     p.add_argument("--no-promote", action="store_true", help="leave promotion to the launch (or `tuner promote`)")
     p.add_argument("--no-report", action="store_true", help="do not log the study report on the parent run")
     p.add_argument("-v", "--verbose", action="store_true", help="one line per trial")
@@ -182,6 +184,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         storage=args.storage,
         tracking_uri=_tracking_uri(args, spec),
         allow_space_change=args.allow_space_change,
+        allow_data_change=args.allow_data_change,
         device=args.device,
         progress=not args.no_progress,
         verbose=args.verbose,
@@ -214,6 +217,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         tracking_uri=_tracking_uri(args, spec),
         device=args.device,
         allow_space_change=args.allow_space_change,
+        allow_data_change=args.allow_data_change,
         promote=not args.no_promote,
         report=not args.no_report,
         progress=not args.no_progress,

@@ -9,6 +9,7 @@ CPU with the same data and versions they are equal bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import platform
@@ -31,6 +32,14 @@ __all__ = ["provenance", "trial_seed", "file_sha256", "device_name", "replay", "
 
 
 def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, read once per size and modification time (a launch asks twice: the
+    study's data check and the trials' provenance)."""
+    stat = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

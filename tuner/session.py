@@ -74,6 +74,7 @@ def launch(
     storage: str | None = None,
     tracking_uri: str | None = None,
     allow_space_change: bool = False,
+    allow_data_change: bool = False,
     device: str | None = None,
     progress: bool = True,
     verbose: bool = False,
@@ -138,7 +139,8 @@ def launch(
     with lock:  # processes started together: one creates the schemas and the study
         tracker = Tracker(tracking, spec.name)
         seed = _worker_seed(spec, index) if role == "worker" else None
-        study = open_study(spec, url, allow_space_change=allow_space_change, sampler_seed=seed)
+        study = open_study(spec, url, allow_space_change=allow_space_change, allow_data_change=allow_data_change,
+                           sampler_seed=seed)
         warm = enqueue_known(study, spec, warm_start, url)  # [[enqueue]] and --warm-start-from, once
     for line in warm:
         print(line, file=sys.stderr, flush=True)

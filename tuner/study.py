@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import optuna
 
 __all__ = [
+    "DATA_SHA256_ATTR",
     "open_storage",
     "open_study",
     "make_sampler",
@@ -43,6 +44,8 @@ __all__ = [
     "storage_problem",
     "caused_by_storage",
 ]
+
+DATA_SHA256_ATTR = "data_sha256"  # the study's user attribute: the data file its trials were scored on
 
 
 # -- storage ---------------------------------------------------------------------------------
@@ -237,13 +240,14 @@ def open_study(
     storage_url: str | None = None,
     *,
     allow_space_change: bool = False,
+    allow_data_change: bool = False,
     create: bool = True,
     sampler_seed: int | None = None,
 ) -> optuna.Study:
-    """Create or resume the study; refuse a changed search space unless allowed.
+    """Create or resume the study; refuse a changed search space or data file unless allowed.
 
     Raises:
-        StorageError: storage unreachable, study missing (``create=False``) or space changed.
+        StorageError: storage unreachable, study missing (``create=False``), space or data changed.
     """
     import optuna
 
@@ -308,7 +312,27 @@ def open_study(
             )
         study.set_user_attr("space", current)
         study.set_user_attr("space_hash", spec.space_hash())
+    if create:
+        _check_data(study, spec, allow_data_change)
     return study
+
+
+def _check_data(study: optuna.Study, spec: StudySpec, allow_change: bool) -> None:
+    """A study's trials were scored on one data file: resuming on other bytes would rank trials
+    (and pick the champion) across two data sets, so it is refused unless allowed."""
+    from tuner.replay import file_sha256
+
+    current = file_sha256(spec.data)
+    stored = study.user_attrs.get(DATA_SHA256_ATTR)
+    if stored == current:
+        return
+    if stored is not None and not allow_change:
+        raise StorageError(
+            f"study {spec.name!r} was run on other data: {spec.data} changed since (SHA-256 {stored[:12]} then, "
+            f"{current[:12]} now), and its trials were scored on the old rows; its trials are untouched: use a new "
+            "study name, or relaunch with --allow-data-change"
+        )
+    study.set_user_attr(DATA_SHA256_ATTR, current)
 
 
 def finished_count(study: optuna.Study) -> int:
