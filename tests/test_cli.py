@@ -169,7 +169,8 @@ def test_sigint_marks_the_running_trial_failed_and_relaunch_completes_the_study(
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1
     client = MlflowClient(tracking)
-    assert client.get_run(failed[0].user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED", (run.data.tags, failed[0].user_attrs, err)
 
     resumed = run_tuner("launch", str(study_file), "--tracking-uri", tracking, "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr

@@ -14,7 +14,7 @@ import sys
 import threading
 from typing import Any, Iterator
 
-__all__ = ["install", "check", "deferred"]
+__all__ = ["install", "check", "deferred", "requested"]
 
 _requested = threading.Event()
 _previous_hook: Any = sys.unraisablehook
@@ -42,6 +42,11 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _handler)
     if sys.unraisablehook is not _unraisable:
         _previous_hook, sys.unraisablehook = sys.unraisablehook, _unraisable
+
+
+def requested() -> bool:
+    """Whether Ctrl-C or SIGTERM was received (what a trial that raised anything then ended by)."""
+    return _requested.is_set()
 
 
 def check() -> None:

@@ -135,7 +135,9 @@ class Objective:
                 trial.set_user_attr("fail_reason", reason)
             except Exception:
                 pass
-        status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        # A Ctrl-C may surface as another error (e.g. a database driver's, raised while SQLAlchemy
+        # cleans up after the interrupt): the run was still stopped by the user.
+        status: RunStatus = "KILLED" if isinstance(e, KeyboardInterrupt) or interrupts.requested() else "FAILED"
         if self.tracker is not None and run_id is not None:
             tags = {"tuner.error": repr(e)[:500], "tuner.fail_reason": reason}
             try:
