@@ -285,6 +285,14 @@ def test_changed_data_file_is_refused_then_allowed(tmp_path: Path, capsys: Any) 
     # the new file is the study's data from now on: the next resume needs no flag
     assert main(["launch", str(path), "--n-trials", "4", "--no-progress"]) == 0
     assert len(_trials(path)) == 4
+    # a study from before the attribute: its trials' provenance tells the data they were scored on
+    import optuna
+
+    optuna.load_study(study_name="data", storage=load_spec(path).storage_url).set_user_attr("data_sha256", None)
+    data.write_text(CARS_TEXT)
+    capsys.readouterr()
+    assert main(["launch", str(path), "--n-trials", "5"]) == 2
+    assert f"(SHA-256 {now[:12]} then, {before[:12]} now)" in capsys.readouterr().err
 
 
 def _trials(path: Path) -> list[tuple[int, str, dict[str, Any]]]:

@@ -323,16 +323,18 @@ def _check_data(study: optuna.Study, spec: StudySpec, allow_change: bool) -> Non
     from tuner.replay import file_sha256
 
     current = file_sha256(spec.data)
-    stored = study.user_attrs.get(DATA_SHA256_ATTR)
-    if stored == current:
-        return
-    if stored is not None and not allow_change:
+    recorded = study.user_attrs.get(DATA_SHA256_ATTR)
+    # a study from before the attribute: the data its last trial recorded in its provenance
+    stored = recorded or next((h for t in reversed(study.get_trials(deepcopy=False))
+                               if (h := (t.user_attrs.get("provenance") or {}).get("data_sha256"))), None)
+    if stored is not None and stored != current and not allow_change:
         raise StorageError(
             f"study {spec.name!r} was run on other data: {spec.data} changed since (SHA-256 {stored[:12]} then, "
             f"{current[:12]} now), and its trials were scored on the old rows; its trials are untouched: use a new "
             "study name, or relaunch with --allow-data-change"
         )
-    study.set_user_attr(DATA_SHA256_ATTR, current)
+    if recorded != current:
+        study.set_user_attr(DATA_SHA256_ATTR, current)
 
 
 def finished_count(study: optuna.Study) -> int:
