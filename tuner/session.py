@@ -99,7 +99,7 @@ def launch(
     from tuner.baselines import baselines, cv_baselines
     from tuner.inputs import load_inputs
     from tuner.reconcile import reconcile_study
-    from tuner.replay import provenance
+    from tuner.replay import file_sha256, provenance
     from tuner.runners import choose_execution, fused_width
     from tuner.study import check_storage_url, make_pruner, make_sampler, open_study
     from tuner.tracking import Tracker, import_mlflow
@@ -139,8 +139,8 @@ def launch(
     with lock:  # processes started together: one creates the schemas and the study
         tracker = Tracker(tracking, spec.name)
         seed = _worker_seed(spec, index) if role == "worker" else None
-        study = open_study(spec, url, allow_space_change=allow_space_change, allow_data_change=allow_data_change,
-                           sampler_seed=seed)
+        study = open_study(spec, url, allow_space_change=allow_space_change, data_sha256=file_sha256(spec.data),
+                           allow_data_change=allow_data_change, sampler_seed=seed)
         warm = enqueue_known(study, spec, warm_start, url)  # [[enqueue]] and --warm-start-from, once
     for line in warm:
         print(line, file=sys.stderr, flush=True)

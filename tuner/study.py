@@ -240,11 +240,13 @@ def open_study(
     storage_url: str | None = None,
     *,
     allow_space_change: bool = False,
+    data_sha256: str | None = None,
     allow_data_change: bool = False,
     create: bool = True,
     sampler_seed: int | None = None,
 ) -> optuna.Study:
-    """Create or resume the study; refuse a changed search space or data file unless allowed.
+    """Create or resume the study; refuse a changed search space unless allowed, and, given the
+    data file's ``data_sha256``, a changed data file unless allowed.
 
     Raises:
         StorageError: storage unreachable, study missing (``create=False``), space or data changed.
@@ -312,17 +314,14 @@ def open_study(
             )
         study.set_user_attr("space", current)
         study.set_user_attr("space_hash", spec.space_hash())
-    if create:
-        _check_data(study, spec, allow_data_change)
+    if create and data_sha256 is not None:
+        _check_data(study, spec, data_sha256, allow_data_change)
     return study
 
 
-def _check_data(study: optuna.Study, spec: StudySpec, allow_change: bool) -> None:
+def _check_data(study: optuna.Study, spec: StudySpec, current: str, allow_change: bool) -> None:
     """A study's trials were scored on one data file: resuming on other bytes would rank trials
     (and pick the champion) across two data sets, so it is refused unless allowed."""
-    from tuner.replay import file_sha256
-
-    current = file_sha256(spec.data)
     recorded = study.user_attrs.get(DATA_SHA256_ATTR)
     # a study from before the attribute: the data its last trial recorded in its provenance
     stored = recorded or next((h for t in reversed(study.get_trials(deepcopy=False))
