@@ -210,6 +210,15 @@ def test_unreachable_storage_server_error_hides_the_password(tmp_path: Path) -> 
     assert "St0rPw" not in str(err.value)
 
 
+def test_a_postgresql_database_that_does_not_exist_is_one_line_naming_createdb(
+    tmp_path: Path, capsys: Any, pg_cluster: Any
+) -> None:
+    study = write_study(tmp_path, "pg")
+    argv = ["launch", str(study), "--storage", pg_cluster.url("nosuch"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    _refused(tmp_path, capsys, argv, rf"^error: cannot open study storage postgresql\S*/nosuch: the server has no database 'nosuch' "
+             rf"\(create it once: createdb -h 127.0.0.1 -p {pg_cluster.port} -U \w+ nosuch\); ")
+
+
 def test_tracking_store_folder_that_does_not_exist(tmp_path: Path) -> None:
     from tuner.tracking import Tracker
 

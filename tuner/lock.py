@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.config import redact_url
-from tuner.errors import StorageError, first_line
+from tuner.errors import StorageError
 
 __all__ = ["StudyLock"]
 
@@ -96,10 +96,9 @@ class StudyLock:
             conn = self._engine.connect()
             conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": self.key})
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
-            raise StorageError(
-                f"cannot open study storage {self.shown}: {first_line(e, hide=self.url)}; "
-                "check the URL and that the database server is running"
-            ) from None
+            from tuner.study import cannot_open
+
+            raise cannot_open(e, self.url) from None
         self._conn = conn
 
     def close(self) -> None:

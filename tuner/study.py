@@ -12,6 +12,7 @@ import copy
 import datetime
 import math
 import os
+import re
 import sqlite3
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "heartbeat_storage",
     "storage_errors",
     "storage_problem",
+    "cannot_open",
     "caused_by_storage",
 ]
 
@@ -80,7 +82,6 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
     import optuna
     import sqlalchemy
 
-    shown = redact_url(url)
     engine_kwargs: dict[str, Any] = {}
     check_storage_url(url)
     if url.startswith("sqlite:///"):
@@ -103,10 +104,16 @@ def open_storage(url: str, spec: StudySpec | None = None) -> optuna.storages.RDB
             with storage.engine.connect() as conn:  # WAL persists in the file: readers never block the writer
                 conn.exec_driver_sql("PRAGMA journal_mode=WAL")
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-        raise StorageError(
-            f"cannot open study storage {shown}: {storage_problem(e, url)}; check the URL and that the database server is running"
-        ) from None
+        raise cannot_open(e, url) from None
     return storage
+
+
+def cannot_open(e: BaseException, url: str) -> StorageError:
+    """The one message for a study storage that cannot be opened (the launch's lock or Optuna's)."""
+    return StorageError(
+        f"cannot open study storage {redact_url(url)}: {storage_problem(e, url)}; check the URL and that the database "
+        "server is running"
+    )
 
 
 def storage_problem(e: BaseException, url: str) -> str:
@@ -123,6 +130,13 @@ def storage_problem(e: BaseException, url: str) -> str:
             return f"{path!r} stayed locked by another process for the 30 s busy timeout (wait for it, or stop it, then relaunch)"
         if "not a database" in lowered or "malformed" in lowered:
             return f"{path!r} is not a valid SQLite database (truncated or overwritten? restore it or pass another --storage)"
+    missing = re.search(r'database "([^"]+)" does not exist', text)
+    if missing:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(url)
+        return (f"the server has no database {missing.group(1)!r} (create it once: createdb -h {u.host or 'localhost'} "
+                f"-p {u.port or 5432} -U {u.username or 'postgres'} {missing.group(1)})")
     return text
 
 
