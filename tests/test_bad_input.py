@@ -214,9 +214,23 @@ def test_a_postgresql_database_that_does_not_exist_is_one_line_naming_createdb(
     tmp_path: Path, capsys: Any, pg_cluster: Any
 ) -> None:
     study = write_study(tmp_path, "pg")
+    createdb = rf"\(create it once: createdb -h 127.0.0.1 -p {pg_cluster.port} -U \w+ nosuch\); "
     argv = ["launch", str(study), "--storage", pg_cluster.url("nosuch"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-    _refused(tmp_path, capsys, argv, rf"^error: cannot open study storage postgresql\S*/nosuch: the server has no database 'nosuch' "
-             rf"\(create it once: createdb -h 127.0.0.1 -p {pg_cluster.port} -U \w+ nosuch\); ")
+    storage = r"^error: cannot open study storage postgresql\S*/nosuch: the server has no database 'nosuch' "
+    _refused(tmp_path, capsys, argv, storage + createdb)
+    # the MLflow store says it the same way, for a launch and for predict
+    tracking = ["--tracking-uri", pg_cluster.url("nosuch")]
+    store = r"^error: cannot open MLflow tracking store postgresql\S*/nosuch: the server has no database 'nosuch' "
+    _refused(tmp_path, capsys, ["launch", str(study), "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", *tracking], store + createdb)
+    _refused(tmp_path, capsys, ["predict", "cars-mpg@champion", "--input", str(CARS), *tracking], store + createdb)
+
+
+def test_a_file_tracking_store_is_one_line_naming_a_database_instead(tmp_path: Path, capsys: Any) -> None:
+    study = write_study(tmp_path, "files")
+    tracking = ["--tracking-uri", (tmp_path / "mlruns").as_uri()]
+    refused = r"MLflow 3 keeps no new runs in a file store; pass a database \(sqlite:///PATH/mlflow.db\) or a server URI$"
+    _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)[:2], *tracking], refused)
+    _refused(tmp_path, capsys, ["predict", "cars-mpg@champion", "--input", str(CARS), *tracking], refused)
 
 
 def test_tracking_store_folder_that_does_not_exist(tmp_path: Path) -> None:

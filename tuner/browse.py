@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tuner.config import redact_url
-from tuner.errors import StorageError, TrackingError, TunerError
+from tuner.errors import StorageError, TrackingError, TunerError, redact_url
 from tuner.stores import require_storage, resolve_sqlite_url
 
 if TYPE_CHECKING:

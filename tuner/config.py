@@ -30,7 +30,6 @@ __all__ = [
     "PRUNERS",
     "StudySpec",
     "load_spec",
-    "redact_url",
     "fit_problems",
     "fit_value",
 ]
@@ -481,17 +480,3 @@ def _type_problem(loc: str, err: Any) -> str:
         hint = f" ({near[0]!r}: did you mean 'type'?)" if near else ""
         return f"{loc}: no type{hint}; add type = one of {types}, e.g. {{ type = \"float\", low = 0.001, high = 0.1 }}"
     return f"{loc}: {given!r} is not a parameter table; write {{ type = \"fixed\", value = {given!r} }} or another of {types}"
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Iterable
 
-__all__ = ["TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError", "did_you_mean", "first_line"]
+__all__ = [
+    "TunerError", "ConfigError", "DataError", "StorageError", "TrackingError", "ModelError", "did_you_mean", "first_line",
+    "missing_database", "redact_url",
+]
 
 
 class TunerError(Exception):
@@ -53,3 +56,32 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     same = [c for c in options if c.lower() == word.lower()]
     close = same or difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def missing_database(text: str, url: str) -> str | None:
+    """A database server's ``database "x" does not exist`` (PostgreSQL) in words with the fix, else None.
+
+    Both stores say it the same way: Optuna's storage and MLflow's tracking store."""
+    import re
+    from urllib.parse import urlsplit
+
+    found = re.search(r'database "([^"]+)" does not exist', text)
+    if found is None:
+        return None
+    name, parts = found.group(1), urlsplit(url)
+    return (f"the server has no database {name!r} (create it once: createdb -h {parts.hostname or 'localhost'} "
+            f"-p {parts.port or 5432} -U {parts.username or 'postgres'} {name})")
+
+
+def redact_url(url: str) -> str:
+    """Hide the password of a URL (``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -274,7 +274,7 @@ class TrialGate:
         """
         import sys
 
-        from tuner.config import redact_url
+        from tuner.errors import redact_url
         from tuner.study import storage_problem
 
         if url.startswith("sqlite"):

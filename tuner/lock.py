@@ -11,8 +11,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from tuner.config import redact_url
-from tuner.errors import StorageError
+from tuner.errors import StorageError, redact_url
 
 __all__ = ["StudyLock"]
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Mapping
 
-from tuner.config import redact_url
-from tuner.errors import ModelError, TrackingError, first_line
+from tuner.errors import ModelError, TrackingError, first_line, redact_url
 from tuner.replay import file_sha256
 from tuner.tracking import quiet_mlflow, quote, tag
 
@@ -289,21 +288,25 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
     Raises:
         ModelError: not found, not a tuner model, weights changed after registration, or not
             loadable as plain weights.
+        TrackingError: the tracking store cannot be opened.
     """
     import mlflow
+    import sqlalchemy
     import torch
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
 
     from tuner.model import Checkpoint
+    from tuner.stores import check_tracking_database, tracking_store_error
 
+    check_tracking_database(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     quiet_mlflow()
     uri = resolve_model_uri(ref)
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     version = None
     try:
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if uri.startswith("models:/") and not uri.startswith("models:/m-"):
             name, _, rest = uri.removeprefix("models:/").partition("@")
             if rest:
@@ -319,11 +322,13 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
                     version = client.get_model_version(name, number)
             uri = f"models:/{name}/{version.version}"  # verify and load the very version resolved
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="tuner-model-")))
-    except MlflowException as e:
-        raise ModelError(
-            f"model {ref!r} not found in {redact_url(tracking_uri)}: {first_line(e, hide=tracking_uri)}; "
-            "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
-        ) from None
+    except (MlflowException, sqlalchemy.exc.SQLAlchemyError) as e:
+        if isinstance(e, MlflowException) and "filesystem tracking backend" not in str(e):
+            raise ModelError(
+                f"model {ref!r} not found in {redact_url(tracking_uri)}: {first_line(e, hide=tracking_uri)}; "
+                "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
+            ) from None
+        raise tracking_store_error(e, tracking_uri) from None  # the store itself: a file store MLflow 3 refuses
     checkpoint = local / "artifacts" / "checkpoint.pt"
     if not checkpoint.is_file() or not (local / "MLmodel").is_file():
         raise ModelError(

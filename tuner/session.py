@@ -17,8 +17,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from tuner.config import StudySpec, redact_url
-from tuner.errors import StorageError, TrackingError, TunerError
+from tuner.config import StudySpec
+from tuner.errors import StorageError, TrackingError, TunerError, redact_url
 from tuner.lock import StudyLock
 from tuner.selection import best_trial
 from tuner.study import caused_by_storage, finished_count, reseed_sampler, storage_problem

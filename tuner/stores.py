@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tuner.errors import StorageError, TrackingError
+from tuner.errors import StorageError, TrackingError, first_line, missing_database, redact_url
 
 __all__ = [
     "MLFLOW_DB",
@@ -35,6 +35,8 @@ __all__ = [
     "find_tracking_uri",
     "require_storage",
     "require_tracking_store",
+    "tracking_store_error",
+    "check_tracking_database",
 ]
 
 MLFLOW_DB = "mlflow.db"
@@ -144,3 +146,37 @@ def require_tracking_store(uri: str) -> None:
             f"MLflow store {path} does not exist; run `tuner launch STUDY` first (it creates it), "
             "or pass --tracking-uri"
         )
+
+
+def tracking_store_error(e: BaseException, uri: str) -> TrackingError:
+    """The one message for an MLflow tracking store that cannot be opened, with the fix."""
+    text = first_line(e, hide=uri)
+    if "filesystem tracking backend" in text:  # MLflow 3 refuses ./mlruns and file: stores
+        why = "MLflow 3 keeps no new runs in a file store; pass a database (sqlite:///PATH/mlflow.db) or a server URI"
+    else:
+        why = (missing_database(text, uri) or text) + "; check the URI (--tracking-uri) and that the server is running"
+    return TrackingError(f"cannot open MLflow tracking store {redact_url(uri)}: {why}")
+
+
+def check_tracking_database(uri: str) -> None:
+    """Connect once to a database server's tracking URI (PostgreSQL, MySQL) before MLflow does.
+
+    MLflow retries a failed connection 10 times over ~100 s (a fixed count, no setting): for it a
+    server still starting, for a user a missing database or a dead server answered in minutes.
+
+    Raises:
+        TrackingError: the database cannot be reached (the message names it and the fix).
+    """
+    scheme = uri.split(":", 1)[0].split("+", 1)[0]
+    if scheme not in ("postgresql", "mysql"):
+        return
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": 10}, poolclass=sqlalchemy.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError) as e:
+        raise tracking_store_error(e, uri) from None
+    finally:
+        engine.dispose()

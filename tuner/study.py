@@ -12,14 +12,13 @@ import copy
 import datetime
 import math
 import os
-import re
 import sqlite3
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tuner.config import StudySpec, check_options, redact_url
-from tuner.errors import StorageError, TunerError, first_line
+from tuner.config import StudySpec, check_options
+from tuner.errors import StorageError, TunerError, first_line, missing_database, redact_url
 
 if TYPE_CHECKING:
     import optuna
@@ -130,14 +129,7 @@ def storage_problem(e: BaseException, url: str) -> str:
             return f"{path!r} stayed locked by another process for the 30 s busy timeout (wait for it, or stop it, then relaunch)"
         if "not a database" in lowered or "malformed" in lowered:
             return f"{path!r} is not a valid SQLite database (truncated or overwritten? restore it or pass another --storage)"
-    missing = re.search(r'database "([^"]+)" does not exist', text)
-    if missing:
-        from sqlalchemy.engine import make_url
-
-        u = make_url(url)
-        return (f"the server has no database {missing.group(1)!r} (create it once: createdb -h {u.host or 'localhost'} "
-                f"-p {u.port or 5432} -U {u.username or 'postgres'} {missing.group(1)})")
-    return text
+    return missing_database(text, url) or text
 
 
 def check_storage_url(url: str) -> None:

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
-from tuner.config import redact_url
-from tuner.errors import TrackingError, first_line
+from tuner.errors import TrackingError, redact_url
 from tuner.links import experiment_link, run_link, ui_base
 from tuner.replay import file_sha256
 
@@ -98,11 +97,12 @@ class Tracker:
         import mlflow
         from mlflow import MlflowClient
 
-        from tuner.stores import require_tracking_store
+        from tuner.stores import check_tracking_database, require_tracking_store, tracking_store_error
 
         self.tracking_uri = tracking_uri
         if not create:
             require_tracking_store(tracking_uri)
+        check_tracking_database(tracking_uri)
         if tracking_uri.startswith("sqlite:///"):
             db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
             if not db.parent.is_dir():
@@ -117,20 +117,18 @@ class Tracker:
         mlflow.set_tracking_uri(tracking_uri)
         mlflow.set_registry_uri(tracking_uri)
         quiet_mlflow()
-        self.client = client or MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         # Artifact URIs of the trial runs this tracker opened and has not closed yet: a trial's
         # weights go straight to its artifact store, without the run read (~10 SQL statements)
         # that ``client.log_artifact`` makes to look the URI up.
         self._artifact_uris: dict[str, str] = {}
         try:
+            # (a database store is opened, and migrated, as the client is made)
+            self.client = client or MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             self.experiment_id = self._experiment(experiment_name, artifact_location, create=create)
         except TrackingError:
             raise
         except Exception as e:  # mlflow raises many types for an unreachable or broken store
-            raise TrackingError(
-                f"cannot open MLflow tracking store {redact_url(tracking_uri)}: {first_line(e, hide=tracking_uri)}; "
-                "check the URI (--tracking-uri) and that the server is running"
-            ) from None
+            raise tracking_store_error(e, tracking_uri) from None
         if create and tracking_uri.startswith("sqlite:///"):
             _sqlite_wal(Path(tracking_uri.removeprefix("sqlite:///").split("?")[0]))
             _sqlite_synchronous_normal(self.client)

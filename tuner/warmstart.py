@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tuner.config import fit_problems, fit_value, redact_url
-from tuner.errors import ConfigError, StorageError
+from tuner.config import fit_problems, fit_value
+from tuner.errors import ConfigError, StorageError, redact_url
 
 if TYPE_CHECKING:
     import optuna
