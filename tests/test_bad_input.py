@@ -225,6 +225,21 @@ def test_a_postgresql_database_that_does_not_exist_is_one_line_naming_createdb(
     _refused(tmp_path, capsys, ["predict", "cars-mpg@champion", "--input", str(CARS), *tracking], store + createdb)
 
 
+@pytest.mark.parametrize("where", ["folder", "missing_folder"])
+def test_predict_output_that_cannot_be_written_is_refused_before_the_model_is_loaded(
+    tmp_path: Path, capsys: Any, where: str
+) -> None:
+    (tmp_path / "out").mkdir()
+    output = tmp_path / "out" if where == "folder" else tmp_path / "nope" / "p.csv"
+    expected = {
+        "folder": rf"^error: --output '{output}' is a folder; pass a file path, e\.g\. '{output / 'predictions.csv'}'$",
+        "missing_folder": rf"^error: --output '{output}': its folder '{output.parent}' does not exist; create it or pass another path$",
+    }[where]
+    # no store exists either: the output is checked first, before any model or store is read
+    _refused(tmp_path, capsys, ["predict", "cars-mpg@champion", "--input", str(CARS), "--output", str(output),
+                                "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], expected)
+
+
 def test_a_file_tracking_store_is_one_line_naming_a_database_instead(tmp_path: Path, capsys: Any) -> None:
     study = write_study(tmp_path, "files")
     tracking = ["--tracking-uri", (tmp_path / "mlruns").as_uri()]

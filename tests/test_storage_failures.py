@@ -23,7 +23,7 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import mlflow_store, run_tuner, tuner_env, write_study
+from conftest import CARS, mlflow_store, run_tuner, tuner_env, write_study
 from faultkit import HEARTBEAT, champion, check_consistent, exit_code, fork_cli, load_trials
 
 from tuner.config import load_spec
@@ -188,6 +188,30 @@ def test_a_full_study_folder_is_one_line_and_exit_2(tmp_path: Path, free_kb: int
 
     line = assert_one_line_exit_2(r)
     assert str(folder) in line or "space" in line.lower() or "full" in line.lower(), line
+
+
+def test_predictions_to_a_full_disk_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    why = _unshare_ok()
+    if why:
+        pytest.skip(why)
+    from tuner.session import launch
+
+    tracking = mlflow_store(tmp_path / "mlflow.db")
+    spec = load_spec(write_study(tmp_path, "champ", n_trials=1, execution="sequential", tracking_uri=tracking))
+    launch(spec, progress=False, report=False)
+    full = tmp_path / "full"  # a 64 KB tmpfs, filled: the predictions cannot be written there
+    full.mkdir()
+    d = shlex.quote(str(full))
+    setup = f"mount -t tmpfs -o size=64k tmpfs {d}\ndd if=/dev/zero of={d}/filler bs=4k 2>/dev/null || true"
+    big = tmp_path / "cars1000.csv"  # ~1000 rows: more than a page of predictions
+    text = CARS.read_text().splitlines()
+    big.write_text("\n".join([text[0], *(text[1:] * 32)]) + "\n")
+
+    r = _in_namespace(setup, "predict", f"{spec.model_name}@champion", "--input", str(big), "--output", str(full / "p.csv"),
+                      "--tracking-uri", tracking, cwd=tmp_path)
+
+    line = assert_one_line_exit_2(r, str(full / "p.csv"))
+    assert "No space left on device; free some space or pass another path" in line, line
 
 
 # -- CPU out of memory ---------------------------------------------------------------------

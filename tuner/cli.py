@@ -322,10 +322,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tuner.data import load_table
+    from tuner.data import load_table, output_path, write_csv
     from tuner.errors import ModelError
     from tuner.registry import conform_input, load_model
 
+    output = output_path(args.output, "--output") if args.output else None  # checked before the work
     frame = load_table(args.input, what="input file", fix="pass an existing CSV or Parquet file to --input")
     unknown = [c for c in args.keep if c not in frame.columns]
     if unknown:
@@ -350,9 +351,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = pd.DataFrame({"prediction": preds}) if getattr(preds, "ndim", 1) == 1 else pd.DataFrame(preds)
     if args.keep:  # e.g. an id column, so the predictions can be joined back
         out = pd.concat([frame[args.keep].reset_index(drop=True), out.reset_index(drop=True)], axis=1)
-    if args.output:
-        out.to_csv(args.output, index=False)
-        print(f"wrote {len(out)} predictions to {args.output}", file=sys.stderr)
+    if output is not None:
+        write_csv(out, output, "--output")
+        print(f"wrote {len(out)} predictions to {output}", file=sys.stderr)
     else:
         out.to_csv(sys.stdout, index=False)
     return 0

@@ -10,6 +10,7 @@ the training rows only, like the standardiser.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "load_table",
+    "output_path",
+    "write_csv",
     "select_columns",
     "prepare",
     "prepare_table",
@@ -91,6 +94,34 @@ def load_table(
     if len(frame) == 0:
         raise DataError(f"{what} {str(path)!r} has a header but no data rows")
     return frame
+
+
+def output_path(path: str | Path, what: str = "output file") -> Path:
+    """A path a CSV can be written to, checked before the work that produces it.
+
+    Raises:
+        DataError: a folder, a folder that does not exist, or not writable.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{what} {str(p)!r} is a folder; pass a file path, e.g. {str(p / 'predictions.csv')!r}")
+    if not p.parent.is_dir():
+        raise DataError(f"{what} {str(p)!r}: its folder {str(p.parent)!r} does not exist; create it or pass another path")
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise DataError(f"{what} {str(p)!r} is not writable; pass another path")
+    return p
+
+
+def write_csv(frame: pd.DataFrame, path: Path, what: str = "output file") -> None:
+    """``frame.to_csv`` without the index; a failed write (a full disk) is one line.
+
+    Raises:
+        DataError: the write failed.
+    """
+    try:
+        frame.to_csv(path, index=False)
+    except OSError as e:
+        raise DataError(f"cannot write {what} {str(path)!r}: {e.strerror or e}; free some space or pass another path") from None
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
