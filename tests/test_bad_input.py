@@ -238,6 +238,10 @@ def test_predict_output_that_cannot_be_written_is_refused_before_the_model_is_lo
     # no store exists either: the output is checked first, before any model or store is read
     _refused(tmp_path, capsys, ["predict", "cars-mpg@champion", "--input", str(CARS), "--output", str(output),
                                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"], expected)
+    if where == "folder":  # the report's too (a folder that does not exist yet is made for it)
+        study = write_study(tmp_path, "r")
+        _refused(tmp_path, capsys, ["report", str(study), "--output", str(output)],
+                 rf"^error: --output '{output}' is a folder; pass a file path, e\.g\. '{output / 'r-report.html'}'$")
 
 
 def test_a_file_tracking_store_is_one_line_naming_a_database_instead(tmp_path: Path, capsys: Any) -> None:

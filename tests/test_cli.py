@@ -218,12 +218,33 @@ def test_dashboard_serves_the_study_and_optuna_cli_reads_the_storage(tmp_path: P
 
 
 def test_ui_and_dashboard_warn_when_bound_beyond_localhost(capsys: pytest.CaptureFixture[str]) -> None:
-    from tuner.cli import _warn_if_public
+    from tuner.browse import check_served_address
 
-    _warn_if_public("127.0.0.1")
+    check_served_address("127.0.0.1", free_port())
     assert capsys.readouterr().err == ""
-    _warn_if_public("0.0.0.0")
+    check_served_address("0.0.0.0", free_port())
     assert "warning: binding to 0.0.0.0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["ui", "dashboard"])
+def test_ui_and_dashboard_on_a_taken_port_are_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    import socket
+
+    study_file = write_study(tmp_path)
+    with socket.socket() as taken:  # another server listening on the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "mlflow.db").write_bytes(b"")  # ui without a study finds this store (it is not opened)
+        (tmp_path / "study.db").write_bytes(b"")
+        args = ["ui"] if command == "ui" else ["dashboard", str(study_file)]
+        r = run_tuner(*args, "--port", str(port), cwd=tmp_path)
+        bad = run_tuner(*args, "--port", "70000", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: cannot serve on 127.0.0.1:{port}: Address already in use; pass another --port (or --host)"
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("error: --port 70000 is not a port number; pass one from 1 to 65535")
 
 
 _ = (os, ROOT)

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from tuner.config import StudySpec
 
 __all__ = [
+    "check_served_address",
     "launch_summary",
     "format_table",
     "fmt_value",
@@ -372,3 +373,25 @@ def launch_summary(s: Any) -> str:
         if p.ensemble:
             lines.append(p.ensemble)
     return "\n".join(lines)
+
+
+def check_served_address(host: str, port: int) -> None:
+    """Refuse an address a server cannot listen on before it starts (optuna-dashboard and MLflow
+    would fail seconds later with a traceback, or exit 0), and warn where the network can read.
+
+    Raises:
+        TunerError: not a port number, or the address is taken or cannot be bound.
+    """
+    import socket
+    import sys
+
+    if not 0 < port < 65536:
+        raise TunerError(f"--port {port} is not a port number; pass one from 1 to 65535")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: binding to {host}: anyone who can reach this address can read the studies", file=sys.stderr)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: TIME_WAIT is free
+            s.bind((host, port))
+    except OSError as e:
+        raise TunerError(f"cannot serve on {host}:{port}: {e.strerror or e}; pass another --port (or --host)") from None

@@ -400,11 +400,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_if_public(host: str) -> None:
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: binding to {host}: anyone who can reach this address can read the studies", file=sys.stderr)
-
-
 def cmd_studies(args: argparse.Namespace) -> int:
     from tuner.browse import studies_report
 
@@ -424,12 +419,12 @@ def cmd_trials(args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from tuner.browse import open_existing_storage
+    from tuner.browse import check_served_address, open_existing_storage
 
     spec = _spec(args)
     url = args.storage or spec.storage_url
     storage = open_existing_storage(url, spec.source)
-    _warn_if_public(args.host)
+    check_served_address(args.host, args.port)
     from tuner.lineage import rebase_study_notes
     from tuner.links import ui_base
 
@@ -456,10 +451,11 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from tuner.browse import check_served_address
     from tuner.links import DEFAULT_UI_URL
 
     uri = _tracking_uri(args)
-    _warn_if_public(args.host)
+    check_served_address(args.host, args.port)
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if uri.startswith("sqlite:///"):
         cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from tuner.errors import first_line
+from tuner.errors import DataError, first_line
 from tuner.selection import best_trial
 
 if TYPE_CHECKING:
@@ -401,18 +401,24 @@ def build_report(
     Raises:
         StorageError: the study does not exist in the storage.
         TrackingError: the MLflow store cannot be opened.
+        DataError: ``output`` is a folder, or cannot be written (a full disk).
     """
     from tuner.inputs import load_data
     from tuner.study import open_study
     from tuner.tracking import Tracker
 
+    out = Path(output) if output else Path.cwd() / f"{spec.name}-report.html"
+    if out.is_dir():  # before the work (a folder that does not exist yet is created)
+        raise DataError(f"--output {str(out)!r} is a folder; pass a file path, e.g. {str(out / f'{spec.name}-report.html')!r}")
     study = open_study(spec, storage, create=False)
     prepared, frame = load_data(spec)
     tracker = Tracker(tracking_uri or spec.tracking, spec.name, create=False)
-    out = Path(output) if output else Path.cwd() / f"{spec.name}-report.html"
     # The baselines the launch computed (on the study's own folds or split), when it stored them.
     stored = study.user_attrs.get("baselines") or None
-    return write_report(study, spec, out, prepared=prepared, frame=frame, tracker=tracker, baselines=stored)
+    try:
+        return write_report(study, spec, out, prepared=prepared, frame=frame, tracker=tracker, baselines=stored)
+    except OSError as e:  # a full disk, a read-only folder
+        raise DataError(f"cannot write the report {str(out)!r}: {e.strerror or e}; free some space or pass another --output") from None
 
 
 def log_launch_report(
