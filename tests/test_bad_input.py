@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import CARS, free_port, mlflow_store, write_study
+from conftest import CARS, free_port, mlflow_store, run_tuner, write_study
 
 from tuner.cli import main
 from tuner.config import load_spec
@@ -43,6 +43,10 @@ CSV_CASES: dict[str, tuple[str | bytes, str]] = {
     "single_target_value": (
         "\n".join([CARS_TEXT.splitlines()[0]] + [",".join([r.split(",")[0], "21", *r.split(",")[2:]]) for r in CARS_TEXT.splitlines()[1:]]),
         r"target 'mpg' has a single value \(21\) in every row; there is nothing to learn",
+    ),
+    "infinite_target": (
+        CARS_TEXT.replace("Mazda RX4 Wag,21,", "Mazda RX4 Wag,inf,", 1),
+        r"target 'mpg' is infinite at row 3; fix or drop those rows",
     ),
     "empty_validation_split": (
         "\n".join(CARS_TEXT.splitlines()[:3]),
@@ -122,6 +126,16 @@ def test_bad_csv_is_refused_in_one_line_before_anything_is_written(tmp_path: Pat
     data.write_bytes(contents if isinstance(contents, bytes) else contents.encode())
     study = write_study(tmp_path, "bad", data=data)
     _refused(tmp_path, capsys, ["launch", str(study), *_stores(tmp_path)], match)
+
+
+def test_an_infinite_target_is_the_one_line_on_stderr(tmp_path: Path) -> None:
+    # in a process of its own: pytest would capture numpy's RuntimeWarning ("invalid value
+    # encountered in remainder") that the user saw printed before the error line
+    data = tmp_path / "inf.csv"
+    data.write_text(CSV_CASES["infinite_target"][0])  # type: ignore[arg-type]
+    r = run_tuner("launch", str(write_study(tmp_path, "inf", data=data)), *_stores(tmp_path), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {data}: target 'mpg' is infinite at row 3; fix or drop those rows"]
 
 
 @pytest.mark.parametrize("case", sorted(STUDY_CASES))

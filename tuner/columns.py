@@ -221,9 +221,10 @@ def _integral(col: pd.Series) -> bool:
     if not pd.api.types.is_float_dtype(col):
         return False
     values = col.to_numpy(dtype=np.float64)
-    if not (values[:256] % 1 == 0).all():  # measurements: rejected on the first rows, cheaply
-        return False
-    return bool(np.isfinite(values).all() and (values % 1 == 0).all())
+    with np.errstate(invalid="ignore"):  # inf % 1 is NaN: not integral, no warning
+        if not (values[:256] % 1 == 0).all():  # measurements: rejected on the first rows, cheaply
+            return False
+        return bool(np.isfinite(values).all() and (values % 1 == 0).all())
 
 
 def _is_iso_dates(col: pd.Series) -> bool:

@@ -38,7 +38,8 @@ def infer_task_of(column: pd.Series) -> tuple[Task, str]:
     if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
         return "classification", f"task inferred as classification: target {name!r} is not numeric"
     n_distinct = int(values.nunique())
-    integral = bool(np.all(np.mod(values.to_numpy(dtype=np.float64), 1) == 0))
+    with np.errstate(invalid="ignore"):  # inf % 1 is NaN: not integral (the data check names the inf)
+        integral = bool(np.all(np.mod(values.to_numpy(dtype=np.float64), 1) == 0))
     if integral and 2 <= n_distinct <= MAX_INFERRED_CLASSES:
         return "classification", (
             f"task inferred as classification: target {name!r} has {n_distinct} distinct integer values"
