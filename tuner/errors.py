@@ -1,4 +1,6 @@
-"""The few exceptions callers branch on; the CLI maps every TunerError to exit code 2."""
+"""The few exceptions callers branch on (the CLI maps every TunerError to exit code 2), and the
+helpers their one-line messages share: the first line of an error, a URL without its password,
+"did you mean", a missing database named with its fix."""
 
 from __future__ import annotations
 
