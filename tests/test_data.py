@@ -91,7 +91,7 @@ def test_header_only(tmp_path: Path) -> None:
 
 
 def test_target_missing_lists_the_columns(cars: pd.DataFrame) -> None:
-    with pytest.raises(DataError, match=r"target column 'MPG' is not in data; columns are \['model', 'mpg', 'cyl'"):
+    with pytest.raises(DataError, match=r"target column 'MPG' \(did you mean 'mpg'\?\) is not in data; columns are \['model', 'mpg', "):
         select_columns(cars, "MPG", None)
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tuner.columns import Roles, Table, cut, numeric_share, table_inputs
 from tuner.encoder import TableEncoder
-from tuner.errors import DataError
+from tuner.errors import DataError, did_you_mean
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -166,7 +166,7 @@ def select_columns(
 
     columns = [str(c) for c in frame.columns]
     if target not in columns:
-        raise DataError(f"target column {target!r} is not in {source}; columns are {columns}")
+        raise DataError(f"target column {target!r}{did_you_mean(target, columns)} is not in {source}; columns are {columns}")
     if features is None:
         # A column that is numbers but for a few bad cells ('?', '1,234') is a broken feature,
         # not a text column: keep it, so the check below names the cell instead of dropping it.
@@ -175,7 +175,8 @@ def select_columns(
             raise DataError(f"{source} has no numeric column besides the target {target!r}; columns are {columns}")
     missing = [c for c in features if c not in columns]
     if missing:
-        raise DataError(f"feature column(s) {missing} not in {source}; columns are {columns}")
+        hint = did_you_mean(missing[0], columns) if len(missing) == 1 else ""
+        raise DataError(f"feature column(s) {missing}{hint} not in {source}; columns are {columns}")
     if target in features:
         raise DataError(f"target {target!r} is also listed as a feature; remove it from `features`")
     problems = []
