@@ -291,7 +291,6 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
         TrackingError: the tracking store cannot be opened.
     """
     import mlflow
-    import sqlalchemy
     import torch
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
@@ -305,8 +304,11 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
     quiet_mlflow()
     uri = resolve_model_uri(ref)
     version = None
-    try:
+    try:  # the store itself (MLflow 3 refuses a file store as the client is made)
         client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    except Exception as e:  # noqa: BLE001 - mlflow raises many types for a store it cannot open
+        raise tracking_store_error(e, tracking_uri) from None
+    try:
         if uri.startswith("models:/") and not uri.startswith("models:/m-"):
             name, _, rest = uri.removeprefix("models:/").partition("@")
             if rest:
@@ -322,13 +324,11 @@ def load_model(ref: str, tracking_uri: str) -> tuple[LoadedModel, Any | None]:
                     version = client.get_model_version(name, number)
             uri = f"models:/{name}/{version.version}"  # verify and load the very version resolved
         local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tempfile.mkdtemp(prefix="tuner-model-")))
-    except (MlflowException, sqlalchemy.exc.SQLAlchemyError) as e:
-        if isinstance(e, MlflowException) and "filesystem tracking backend" not in str(e):
-            raise ModelError(
-                f"model {ref!r} not found in {redact_url(tracking_uri)}: {first_line(e, hide=tracking_uri)}; "
-                "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
-            ) from None
-        raise tracking_store_error(e, tracking_uri) from None  # the store itself: a file store MLflow 3 refuses
+    except MlflowException as e:
+        raise ModelError(
+            f"model {ref!r} not found in {redact_url(tracking_uri)}: {first_line(e, hide=tracking_uri)}; "
+            "check the name and alias (tuner best STUDY shows them) and --tracking-uri"
+        ) from None
     checkpoint = local / "artifacts" / "checkpoint.pt"
     if not checkpoint.is_file() or not (local / "MLmodel").is_file():
         raise ModelError(
