@@ -422,9 +422,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     from tuner.browse import check_served_address, open_existing_storage
 
     spec = _spec(args)
+    check_served_address(args.host, args.port)  # before the storage is opened
     url = args.storage or spec.storage_url
     storage = open_existing_storage(url, spec.source)
-    check_served_address(args.host, args.port)
     from tuner.lineage import rebase_study_notes
     from tuner.links import ui_base
 
