@@ -12,9 +12,10 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Mapping
 
 from tuner.errors import ModelError, TrackingError, first_line, redact_url
 from tuner.replay import file_sha256
@@ -102,7 +103,7 @@ def promote(
             try:
                 # The trial's run owns the model; MLflow's advice on type hints is silenced: our
                 # schema comes from the input example.
-                with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), pinned_requirements_check():
                     warnings.simplefilter("ignore")
                     info = mlflow.pyfunc.log_model(
                         name="model",
@@ -211,6 +212,34 @@ def _requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "pandas", "numpy")]
 
 
+@contextmanager
+def pinned_requirements_check() -> Iterator[None]:
+    """Let ``log_model`` check our pinned requirements without building MLflow's module map.
+
+    Every ``log_model`` checks its pip requirements against the installed packages (no setting
+    skips it), and before its first check MLflow maps every importable module to its
+    distribution (``importlib_metadata.packages_distributions``: 0.6-1.1 s, a ``stat`` of every
+    file in the RECORD of each distribution without ``top_level.txt``, 19,075 here). The check
+    reads that map only to find the version of a package without metadata; ``_requirements()``
+    pins versions read from the metadata, so an empty map for the length of the call leaves the
+    check as it was (a mismatch still warns) and MLflow's state as it found it. This is MLflow's
+    private state: where it is already built or has moved, this does nothing and the check costs
+    what it did (``tests/test_registry.py`` pins both).
+    """
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None:
+        yield
+        return
+    saved = requirements_utils._PACKAGES_TO_MODULES
+    setattr(requirements_utils, "_MODULES_TO_PACKAGES", {})  # setattr: MLflow annotates it as None
+    try:
+        yield
+    finally:
+        requirements_utils._MODULES_TO_PACKAGES = None
+        requirements_utils._PACKAGES_TO_MODULES = saved
+
+
 def _model_code_files() -> dict[str, Path]:
     """The code a registered model stores, by its path inside the model folder."""
     files = {_MODEL_CODE.name: _MODEL_CODE}
@@ -231,8 +260,6 @@ def code_digest(files: Mapping[str, Path]) -> str:
         path = files[name]
         digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"<missing>") + b"\0")
     return digest.hexdigest()
-
-
 
 
 def _weights_error(e: BaseException) -> str:
