@@ -5,7 +5,9 @@
 
 Side by side, in fresh processes and fresh folders:
 
-- bare import: ``python -c "import torch, optuna, mlflow, pandas"`` (what any launch pays);
+- bare import: ``python -c "import torch, optuna, mlflow, pandas"`` (what any launch pays), and
+  the same with the garbage collector set as ``tuner`` sets it (``tuner.cli.GC_THRESHOLD``), so
+  the share of the collector setting in the ratio is visible;
 - a 1-trial launch of ``studies/cars_mlp.toml`` on fresh stores (a new Optuna SQLite file and a
   new MLflow store; the migrated empty MLflow store is cached per machine, so the first launch on
   a machine is reported apart);
@@ -27,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tuner.cli import GC_THRESHOLD
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,9 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         cold = _timed([py, "-m", "tuner", "launch", str(study), "--n-trials", "1", "--no-progress"], study.parent, env)
         # Alternating pairs: this VM's speed drifts by a third within minutes, so a bare import and
         # a launch timed back to back see the same machine; the ratio of each pair is reported too.
-        bare, one = [], []
+        bare, bare_gc, one = [], [], []
+        imports = "import torch, optuna, mlflow, pandas"
         for i in range(args.repeats):
-            bare.append(_timed([py, "-c", "import torch, optuna, mlflow, pandas"], base, env))
+            bare.append(_timed([py, "-c", imports], base, env))
+            bare_gc.append(_timed([py, "-c", f"import gc; gc.set_threshold(*{GC_THRESHOLD}); {imports}"], base, env))
             study = _project(base / f"one-{i}")
             one.append(_timed([py, "-m", "tuner", "launch", str(study), "--n-trials", "1", "--no-progress"], study.parent, env))
         study = _project(base / "whole")
@@ -80,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         _timed([py, "-m", "benchmarks.baselines.plain_optuna_mlflow", "--n-trials", str(args.baseline_trials),
                 "--out", str(base / "plain")], ROOT, env)
         plain = time.perf_counter() - start
-    b, o = statistics.median(bare), statistics.median(one)
+    b, bg, o = statistics.median(bare), statistics.median(bare_gc), statistics.median(one)
     per_trial, per_plain = whole / args.n_trials, plain / args.baseline_trials
     print(f"{'what':<52}{'wall s':>10}")
     print(f"{'bare import of torch, optuna, mlflow, pandas (median)':<52}{b:>10.2f}")
+    print(f"{'the same, collector set as tuner sets it (median)':<52}{bg:>10.2f}")
     print(f"{'1-trial launch, fresh stores (median)':<52}{o:>10.2f}")
     print(f"{'1-trial launch, first on this machine (cache cold)':<52}{cold:>10.2f}")
     print(f"{f'{args.n_trials}-trial cars study, start-up included, per trial':<52}{per_trial:>10.3f}")
@@ -91,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = sorted(x / y for x, y in zip(one, bare))
     print(f"fixed cost: 1-trial launch / bare import = {o / b:.2f}x (goal <= 2x); "
           f"pair by pair {statistics.median(pairs):.2f}x median, {pairs[0]:.2f}-{pairs[-1]:.2f}x")
+    print(f"  against the bare import with tuner's collector setting: {o / bg:.2f}x")
     print(f"per trial: tutorial loop / tuner study = {per_plain / per_trial:.1f}x (goal >= 20x)")
     load = os.getloadavg()
     print(f"machine: {os.cpu_count()} CPUs, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")

@@ -7,13 +7,16 @@ Heavy packages (torch, optuna, mlflow) are imported inside the commands: ``tuner
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
 import warnings
 from typing import Any, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "GC_THRESHOLD"]
+
+GC_THRESHOLD = (50_000, 20, 20)  # gc.set_threshold of a tuner process (Python's default: 700, 10, 10)
 
 
 def _add_study_args(p: argparse.ArgumentParser, *, tracking: bool = True) -> None:
@@ -137,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tuner.errors import TunerError
 
     interrupts.install()  # SIGINT/SIGTERM -> KeyboardInterrupt that a weakref callback cannot swallow
+    # Python collects every 700 new objects; a launch makes millions as it imports MLflow's ORM,
+    # plotly and the stores, and collecting that often cost ~1 s (20%) of a 1-trial launch
+    # (benchmarks/fixed_cost.py). Collect rarer, as freqtrade's util/gc_setup.py does.
+    gc.set_threshold(*GC_THRESHOLD)
 
     if not args.debug:
         warnings.filterwarnings("ignore", module="mlflow")
