@@ -6,7 +6,7 @@
 Side by side, in fresh processes and fresh folders:
 
 - bare import: ``python -c "import torch, optuna, mlflow, pandas"`` (what any launch pays), and
-  the same with the garbage collector set as ``tuner`` sets it (``tuner.cli.GC_THRESHOLD``), so
+  the same with the garbage collector set as ``tuner`` sets it (``tuner.process.GC_THRESHOLD``), so
   the share of the collector setting in the ratio is visible;
 - a 1-trial launch of ``studies/cars_mlp.toml`` on fresh stores (a new Optuna SQLite file and a
   new MLflow store; the migrated empty MLflow store is cached per machine, so the first launch on
@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tuner.cli import GC_THRESHOLD
+from tuner.process import GC_THRESHOLD
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,15 +30,6 @@ def test_help_lists_the_commands_without_importing_heavy_packages() -> None:
         assert command in help_text.stdout
 
 
-def test_a_tuner_process_collects_garbage_less_often_than_pythons_default(tmp_path: Path) -> None:
-    code = (
-        "import gc; from tuner.cli import main; before = gc.get_threshold(); "
-        f"main(['studies', 'sqlite:///{tmp_path / 'none.db'}']); print(before, gc.get_threshold())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], env=tuner_env(), cwd=tmp_path, capture_output=True, text=True)
-    assert out.stdout.strip() == "(700, 10, 10) (50000, 20, 20)", out.stderr
-
-
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

@@ -7,16 +7,13 @@ Heavy packages (torch, optuna, mlflow) are imported inside the commands: ``tuner
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
 import warnings
 from typing import Any, Sequence
 
-__all__ = ["main", "GC_THRESHOLD"]
-
-GC_THRESHOLD = (50_000, 20, 20)  # gc.set_threshold of a tuner process (Python's default: 700, 10, 10)
+__all__ = ["main"]
 
 
 def _add_study_args(p: argparse.ArgumentParser, *, tracking: bool = True) -> None:
@@ -136,14 +133,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from tuner import interrupts
+    from tuner import interrupts, process
     from tuner.errors import TunerError
 
     interrupts.install()  # SIGINT/SIGTERM -> KeyboardInterrupt that a weakref callback cannot swallow
-    # Python collects every 700 new objects; a launch makes millions as it imports MLflow's ORM,
-    # plotly and the stores, and collecting that often cost ~1 s (20%) of a 1-trial launch
-    # (benchmarks/fixed_cost.py). Collect rarer, as freqtrade's util/gc_setup.py does.
-    gc.set_threshold(*GC_THRESHOLD)
+    process.setup()  # a rarer garbage collector and a quick exit: ~2 s of a 1-trial launch
 
     if not args.debug:
         warnings.filterwarnings("ignore", module="mlflow")

@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Mapping
 
@@ -377,13 +378,14 @@ def ensure_sqlite_store(db: Path) -> None:
     template = _empty_store_template()
     tmp = db.with_name(f".{db.name}.{os.getpid()}.creating")
     try:
-        with sqlite3.connect(template) as src, sqlite3.connect(tmp) as dst:
+        with closing(sqlite3.connect(template)) as src, closing(sqlite3.connect(tmp)) as dst:
             src.backup(dst)
-            # The Default experiment's artifact folder is beside this store, not the template's.
-            dst.execute(
-                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                ((db.parent / "mlartifacts" / "0").as_uri(),),
-            )
+            with dst:  # one transaction
+                # The Default experiment's artifact folder is beside this store, not the template's.
+                dst.execute(
+                    "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    ((db.parent / "mlartifacts" / "0").as_uri(),),
+                )
         if db.exists():  # a file without tables (e.g. a store creation killed before its first write)
             os.replace(tmp, db)
         else:
@@ -428,7 +430,8 @@ def _check_store(db: Path) -> bool:
 
     shown = str(db)
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+        # closed here, not when a collection finds it: an open reader keeps the store's -wal file
+        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             found = conn.execute("SELECT version_num FROM alembic_version").fetchone() if "alembic_version" in tables else None
     except sqlite3.DatabaseError as e:
@@ -461,7 +464,7 @@ def _sqlite_wal(db: Path) -> None:
     import sqlite3
 
     try:
-        with sqlite3.connect(db, timeout=5) as conn:
+        with closing(sqlite3.connect(db, timeout=5)) as conn:
             conn.execute("PRAGMA journal_mode=WAL")
     except sqlite3.Error:
         pass
