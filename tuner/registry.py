@@ -36,6 +36,7 @@ __all__ = [
     "conform_input",
     "model_input_example",
     "code_digest",
+    "pinned_requirements_check",
 ]
 
 _MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
