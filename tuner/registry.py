@@ -229,7 +229,9 @@ def pinned_requirements_check() -> Iterator[None]:
     """
     from mlflow.utils import requirements_utils
 
-    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None:
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None or not hasattr(
+        requirements_utils, "_PACKAGES_TO_MODULES"
+    ):
         yield
         return
     saved = requirements_utils._PACKAGES_TO_MODULES
