@@ -229,9 +229,8 @@ def pinned_requirements_check() -> Iterator[None]:
     """
     from mlflow.utils import requirements_utils
 
-    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None or not hasattr(
-        requirements_utils, "_PACKAGES_TO_MODULES"
-    ):
+    unbuilt = getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is None
+    if not unbuilt or not hasattr(requirements_utils, "_PACKAGES_TO_MODULES"):  # built, or MLflow moved it
         yield
         return
     saved = requirements_utils._PACKAGES_TO_MODULES
