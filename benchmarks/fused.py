@@ -3,6 +3,7 @@
     python benchmarks/fused.py                  # both parts, the cars MLP study with 50 trials
     python benchmarks/fused.py --seeds 3        # three study seeds (each also changes the folds)
     python benchmarks/fused.py --part steps     # model-steps/s only (~1 min)
+    python benchmarks/fused.py --part steps --k 64 --bank-steps   # and where the mixed arm's time goes
 
 Part "study": the cars MLP study (studies/cars_mlp.toml: 5-fold cross-validation, median pruner,
 report_every 10), same trial budget and seeds, launched once with execution = "sequential"
@@ -156,6 +157,56 @@ def steps_per_second(
     return rows
 
 
+def bank_steps(data: Prepared, device: torch.device, k: int, epochs: int) -> list[dict[str, Any]]:
+    """Where the mixed arm's time goes: its bank steps by width bank and by phase (while jobs
+    still arrive, and after the last one, when the slots drain), with their model-steps and
+    process CPU time; the rest of the arm is starting, validating and freezing trials.
+
+    Bank.begin_step and end_step are wrapped for this one run (no tuner code changes)."""
+    from collections import defaultdict
+
+    from tuner.bank import Bank
+
+    data = data.to(device)
+    drained = [False]
+    cells: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])
+    begin, end = Bank.begin_step, Bank.end_step
+
+    def timed_begin(bank: Bank, extra: torch.Tensor | None = None) -> torch.Tensor | None:
+        bank._bench_t0 = _clock(device)  # type: ignore[attr-defined]
+        return begin(bank, extra)
+
+    def timed_end(bank: Bank) -> None:
+        n = int(bank.host["live"].sum())
+        end(bank)
+        group = max(32, 1 << max(bank.H - 1, 0).bit_length())  # its width group (a bank narrows as it drains)
+        cell = cells[("after the last job" if drained[0] else "jobs arriving", group)]
+        cell[0] += 1
+        cell[1] += n
+        cell[2] += _clock(device) - bank._bench_t0  # type: ignore[attr-defined]
+
+    def stream() -> Any:
+        yield from mixed_jobs(4 * k, epochs)
+        drained[0] = True
+
+    train_many(mixed_jobs(min(k, 4), 1), data, device=device, width=k)  # warm-up
+    Bank.begin_step, Bank.end_step = timed_begin, timed_end  # type: ignore[method-assign, assignment]
+    try:
+        start = _clock(device)
+        train_many(stream(), data, device=device, width=k)
+        total = _clock(device) - start
+    finally:
+        Bank.begin_step, Bank.end_step = begin, end  # type: ignore[method-assign, assignment]
+    model_steps = sum(c[1] for c in cells.values())
+    rows = [{"phase": phase, "width": width, "steps": c[0], "model_steps": c[1], "share_ms": c[1] / model_steps,
+             "seconds": c[2], "share_time": c[2] / total, "us_per_step": c[2] / c[0] * 1e6}
+            for (phase, width), c in sorted(cells.items(), key=lambda kv: (kv[0][0] != "jobs arriving", kv[0][1]))]
+    rest = total - sum(c[2] for c in cells.values())
+    rows.append({"phase": "outside bank steps", "width": 0, "steps": 0, "model_steps": 0, "share_ms": 0.0,
+                 "seconds": rest, "share_time": rest / total, "us_per_step": 0.0})
+    return rows
+
+
 # -- part "study" -------------------------------------------------------------------------
 
 
@@ -212,6 +263,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[16, 64, 256], help="K values of part steps")
     ap.add_argument("--epochs", type=int, nargs="+", default=[10, 100],
                     help="epochs per trial in part steps (the cars space draws 20-200)")
+    ap.add_argument("--bank-steps", action="store_true",
+                    help="part steps: also break the mixed arm down by width bank and phase (where its time goes)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as launch() does for tiny models on CPU
     device = torch.device(args.device)
@@ -222,6 +275,15 @@ def main() -> int:
             vs = f"  {row['vs_train']:5.1f}x vs train() on the same shapes" if "vs_train" in row else ""
             print(f"  {row['arm']:<36} K={row['K']:<4} {row['steps_s']:>10.0f} steps/s  {row['ratio']:6.1f}x{vs}"
                   + (f"  (naive beside it: {row['naive']:.0f} steps/s)" if "naive" in row else ""), flush=True)
+        for k in args.k if args.bank_steps else []:
+            print(f"  where the mixed arm's time goes, K={k} ({4 * k} jobs), per-process CPU time:")
+            for row in bank_steps(cars(), device, k, epochs):
+                if not row["steps"]:
+                    print(f"    {row['phase']:<36} {row['seconds']:6.2f}s ({row['share_time']:4.0%} of the time)")
+                    continue
+                print(f"    {row['phase']:<19} bank of widths <= {row['width']:<3} {row['steps']:>6} bank steps "
+                      f"{row['model_steps']:>7} model-steps ({row['share_ms']:4.0%})  {row['seconds']:6.2f}s "
+                      f"({row['share_time']:4.0%} of the time)  {row['us_per_step']:6.0f} us/bank step", flush=True)
     if args.part in ("study", "both"):
         print(f"\ncars MLP study, {args.n_trials} trials, seeds 0-{args.seeds - 1}, fresh SQLite stores per run:")
         runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "fused": []}
