@@ -4,6 +4,7 @@
     python benchmarks/fused.py --seeds 3        # three study seeds (each also changes the folds)
     python benchmarks/fused.py --part steps     # model-steps/s only (~1 min)
     python benchmarks/fused.py --part steps --k 64 --bank-steps   # and where the mixed arm's time goes
+    python benchmarks/fused.py --part study --storage   # and the study's storage per trial, per arm
 
 Part "study": the cars MLP study (studies/cars_mlp.toml: 5-fold cross-validation, median pruner,
 report_every 10), same trial budget and seeds, launched once with execution = "sequential"
@@ -263,6 +264,9 @@ def main() -> int:
     ap.add_argument("--k", type=int, nargs="+", default=[16, 64, 256], help="K values of part steps")
     ap.add_argument("--epochs", type=int, nargs="+", default=[10, 100],
                     help="epochs per trial in part steps (the cars space draws 20-200)")
+    ap.add_argument("--storage", action="store_true",
+                    help="part study: also launch each arm and seed once more with the storage probe "
+                         "(benchmarks._arms.storage_probe) and print its statements and ms per trial")
     ap.add_argument("--bank-steps", action="store_true",
                     help="part steps: also break the mixed arm down by width bank and phase (where its time goes)")
     args = ap.parse_args()
@@ -298,6 +302,12 @@ def main() -> int:
                     with tempfile.TemporaryDirectory() as tmp:
                         short = run_study(execution, args.beyond, Path(tmp), seed)
                     r["per_trial_beyond"] = (r["cpu_s"] - short["cpu_s"]) / (args.n_trials - args.beyond)
+                if args.storage:  # a launch of its own: the probe's wrappers cost CPU time
+                    from benchmarks._arms import per_method, per_trial, storage_probe
+
+                    with tempfile.TemporaryDirectory() as tmp, storage_probe() as counts:
+                        run_study(execution, args.n_trials, Path(tmp), seed)
+                    r["storage"], r["methods"] = per_trial(counts), per_method(counts)
                 runs[execution].append(r)
                 print(
                     f"  seed {seed} {r['execution']:<10} loop {r['loop_s']:6.1f}s "
@@ -308,6 +318,11 @@ def main() -> int:
                 )
                 if "per_trial_beyond" in r:
                     print(f"    process CPU per trial beyond a {args.beyond}-trial launch: {r['per_trial_beyond'] * 1000:.0f} ms")
+                if "storage" in r:
+                    st = r["storage"]
+                    print(f"    storage per trial (a probed launch): {st['optuna_sql']:.1f} Optuna + {st['mlflow_sql']:.1f} "
+                          f"MLflow statements, {st['storage_ms']:.1f} ms ({st['storage_cpu_ms']:.1f} ms CPU); "
+                          + ", ".join(f"{name} {calls:.2f} calls {ms:.1f} ms" for name, calls, ms, _, _ in r["methods"][:4]))
                 if r["chosen"]:
                     print(f"    {r['chosen']}")
 
