@@ -159,6 +159,10 @@ def test_unknown_keys_suggest_the_closest_valid_key(tmp_path: Path) -> None:
     msg = _problems(tmp_path, space='lr = { type = "float", low = 0.001, high = 0.1 }\n' + SPACE_REST.replace("epochs", "epoch"))
     assert "unknown parameter 'epoch' (did you mean 'epochs'?); choose from" in msg
     assert "zzz: unknown key; remove it" in _problems(tmp_path, body="zzz = 1\n")  # nothing close: no guess
+    # names other tools use, which no spelling distance finds
+    msg = _problems(tmp_path, body='model_name = "m"\nnum_trials = 5\n')
+    assert "model_name: unknown key (did you mean 'registered_model'?)" in msg
+    assert "num_trials: unknown key (did you mean 'n_trials'?)" in msg
 
 
 def test_shipped_studies_do_not_warn_about_their_own_batch_sizes() -> None:

@@ -442,7 +442,9 @@ def _format_errors(e: ValidationError) -> str:
             continue
         if err["type"] == "extra_forbidden":
             key = str(err["loc"][-1])
-            msg = f"unknown key{did_you_mean(key, _known_keys(err['loc'][:-1]))}; remove it or check its spelling"
+            parent = err["loc"][:-1]
+            hint = f" (did you mean {_SYNONYMS[key]!r}?)" if not parent and key in _SYNONYMS else ""
+            msg = f"unknown key{hint or did_you_mean(key, _known_keys(parent))}; remove it or check its spelling"
         elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             parts.append(_type_problem(loc, err))
             continue
@@ -455,6 +457,10 @@ def _format_errors(e: ValidationError) -> str:
 _PARAM_TYPES: dict[str, type[BaseModel]] = {"float": FloatParam, "int": IntParam, "categorical": CategoricalParam, "fixed": FixedParam}
 _SECTIONS: dict[str, type[BaseModel]] = {"validation": Validation, "sampler": SamplerSpec, "pruner": PrunerSpec, "heartbeat": Heartbeat}
 _SET_BY_TUNER = ("source", "task_note")
+# Top-level keys other tools name differently, which no spelling distance finds.
+_SYNONYMS = {"model_name": "registered_model", "registered_model_name": "registered_model", "study_name": "name",
+             "num_trials": "n_trials", "trials": "n_trials", "label": "target", "target_column": "target",
+             "search_space": "space", "params": "space"}
 
 
 def _known_keys(parent: tuple[Any, ...]) -> list[str]:
