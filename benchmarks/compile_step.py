@@ -71,10 +71,10 @@ def _us_per_step(step: Any, tensors: tuple[torch.Tensor, ...], n: int) -> float:
 
 
 def measure(k: int, hidden: int, layers: int, kind: str, n: int = 400, batch: int = BATCH,
-            compile: bool = True) -> dict[str, Any]:
+            with_compile: bool = True) -> dict[str, Any]:
     step, tensors = _step(k, hidden, layers, kind, batch)
     eager = _us_per_step(step, tensors, n)
-    if not compile:
+    if not with_compile:
         return {"shape": f"K={k}, hidden {hidden}, {layers} layer(s), {kind}, batch {batch}", "eager_us": eager}
     compiled = torch.compile(step, dynamic=False)
     start = time.perf_counter()
@@ -99,7 +99,7 @@ def main() -> None:
         print("| bank | eager us/step |\n| --- | --- |")
         for text in args.shapes:
             k, hidden, layers, kind = text.split(",")
-            r = measure(int(k), int(hidden), int(layers), kind, args.steps, args.batch, compile=False)
+            r = measure(int(k), int(hidden), int(layers), kind, args.steps, args.batch, with_compile=False)
             print(f"| {r['shape']} | {r['eager_us']:.0f} |", flush=True)
         return
     if not args.warm_cache:

@@ -32,7 +32,7 @@ from tuner.data import Prepared
 from tuner.model import ModelConfig, TabularNet, make_activation
 from tuner.train import TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
 
-__all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable"]
+__all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable", "width_group"]
 
 
 # Called after each epoch of each trial with (job index, epoch, metrics); True stops that trial.
@@ -232,12 +232,13 @@ def _keep_freed_memory() -> None:
         pass
 
 
-def _padded_width(hidden_size: int, floor: int = 32) -> int:
+def width_group(hidden_size: int, floor: int = 32) -> int:
     """The width of the group a hidden size trains in: the next power of two, so padding never
     wastes more than half of a layer's units (weights and optimizer state scale with it), and
     all sizes up to ``floor`` in one group (below it a bank step's fixed cost outweighs the
-    padded arithmetic: on the cars space at K=64, 100 epochs, a floor of 32 (two banks) ran
-    1.15-1.3x the model-steps/s of 16 (three) and of one bank padded to 64)."""
+    padded arithmetic: on the cars space at K=64 a floor of 32 (two banks) ran 1.05-1.1x the
+    model-steps/s of 16 (three banks), 1.3x that of 8 and 1.15-1.3x that of one bank padded to
+    64; docs/performance.md, "Fused trials")."""
     return max(floor, 1 << max(hidden_size - 1, 0).bit_length()) if hidden_size > 0 else 0
 
 
@@ -309,7 +310,7 @@ def train_many(
                 raise ValueError(f"job {n_jobs} trains on split {job.data}, but {len(datasets)} split(s) were given")
             config = model_config(p, datasets[job.data])
             make_activation(p.activation)  # an unknown activation fails here, as in train()
-            group = _padded_width(p.hidden_size) if group_widths else int(p.hidden_size > 0)
+            group = width_group(p.hidden_size) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
             pending.setdefault(key, []).append((n_jobs, job, config))
             n_jobs += 1
