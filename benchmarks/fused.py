@@ -340,9 +340,9 @@ def main() -> int:
               f"{total('sequential', 'launch_s') / total('fused', 'launch_s'):.1f}x; "
               f"process CPU {total('sequential', 'cpu_s') / total('fused', 'cpu_s'):.1f}x")
         if 0 < args.beyond < args.n_trials:
-            per_trial = [s["per_trial_beyond"] / f["per_trial_beyond"] for s, f in zip(runs["sequential"], runs["fused"])]
+            ratios = [s["per_trial_beyond"] / f["per_trial_beyond"] for s, f in zip(runs["sequential"], runs["fused"])]
             print(f"  process CPU per trial beyond a {args.beyond}-trial launch, sequential / fused: "
-                  + ", ".join(f"{x:.1f}x (seed {i})" for i, x in enumerate(per_trial))
+                  + ", ".join(f"{x:.1f}x (seed {i})" for i, x in enumerate(ratios))
                   + f"; over all seeds {total('sequential', 'per_trial_beyond') / total('fused', 'per_trial_beyond'):.1f}x")
         seq_best, fused_best = total("sequential", "best") / args.seeds, total("fused", "best") / args.seeds
         guard = fused_best <= seq_best * 1.10
