@@ -14,7 +14,7 @@ from tuner.bank import Bank
 from tuner.config import load_spec
 from tuner.data import prepare
 from tuner.errors import ConfigError
-from tuner.fused import Job, train_many
+from tuner.fused import Job, group_floor, train_many, width_group
 from tuner.inputs import load_data
 from tuner.runners import FUSED_WIDTH, choose_execution, fused_width
 from tuner.train import TrainParams, train
@@ -85,6 +85,30 @@ def test_fused_epoch_metrics_equal_train_for_a_mixed_group_with_refill_and_a_pru
     for ref, res in zip(expected, got):
         _assert_same(ref, res)
     assert sorted(seen) == sorted((i, e) for i, r in enumerate(expected) for e in range(len(r.history)))
+
+
+def test_a_wide_launch_trains_in_narrower_width_groups_and_still_equals_train(
+    cars, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From 256 slots the width groups start at 16 (``group_floor``): MIXED's hidden sizes 3-8
+    train in a bank of width 16, 40 in one of 64, the linear trial in its own; each trial still
+    matches train()."""
+    assert (group_floor(255), group_floor(256)) == (32, 16)
+    assert [width_group(h, 16) for h in (3, 8, 16, 17, 40)] == [16, 16, 16, 32, 64]
+    widths: list[int] = []
+    init = Bank.__init__
+
+    def recording_init(bank: Bank, *args, width: int, **kwargs) -> None:
+        widths.append(width)
+        init(bank, *args, width=width, **kwargs)
+
+    monkeypatch.setattr(Bank, "__init__", recording_init)
+    jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
+    expected = [train(j.params, cars, device="cpu", seed=j.seed) for j in jobs]
+    got = train_many(jobs, cars, device="cpu", width=256)  # grouped: on the CPU from width 32 up
+    assert sorted(widths) == [0, 16, 16, 64]  # the linear model; Adam's and SGD's group 16; hidden 40
+    for ref, res in zip(expected, got):
+        _assert_same(ref, res)
 
 
 def test_fused_classification_matches_train() -> None:

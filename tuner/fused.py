@@ -32,7 +32,7 @@ from tuner.data import Prepared
 from tuner.model import ModelConfig, TabularNet, make_activation
 from tuner.train import TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
 
-__all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable", "width_group"]
+__all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable", "group_floor", "width_group"]
 
 
 # Called after each epoch of each trial with (job index, epoch, metrics); True stops that trial.
@@ -236,10 +236,20 @@ def width_group(hidden_size: int, floor: int = 32) -> int:
     """The width of the group a hidden size trains in: the next power of two, so padding never
     wastes more than half of a layer's units (weights and optimizer state scale with it), and
     all sizes up to ``floor`` in one group (below it a bank step's fixed cost outweighs the
-    padded arithmetic: on the cars space at K=64 a floor of 32 (two banks) ran 1.05-1.1x the
-    model-steps/s of 16 (three banks), 1.3x that of 8 and 1.15-1.3x that of one bank padded to
-    64; docs/performance.md, "Fused trials")."""
+    padded arithmetic; see ``group_floor``)."""
     return max(floor, 1 << max(hidden_size - 1, 0).bit_length()) if hidden_size > 0 else 0
+
+
+def group_floor(width: int) -> int:
+    """The narrowest width group for ``width`` slots on a CPU: 16 from 256 slots, else 32.
+
+    Each bank step costs ~0.7 ms fixed plus its padded arithmetic, and a slot pays for the
+    widest trial of its bank: more groups pay off only with enough slots per bank. Measured on
+    the cars space (docs/performance.md, "Fused trials"): at K=64 a floor of 32 ran 1.05-1.1x
+    the model-steps/s of 16, 1.3x that of 8 and 1.15-1.3x that of one bank padded to 64; at
+    K=128 the two were even; at K=256 16 ran 1.09x (10 epochs) and 1.24x (100 epochs) the
+    model-steps/s of 32, at K=512 1.16x (and 1.10x that of 8)."""
+    return 16 if width >= 256 else 32
 
 
 def train_many(
@@ -269,12 +279,13 @@ def train_many(
         should_stop: asked with ``index`` after the hooks of all the trials whose epoch ends
             at the same step ran; True stops that trial there too (see ``_events``).
         width: how many trials train at once.
-        group_widths: train hidden sizes in power-of-two width groups from 32 up (one bank per
-            group: padding wastes at most half a layer) instead of one bank padded to the
-            widest. ``None``: group on a CPU from width 32 up, where the padded arithmetic is
-            most of a step (measured on the cars space, 100 epochs: K=64 1.1x, K=256 1.3x
-            faster grouped; K=16 1.2x slower, a few slots per bank step); never on a GPU, where
-            the arithmetic is cheap and each bank step costs kernel launches.
+        group_widths: train hidden sizes in power-of-two width groups from 32 up, or from 16
+            with 256 slots or more (``group_floor``; one bank per group: padding wastes at most
+            half a layer) instead of one bank padded to the widest. ``None``: group on a CPU
+            from width 32 up, where the padded arithmetic is most of a step (measured on the
+            cars space, 100 epochs: K=64 1.1x, K=256 1.3x faster grouped; K=16 1.2x slower, a
+            few slots per bank step); never on a GPU, where the arithmetic is cheap and each
+            bank step costs kernel launches.
 
     Returns:
         One TrainResult per job, in job order, as ``train()`` returns it.
@@ -290,6 +301,7 @@ def train_many(
         _keep_freed_memory()
     if group_widths is None:
         group_widths = dev.type == "cpu" and width >= 32
+    floor = group_floor(width)
     jobs = iter(params_list)
     banks: dict[tuple[bool, bool, int], tuple[Bank, _Validation]] = {}  # each bank, its validation rows
     results: dict[int, TrainResult] = {}
@@ -310,7 +322,7 @@ def train_many(
                 raise ValueError(f"job {n_jobs} trains on split {job.data}, but {len(datasets)} split(s) were given")
             config = model_config(p, datasets[job.data])
             make_activation(p.activation)  # an unknown activation fails here, as in train()
-            group = width_group(p.hidden_size) if group_widths else int(p.hidden_size > 0)
+            group = width_group(p.hidden_size, floor) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
             pending.setdefault(key, []).append((n_jobs, job, config))
             n_jobs += 1
