@@ -32,8 +32,9 @@ import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -158,24 +159,22 @@ def steps_per_second(
     return rows
 
 
-def bank_steps(data: Prepared, device: torch.device, k: int, epochs: int) -> list[dict[str, Any]]:
-    """Where the mixed arm's time goes: its bank steps by width bank and by phase (while jobs
-    still arrive, and after the last one, when the slots drain), with their model-steps and
-    process CPU time; the rest of the arm is starting, validating and freezing trials.
-
-    Bank.begin_step and end_step are wrapped for this one run (no tuner code changes)."""
+@contextmanager
+def bank_step_probe(device: torch.device, phase: Callable[[], str]) -> Iterator[dict[tuple[str, int], list[float]]]:
+    """Time every bank step while the context is open: ``{(phase(), bank's group): [bank steps,
+    model-steps, process CPU seconds]}``, the group being train_many's key (the width group, or
+    1: one bank for all widths). Bank.__init__, begin_step and end_step are wrapped meanwhile (no
+    tuner code changes)."""
     from collections import defaultdict
 
     from tuner.bank import Bank
 
-    data = data.to(device)
-    drained = [False]
     cells: dict[tuple[str, int], list[float]] = defaultdict(lambda: [0, 0, 0.0])
     init, begin, end = Bank.__init__, Bank.begin_step, Bank.end_step
 
     def labelled_init(bank: Bank, *args: Any, width: int, **kwargs: Any) -> None:
         init(bank, *args, width=width, **kwargs)
-        bank._bench_group = width  # type: ignore[attr-defined]  # train_many's group key: its width group, or 1 (one bank)
+        bank._bench_group = width  # type: ignore[attr-defined]
 
     def timed_begin(bank: Bank, extra: torch.Tensor | None = None) -> torch.Tensor | None:
         bank._bench_t0 = _clock(device)  # type: ignore[attr-defined]
@@ -184,25 +183,22 @@ def bank_steps(data: Prepared, device: torch.device, k: int, epochs: int) -> lis
     def timed_end(bank: Bank) -> None:
         n = int(bank.host["live"].sum())
         end(bank)
-        group = bank._bench_group  # type: ignore[attr-defined]
-        cell = cells[("after the last job" if drained[0] else "jobs arriving", group)]
+        cell = cells[(phase(), bank._bench_group)]  # type: ignore[attr-defined]
         cell[0] += 1
         cell[1] += n
         cell[2] += _clock(device) - bank._bench_t0  # type: ignore[attr-defined]
 
-    def stream() -> Any:
-        yield from mixed_jobs(4 * k, epochs)
-        drained[0] = True
-
-    train_many(mixed_jobs(min(k, 4), 1), data, device=device, width=k)  # warm-up
     Bank.__init__, Bank.begin_step, Bank.end_step = labelled_init, timed_begin, timed_end  # type: ignore[method-assign, assignment]
     try:
-        start = _clock(device)
-        train_many(stream(), data, device=device, width=k)
-        total = _clock(device) - start
+        yield cells
     finally:
         Bank.__init__, Bank.begin_step, Bank.end_step = init, begin, end  # type: ignore[method-assign, assignment]
-    model_steps = sum(c[1] for c in cells.values())
+
+
+def bank_rows(cells: dict[tuple[str, int], list[float]], total: float) -> list[dict[str, Any]]:
+    """``bank_step_probe``'s cells as rows with their shares of the model-steps and of ``total``
+    seconds, and a last row for the time outside the bank steps."""
+    model_steps = max(sum(c[1] for c in cells.values()), 1)
     rows = [{"phase": phase, "width": width, "steps": c[0], "model_steps": c[1], "share_ms": c[1] / model_steps,
              "seconds": c[2], "share_time": c[2] / total, "us_per_step": c[2] / c[0] * 1e6}
             for (phase, width), c in sorted(cells.items(), key=lambda kv: (kv[0][0] != "jobs arriving", kv[0][1]))]
@@ -210,6 +206,36 @@ def bank_steps(data: Prepared, device: torch.device, k: int, epochs: int) -> lis
     rows.append({"phase": "outside bank steps", "width": 0, "steps": 0, "model_steps": 0, "share_ms": 0.0,
                  "seconds": rest, "share_time": rest / total, "us_per_step": 0.0})
     return rows
+
+
+def print_bank_rows(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        if not row["steps"]:
+            print(f"    {row['phase']:<42} {row['seconds']:6.2f}s ({row['share_time']:4.0%} of the time)")
+            continue
+        bank = f"bank of widths <= {row['width']:<3}" if row["width"] > 1 else "one bank, all widths"
+        print(f"    {row['phase']:<19} {bank:<22} {row['steps']:>6} bank steps "
+              f"{row['model_steps']:>7} model-steps ({row['share_ms']:4.0%})  {row['seconds']:6.2f}s "
+              f"({row['share_time']:4.0%} of the time)  {row['us_per_step']:6.0f} us/bank step", flush=True)
+
+
+def bank_steps(data: Prepared, device: torch.device, k: int, epochs: int) -> list[dict[str, Any]]:
+    """Where the mixed arm's time goes: its bank steps by width bank and by phase (while jobs
+    still arrive, and after the last one, when the slots drain), with their model-steps and
+    process CPU time; the rest of the arm is starting, validating and freezing trials."""
+    data = data.to(device)
+    drained = [False]
+
+    def stream() -> Iterator[Job]:
+        yield from mixed_jobs(4 * k, epochs)
+        drained[0] = True
+
+    train_many(mixed_jobs(min(k, 4), 1), data, device=device, width=k)  # warm-up
+    with bank_step_probe(device, lambda: "after the last job" if drained[0] else "jobs arriving") as cells:
+        start = _clock(device)
+        train_many(stream(), data, device=device, width=k)
+        total = _clock(device) - start
+    return bank_rows(cells, total)
 
 
 # -- part "study" -------------------------------------------------------------------------
@@ -272,7 +298,8 @@ def main() -> int:
                     help="part study: also launch each arm and seed once more with the storage probe "
                          "(benchmarks._arms.storage_probe) and print its statements and ms per trial")
     ap.add_argument("--bank-steps", action="store_true",
-                    help="part steps: also break the mixed arm down by width bank and phase (where its time goes)")
+                    help="break the mixed arm (part steps) and a fused launch (part study) down by width bank "
+                         "(and phase): where the time goes")
     args = ap.parse_args()
     torch.set_num_threads(1)  # as launch() does for tiny models on CPU
     device = torch.device(args.device)
@@ -285,14 +312,7 @@ def main() -> int:
                   + (f"  (naive beside it: {row['naive']:.0f} steps/s)" if "naive" in row else ""), flush=True)
         for k in args.k if args.bank_steps else []:
             print(f"  where the mixed arm's time goes, K={k} ({4 * k} jobs), per-process CPU time:")
-            for row in bank_steps(cars(), device, k, epochs):
-                if not row["steps"]:
-                    print(f"    {row['phase']:<36} {row['seconds']:6.2f}s ({row['share_time']:4.0%} of the time)")
-                    continue
-                bank = f"bank of widths <= {row['width']:<3}" if row["width"] > 1 else "one bank, all widths"
-                print(f"    {row['phase']:<19} {bank:<22} {row['steps']:>6} bank steps "
-                      f"{row['model_steps']:>7} model-steps ({row['share_ms']:4.0%})  {row['seconds']:6.2f}s "
-                      f"({row['share_time']:4.0%} of the time)  {row['us_per_step']:6.0f} us/bank step", flush=True)
+            print_bank_rows(bank_steps(cars(), device, k, epochs))
     if args.part in ("study", "both"):
         print(f"\ncars MLP study, {args.n_trials} trials, seeds 0-{args.seeds - 1}, fresh SQLite stores per run:")
         runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "fused": []}
@@ -307,6 +327,10 @@ def main() -> int:
                     with tempfile.TemporaryDirectory() as tmp:
                         short = run_study(execution, args.beyond, Path(tmp), seed)
                     r["per_trial_beyond"] = (r["cpu_s"] - short["cpu_s"]) / (args.n_trials - args.beyond)
+                if args.bank_steps and execution == "fused":  # a launch of its own, as the storage probe's
+                    with tempfile.TemporaryDirectory() as tmp, bank_step_probe(device, lambda: "the study") as cells:
+                        probed = run_study(execution, args.n_trials, Path(tmp), seed)
+                    r["bank_rows"] = bank_rows(cells, probed["cpu_s"])
                 if args.storage:  # a launch of its own: the probe's wrappers cost CPU time
                     from benchmarks._arms import per_method, per_trial, storage_probe
 
@@ -323,6 +347,9 @@ def main() -> int:
                 )
                 if "per_trial_beyond" in r:
                     print(f"    process CPU per trial beyond a {args.beyond}-trial launch: {r['per_trial_beyond'] * 1000:.0f} ms")
+                if "bank_rows" in r:
+                    print("    where a fused launch's time goes (a probed launch; per-process CPU time):")
+                    print_bank_rows(r["bank_rows"])
                 if "storage" in r:
                     st = r["storage"]
                     print(f"    storage per trial (a probed launch): {st['optuna_sql']:.1f} Optuna + {st['mlflow_sql']:.1f} "
