@@ -55,9 +55,7 @@ class Slot:
     generator: torch.Generator | None  # None: shuffled by the bank's Streams
     batch_size: int
     steps_per_epoch: int
-    epoch: int = 0  # the epoch it trains
-    ended: int = -1  # the epoch that ended and awaits validation (in the next step's forward), or -1
-    epoch_end_t: int = 0  # bank step count at which the current epoch ends
+    epoch: int = 0  # the epoch it trains (when it ends, and which ended: Bank.host's "end_t", "ended")
     start: float = 0.0
     history: list[dict[str, float]] | None = None
 
@@ -158,7 +156,10 @@ class Bank:
             "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
         }
         host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
-                "wd_dec": np.zeros(K), "live": np.zeros(K, bool)}
+                "wd_dec": np.zeros(K), "live": np.zeros(K, bool),
+                # the step count at which the slot's epoch ends; the epoch that ended and awaits validation
+                # (in the next forward). -1: none. Arrays, not Slot fields: no Python scan of K slots a step.
+                "end_t": np.full(K, -1, np.int64), "ended": np.full(K, -1, np.int64)}
         order = list(range(self.K)) if keep is None else keep
         k = len(order)
         for key, array in self.host.items():
@@ -291,7 +292,7 @@ class Bank:
                 T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
         for k, p, s in zip(free, params, steps):
             h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
-            h["step"][k], h["live"][k] = 0, True
+            h["step"][k], h["live"][k], h["ended"][k] = 0, True, -1
             h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
         slots = []
         start = time.perf_counter()
@@ -321,9 +322,7 @@ class Bank:
         (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
         T = self.tensors
         slots = [self.slots[k] for k in ks]
-        for slot in slots:
-            assert slot is not None
-            slot.epoch_end_t = self.t + slot.steps_per_epoch
+        self.host["end_t"][ks] = [self.t + s.steps_per_epoch for s in slots]  # type: ignore[union-attr]
         index = torch.tensor(ks, device=self.device)
         if self.streams is not None:
             perms = self.streams.permutations(ks, [len(s.data.x_train) for s in slots], self.n)  # type: ignore[union-attr]
@@ -342,10 +341,11 @@ class Bank:
 
     def end_epochs(self) -> list[int]:
         """After a step: the slots whose epoch ended with it keep its mean train loss and await
-        validation (``Slot.ended``); each starts its next epoch, or, after its last, stops
+        validation (``host["ended"]``); each starts its next epoch, or, after its last, stops
         training. Returns the slots awaiting validation."""
+        h = self.host
         if self.t == self.next_event:
-            ending = [k for k, s in enumerate(self.slots) if s is not None and s.epoch_end_t == self.t]
+            ending = np.flatnonzero(h["end_t"] == self.t).tolist()
             T = self.tensors
             index = torch.tensor(ending, device=self.device)
             T["ended_loss"][index] = T["loss_sum"][index] / T["n"][index, 0]
@@ -353,7 +353,7 @@ class Bank:
             for k in ending:
                 slot = self.slots[k]
                 assert slot is not None
-                slot.ended = slot.epoch
+                h["ended"][k] = slot.epoch
                 if slot.epoch + 1 < slot.job.params.epochs:
                     slot.epoch += 1
                     going_on.append(k)
@@ -363,20 +363,27 @@ class Bank:
                 self.start_epochs(going_on)
             self.stop(last)
             self.refresh(slots_changed=False)
-        return [k for k, s in enumerate(self.slots) if s is not None and s.ended >= 0]
+        return self.awaiting()
+
+    def awaiting(self) -> list[int]:
+        """The slots whose epoch ended and awaits validation in the next step's forward."""
+        return np.flatnonzero(self.host["ended"] >= 0).tolist()
+
+    def _next_event(self) -> int:
+        """The next step count at which some slot's epoch ends, or -1 (a slot past its last epoch's is not ahead)."""
+        ahead = self.host["end_t"][self.host["end_t"] > self.t]
+        return int(ahead.min()) if ahead.size else -1
 
     def refresh(self, slots_changed: bool = True) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use,
         which layers some slot skips. ``slots_changed=False`` (only epochs went on): the next
         epoch end only."""
         if not slots_changed:
-            self.next_event = min((s.epoch_end_t for s in self.slots if s is not None and s.epoch_end_t > self.t),
-                                  default=-1)
+            self.next_event = self._next_event()
             return
         self._shrink()
         live = [s for s in self.slots if s is not None]
-        # (a slot past its last epoch only awaits validation: its epoch_end_t is not ahead)
-        self.next_event = min((s.epoch_end_t for s in live if s.epoch_end_t > self.t), default=-1)
+        self.next_event = self._next_event()
         self.b_max = max((s.batch_size for s in live), default=1)
         # Used slots first, so every step computes only the prefix of slots in use (free slots
         # stay free until a refill, a third of the slots on the cars space at K=64), and sorted
@@ -408,7 +415,7 @@ class Bank:
 
     @property
     def n_live(self) -> int:
-        return sum(s is not None for s in self.slots)
+        return len(self.slots) - self.slots.count(None)
 
     # -- compute --------------------------------------------------------------------------
 

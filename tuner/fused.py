@@ -145,7 +145,7 @@ def _events(
         slot = bank.slots[k]
         assert slot is not None and slot.history is not None
         p = slot.job.params
-        epoch = slot.ended
+        epoch = int(bank.host["ended"][k])
         record, reason = epoch_record(
             epoch, train_loss, dict(zip(names, row)), task=bank.task, y_std=slot.data.y_std_, lr=p.lr
         )
@@ -159,11 +159,12 @@ def _events(
     for k, reason, diverged in outcomes:
         slot = bank.slots[k]
         assert slot is not None
+        ended = int(bank.host["ended"][k])
         if reason is None and should_stop is not None and should_stop(slot.index):
-            reason = f"stopped by the epoch hook after epoch {slot.ended}"
-        if reason is not None or slot.ended + 1 == slot.job.params.epochs:
+            reason = f"stopped by the epoch hook after epoch {ended}"
+        if reason is not None or ended + 1 == slot.job.params.epochs:
             ends.append((k, reason, diverged))
-        slot.ended = -1
+        bank.host["ended"][k] = -1
     bank.stop([k for k, _, _ in ends])
     return ends
 
@@ -194,6 +195,7 @@ def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResu
             T[key][k] = 0
         T["live"][k] = False
         bank.host["live"][k] = False
+        bank.host["end_t"][k] = -1
     if net is not None:
         d = slot.data
         net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
@@ -344,7 +346,7 @@ def train_many(
             # A slot whose epoch ended with the previous step is validated in this step's forward
             # (its validation rows ride with the batch, before the update) and reported before
             # the update, which leaves the slots whose trial ends there as they are.
-            ending = [k for k, s in enumerate(bank.slots) if s is not None and s.ended >= 0]
+            ending = bank.awaiting()
             out = bank.begin_step(_validation_rows(bank, val) if ending else None)
             ends = _events(bank, val, out, ending, on_epoch_end, should_stop) if out is not None else []
             bank.end_step()
