@@ -297,17 +297,9 @@ class Bank:
         slots = []
         start = time.perf_counter()
         for k, (index_, job, config), b, s in zip(free, items, batch, steps):
-            slot = Slot(
-                index=index_,
-                job=job,
-                config=config,
-                data=self.datasets[job.data],
-                generator=torch.Generator().manual_seed(job.seed) if self.streams is None else None,
-                batch_size=b,
-                steps_per_epoch=s,
-                start=start,
-                history=[],
-            )
+            generator = torch.Generator().manual_seed(job.seed) if self.streams is None else None
+            slot = Slot(index=index_, job=job, config=config, data=self.datasets[job.data], generator=generator,
+                        batch_size=b, steps_per_epoch=s, start=start, history=[])
             self.slots[k] = slot
             slots.append(slot)
         if self.streams is not None:
@@ -461,6 +453,14 @@ class Bank:
         loss, d_out = loss_and_grad(out, yb, rows, self.task, weight)
         self._half = (tape, d_out, loss * rows.sum(1))
         return out_extra
+
+    def free(self, k: int) -> None:
+        """Free slot k once its trial is frozen: weights, optimizer state and loss zeroed, out of every update."""
+        for key in ("flat", "m", "v", "pmask", "loss_sum"):
+            self.tensors[key][k] = 0
+        self.stop([k])
+        self.host["end_t"][k] = -1  # a trial stopped mid-epoch: that epoch's end must not come round
+        self.slots[k] = None
 
     def stop(self, ks: list[int]) -> None:
         """Keep slots ``ks`` out of every update from now on (their weights stay as they are,

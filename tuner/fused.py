@@ -140,7 +140,7 @@ def _events(
     # The ending slots' history rows, train loss and metrics, to the host in one copy (one sync).
     rows = torch.cat([T["ended_loss"][index][:, None], _metrics(bank, val, out, index)], 1).tolist()
     names = _metric_names(bank)
-    outcomes: list[tuple[int, str | None, bool]] = []
+    outcomes: list[tuple[int, int, str | None, bool]] = []
     for k, (train_loss, *row) in zip(ending, rows):
         slot = bank.slots[k]
         assert slot is not None and slot.history is not None
@@ -154,15 +154,14 @@ def _events(
             slot.history.append(record)
             if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
                 reason = f"stopped by the epoch hook after epoch {epoch}"
-        outcomes.append((k, reason, diverged))
+        outcomes.append((k, epoch, reason, diverged))
     ends: list[tuple[int, str | None, bool]] = []
-    for k, reason, diverged in outcomes:
+    for k, epoch, reason, diverged in outcomes:
         slot = bank.slots[k]
         assert slot is not None
-        ended = int(bank.host["ended"][k])
         if reason is None and should_stop is not None and should_stop(slot.index):
-            reason = f"stopped by the epoch hook after epoch {ended}"
-        if reason is not None or ended + 1 == slot.job.params.epochs:
+            reason = f"stopped by the epoch hook after epoch {epoch}"
+        if reason is not None or epoch + 1 == slot.job.params.epochs:
             ends.append((k, reason, diverged))
         bank.host["ended"][k] = -1
     bank.stop([k for k, _, _ in ends])
@@ -173,7 +172,6 @@ def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResu
     """Freeze slot k: its weights become a TabularNet, the slot is zeroed and freed."""
     slot = bank.slots[k]
     assert slot is not None and slot.history is not None
-    T = bank.tensors
     net = None
     if slot.job.keep_model:
         # Built where the weights are, so the copies below stay on the device (not a sync per
@@ -191,16 +189,11 @@ def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResu
                 lin.weight.copy_(views[name][k, :rows, :cols].T)
                 lin.bias.copy_(views[bias][k, 0, :cols])
         n_steps = int(bank.host["step"][k])
-        for key in ("flat", "m", "v", "pmask", "loss_sum"):
-            T[key][k] = 0
-        T["live"][k] = False
-        bank.host["live"][k] = False
-        bank.host["end_t"][k] = -1
+        bank.free(k)
     if net is not None:
         d = slot.data
         net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
         net.eval()
-    bank.slots[k] = None
     return TrainResult(
         model=net,
         history=slot.history,
