@@ -528,3 +528,49 @@ def test_fused_equals_train_on_a_split_too_long_for_the_vectorised_shuffles() ->
     expected = [train(p, data, device="cpu", seed=i) for i, p in enumerate(params)]
     for ref, res in zip(expected, train_many([Job(p, i) for i, p in enumerate(params)], data, device="cpu")):
         _assert_same(ref, res)
+
+
+def test_a_refill_moves_only_the_slots_out_of_place_and_each_slot_keeps_its_state(cars, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slots are grouped by activation (one run each); a refill regroups by moving the slots
+    out of place, not the whole bank, and every moved slot takes its weights, schedule and
+    shuffle stream along."""
+    from tuner.model import ModelConfig
+
+    monkeypatch.setattr(Bank, "vector_shuffles", True)  # shuffled by Streams, as on a GPU
+    bank = Bank([cars], torch.device("cpu"), linear=False, sgd=False, width=8)
+    acts = ["relu"] * 4 + ["tanh"] * 4
+    items = [(i, Job(TrainParams(lr=0.01 * (i + 1), epochs=3, batch_size=8, hidden_size=4, activation=a), i),
+              ModelConfig(cars.feature_names, cars.target, hidden_size=4, activation=a)) for i, a in enumerate(acts)]
+    bank.add_many(items)
+    assert bank.runs == [("relu", 4), ("tanh", 4)]
+    bank.step()
+    before = list(bank.slots)
+    rows = bank.tensors["flat"].clone()
+    lr = bank.host["lr"].copy()
+    assert bank.streams is not None
+    stream = bank.streams.state.copy()
+    bank.free([1])  # a relu trial ends; a tanh one takes its slot
+    p = TrainParams(lr=0.5, epochs=3, batch_size=8, hidden_size=4, activation="tanh")
+    bank.add(8, Job(p, 8), ModelConfig(cars.feature_names, cars.target, hidden_size=4, activation="tanh"))
+    assert bank.runs == [("relu", 3), ("tanh", 5)]
+    moved = [k for k in range(8) if bank.slots[k] is not before[k]]
+    assert moved == [1, 3]  # the relu slot 3 into the freed place, the new tanh trial into slot 3
+    assert bank.slots[1] is before[3] and bank.slots[3].index == 8  # type: ignore[union-attr]
+    assert torch.equal(bank.tensors["flat"][1], rows[3]) and bank.host["lr"][1] == lr[3] and bank.host["lr"][3] == 0.5
+    assert (bank.streams.state[1] == stream[3]).all()
+    for k in (0, 2, 4, 5, 6, 7):
+        assert torch.equal(bank.tensors["flat"][k], rows[k])
+
+
+def test_a_fused_result_builds_its_model_and_history_when_first_read(cars) -> None:
+    """A frozen trial keeps copies of its slot's rows; its TabularNet and history rows are built
+    on first access (most fused results are never read), once, and equal train()'s."""
+    from tuner.model import TabularNet
+
+    jobs = [Job(MIXED[0], 0), Job(MIXED[2], 1, keep_model=False)]
+    kept, dropped = train_many(jobs, cars, device="cpu", width=2)
+    ref = train(MIXED[0], cars, device="cpu", seed=0)
+    assert dropped.model is None and len(dropped.history) == MIXED[2].epochs
+    assert isinstance(kept.model, TabularNet) and kept.model is kept.model and not kept.model.training
+    assert kept.history is kept.history and kept.metrics == kept.history[-1]
+    _assert_same(ref, kept)

@@ -1,13 +1,13 @@
 """The batched model behind ``train_many``: K trials of one shape family as stacked tensors.
 
 A ``Bank`` keeps each trial's weights, optimizer state, learning rate and schedule, hidden size
-and depth (padded; a missing layer is skipped per slot), activation, batch size and shuffled
-order in one slot (``Slot``, trained from a ``Job``), and runs one forward/backward (written out
-in ``bankmath.py``) and one batched optimizer step for all of them; the epoch shuffles come from
-``shuffle.py``. A step is two halves (``begin_step``: the forward, which also carries extra
-rows such as the validation rows of the slots whose epoch just ended; ``end_step``: backward and
-update), so a trial's epoch can be reported and stopped between them. Reporting, stopping and
-freezing a trial into a ``TabularNet`` live in ``fused.py``.
+and depth (padded; a missing layer is skipped per slot), activation, batch size, shuffled order
+and history rows in one slot (``Slot``, trained from a ``Job``; how slots are laid out and moved
+is ``banklayout.py``), and runs one forward/backward (written out in ``bankmath.py``) and one
+batched optimizer step for all of them; the epoch shuffles come from ``shuffle.py``. A step is two
+halves (``begin_step``: the forward, which also carries extra rows such as the validation rows of
+the slots whose epoch just ended; ``end_step``: backward and update), so a trial's epoch can be
+reported and stopped between them. Reporting, stopping and freezing a trial live in ``fused.py``.
 
 Torch and numpy only (no Optuna, no MLflow), like ``train.py``'s torch only.
 """
@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuner.bankmath import LayerMask, Tape, activation_runs, backward, forward, layer_mask, loss_and_grad, step_scalars, update
+from tuner.banklayout import ACTIVATIONS, BankLayout, layer_shapes
+from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_weights
 from tuner.shuffle import MAX_ROWS, Streams
@@ -30,6 +31,7 @@ from tuner.train import TrainParams
 
 __all__ = ["Bank", "Job", "Slot"]
 
+_SIGMOID = ACTIVATIONS.index("sigmoid")
 
 
 @dataclass(frozen=True)
@@ -46,21 +48,17 @@ class Job:
 
 @dataclass
 class Slot:
-    """Host-side state of one trial in a bank."""
+    """Host-side objects of one trial in a bank; its per-step numbers are ``Bank.host`` arrays."""
 
     index: int
     job: Job
     config: ModelConfig
     data: Prepared
     generator: torch.Generator | None  # None: shuffled by the bank's Streams
-    batch_size: int
-    steps_per_epoch: int
-    epoch: int = 0  # the epoch it trains (when it ends, and which ended: Bank.host's "end_t", "ended")
     start: float = 0.0
-    history: list[dict[str, float]] | None = None
 
 
-class Bank:
+class Bank(BankLayout):
     """K trials of one shape family (MLP or linear; Adam-like or SGD) as stacked tensors.
 
     Parameters live in one flat ``(K, P)`` leaf: per-layer weights are views of it, so the
@@ -99,12 +97,14 @@ class Bank:
             torch.tensor([d.class_weight_ for d in datasets], dtype=torch.float32, device=device)
             if data.class_weight_ else None
         )
+        self.y_std = np.array([float(d.y_std_) for d in datasets])  # per split, for the train RMSE
         self.tensors: dict[str, torch.Tensor] = {}
-        self.act_key: tuple[str | None, ...] = ()
+        self.act_key = b""
         self.runs: list[tuple[str, int]] = [("relu", 1)]  # activation, its run of slots
         self.layer_on: list[LayerMask | None] = []  # per layer: which slots have it, None: all
         self.any_wd_l2 = self.any_wd_dec = self.mask_grad = False
-        # Per-slot scalars the host knows (schedule, step counts): computed in numpy, one copy per step.
+        # Per-slot numbers the host knows (schedule, step and epoch counts, shape, history; see
+        # banklayout): numpy arrays, one copy to the device per step.
         self.host: dict[str, np.ndarray] = {}
         self.arange = torch.arange(self.n, device=device)
         # Every slot's epoch shuffles, vectorised on the host (see shuffle.py) for a device other
@@ -112,122 +112,8 @@ class Bank:
         vector = self.vector_shuffles if self.vector_shuffles is not None else device.type != "cpu"
         self.streams = Streams(self.n) if vector and self.n <= MAX_ROWS else None
         self.b_max = 1
+        self.entries: dict[tuple[int, int, int, int], np.ndarray] = {}  # see _real_entries
         self._resize(1, 0 if linear else width, 0 if linear else 1)
-
-    # -- layout ---------------------------------------------------------------------------
-
-    def _layout(self, H: int, L: int) -> list[tuple[str, int, int]]:
-        shapes: list[tuple[str, int, int]] = []
-        width = self.n_in
-        for layer in range(L):
-            shapes += [(f"w{layer}", width, H), (f"b{layer}", 1, H)]
-            width = H
-        return shapes + [("wout", width, self.n_out), ("bout", 1, self.n_out)]
-
-    def views(self, flat: torch.Tensor, H: int | None = None, L: int | None = None) -> dict[str, torch.Tensor]:
-        views, offset = {}, 0
-        for name, rows, cols in self._layout(self.H if H is None else H, self.L if L is None else L):
-            views[name] = flat[:, offset : offset + rows * cols].view(flat.shape[0], rows, cols)
-            offset += rows * cols
-        return views
-
-    def _resize(self, K: int, H: int, L: int, keep: list[int] | None = None) -> None:
-        """Re-lay the bank out as K slots of width H and depth L, keeping every slot's weights and
-        optimizer state: all slots in place (growing), or the slots ``keep`` moved to the front
-        (shrinking: H and L must still fit them)."""
-        P = sum(r * c for _, r, c in self._layout(H, L))
-        dev = self.device
-        new: dict[str, torch.Tensor] = {
-            # per slot
-            "flat": torch.zeros(K, P, device=dev),
-            "m": torch.zeros(K, P, device=dev),
-            "v": torch.zeros(K, P, device=dev),
-            "pmask": torch.zeros(K, P, device=dev),
-            "wd_l2": torch.zeros(K, 1, device=dev),
-            "bs": torch.ones(K, 1, dtype=torch.long, device=dev),
-            "n": torch.ones(K, 1, dtype=torch.long, device=dev),  # training rows of the slot's split
-            "off": torch.zeros(K, 1, dtype=torch.long, device=dev),  # where they start in x_all
-            "ds": torch.zeros(K, dtype=torch.long, device=dev),  # the slot's split
-            "s": torch.zeros(K, 1, dtype=torch.long, device=dev),
-            "live": torch.zeros(K, dtype=torch.bool, device=dev),
-            "perm": torch.zeros(K, self.n, dtype=torch.long, device=dev),
-            "loss_sum": torch.zeros(K, device=dev),
-            "ended_loss": torch.zeros(K, device=dev),  # mean train loss of the epoch awaiting validation
-            "layer_on": torch.zeros(max(L, 1), K, 1, 1, dtype=torch.bool, device=dev),
-        }
-        host = {"lr": np.zeros(K), "total": np.ones(K), "cosine": np.zeros(K, bool), "step": np.zeros(K),
-                "wd_dec": np.zeros(K), "live": np.zeros(K, bool),
-                # the step count at which the slot's epoch ends; the epoch that ended and awaits validation
-                # (in the next forward). -1: none. Arrays, not Slot fields: no Python scan of K slots a step.
-                "end_t": np.full(K, -1, np.int64), "ended": np.full(K, -1, np.int64)}
-        order = list(range(self.K)) if keep is None else keep
-        k = len(order)
-        for key, array in self.host.items():
-            host[key][:k] = array[order]
-        self.host = host
-        if self.streams is not None:
-            self.streams.resize(K, order)
-        if self.K:
-            index = torch.tensor(order, dtype=torch.long, device=dev)
-            depth = min(L, self.L)
-            for key in ("flat", "m", "v", "pmask"):
-                old_views = self.views(self.tensors[key])
-                new_views = self.views(new[key], H, L)
-                for name, view in new_views.items():
-                    if name in old_views:
-                        old = old_views[name].index_select(0, index)
-                        rows, cols = min(view.shape[1], old.shape[1]), min(view.shape[2], old.shape[2])
-                        view[:k, :rows, :cols] = old[:, :rows, :cols]
-            for key, value in self.tensors.items():
-                if key in ("flat", "m", "v", "pmask"):
-                    continue
-                if key == "layer_on":
-                    new[key][: max(depth, 1), :k] = value.index_select(1, index)[: max(depth, 1)]
-                else:
-                    new[key][:k] = value.index_select(0, index)
-            self.slots = [self.slots[i] for i in order] + [None] * (K - k)
-        self.tensors = new
-        self.K, self.H, self.L = K, H, L
-        self.slots += [None] * (K - len(self.slots))
-        self._cache_views()
-        self.act_key = ()  # slots moved: regroup the activations
-
-    def _shrink(self) -> None:
-        """After trials ended: when at most half the slots are live, or the widest live trial is
-        at most half the bank's width, or no live trial uses the deepest layer, lay the bank out
-        again for the live trials only. The last trials of a study (stragglers) would otherwise
-        keep paying for the widest, deepest and most numerous group that was ever in flight."""
-        live = [k for k, s in enumerate(self.slots) if s is not None]
-        if not live:
-            return
-        params = [self.slots[k].job.params for k in live]  # type: ignore[union-attr]
-        H = self.H if self.linear else max(p.hidden_size for p in params)
-        L = self.L if self.linear else max(p.n_layers for p in params)
-        if len(live) <= self.K // 2 or H <= self.H // 2 or L < self.L:
-            self._resize(len(live), H, L, keep=live)
-
-    def _permute(self, order: list[int]) -> None:
-        """Move slot ``order[i]`` to position i, with all its state."""
-        index = torch.tensor(order, device=self.device)
-        self.tensors = {
-            key: value.index_select(1 if key == "layer_on" else 0, index) for key, value in self.tensors.items()
-        }
-        self.host = {key: array[order] for key, array in self.host.items()}
-        if self.streams is not None:
-            self.streams.resize(self.K, order)
-        self.slots = [self.slots[k] for k in order]
-        self._cache_views()
-
-    def _cache_views(self) -> None:
-        """The slots a step computes (``n_used``: up to the last slot in use) and views of their
-        rows of every per-slot tensor (``used``), per-layer views of their weights and their
-        gradient block, made once per layout."""
-        self.n_used = next((k + 1 for k in range(len(self.slots) - 1, -1, -1) if self.slots[k] is not None), 0)
-        n = self.n_used
-        self.used = {key: value[:n] for key, value in self.tensors.items() if key != "layer_on"}
-        if self.grad.shape != self.used["flat"].shape:
-            self.grad = torch.zeros_like(self.used["flat"])  # written whole by every backward
-        self.w = self.views(self.used["flat"])
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -242,38 +128,26 @@ class Bank:
         of tiny copies). ``refresh=False`` when more are added at once (then call ``refresh``)."""
         if not items:
             return []
-        free = [i for i, s in enumerate(self.slots) if s is None][: len(items)]
+        free = np.flatnonzero(self.host["act"] < 0)[: len(items)].tolist()
         free += list(range(self.K, self.K + len(items) - len(free)))
         params = [job.params for _, job, _ in items]
         H = self.H if self.linear else max(self.H, *(p.hidden_size for p in params))
         L = self.L if self.linear else max(self.L, *(p.n_layers for p in params))
         if free[-1] >= self.K or H > self.H or L > self.L:
             self._resize(max(self.K * 2, free[-1] + 1) if free[-1] >= self.K else self.K, H, L)
+        self._grow_history(max(p.epochs for p in params))
         T, h = self.tensors, self.host
-        P = T["flat"].shape[1]
-        # Weights and masks of the new slots, built on the host and copied over once.
-        flat, pmask = torch.zeros(len(items), P), torch.zeros(len(items), P)
-        views, masks = self.views(flat), self.views(pmask)
-        n_rows, batch, steps = [], [], []
-        for row, (_, job, config) in enumerate(items):
-            layers = initial_weights(config, job.seed)
-            names = [f"w{i}" for i in range(len(layers) - 1)] + ["wout"]
-            for name, (weight, bias) in zip(names, layers):
-                b_name = "bout" if name == "wout" else "b" + name[1:]
-                cols, rows = weight.shape
-                views[name][row, :rows, :cols] = weight.T
-                views[b_name][row, 0, :cols] = bias
-                masks[name][row, :rows, :cols] = 1
-                masks[b_name][row, 0, :cols] = 1
-            n = len(self.datasets[job.data].x_train)
-            n_rows.append(n)
-            batch.append(min(job.params.batch_size, n))
-            steps.append(math.ceil(n / batch[-1]))
+        flat, pmask = self._initial_rows(items, T["flat"].shape[1])
+        ks = np.asarray(free)
+        n_rows = np.array([len(self.datasets[job.data].x_train) for _, job, _ in items])
+        batch = np.minimum([p.batch_size for p in params], n_rows)
+        steps = -(-n_rows // batch)
+        epochs = np.array([p.epochs for p in params])
         dev = self.device
         index = torch.tensor(free, device=dev)
 
-        def column(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(dev, non_blocking=True)
+        def column(values: Any, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values)).to(dev, dtype, non_blocking=True)
 
         with torch.no_grad():
             T["flat"][index] = flat.to(dev)
@@ -282,45 +156,85 @@ class Bank:
             T["v"][index] = 0
             T["wd_l2"][index] = column([[p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0] for p in params],
                                        torch.float32)
-            T["bs"][index] = column([[b] for b in batch], torch.long)
-            T["n"][index] = column([[n] for n in n_rows], torch.long)
+            T["bs"][index] = column(batch[:, None], torch.long)
+            T["n"][index] = column(n_rows[:, None], torch.long)
             T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
             T["off"][index] = self.offsets[T["ds"][index]][:, None]
             T["live"][index] = True
             if not self.linear:
                 depth = column([p.n_layers for p in params], torch.long)
                 T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
-        for k, p, s in zip(free, params, steps):
-            h["lr"][k], h["total"][k], h["cosine"][k] = p.lr, p.epochs * s, p.schedule == "cosine"
-            h["step"][k], h["live"][k], h["ended"][k] = 0, True, -1
-            h["wd_dec"][k] = p.weight_decay if p.optimizer == "adamw" else 0.0
+        h["lr"][ks] = [p.lr for p in params]
+        h["total"][ks] = epochs * steps
+        h["cosine"][ks] = [p.schedule == "cosine" for p in params]
+        h["wd_dec"][ks] = [p.weight_decay if p.optimizer == "adamw" else 0.0 for p in params]
+        h["step"][ks], h["live"][ks], h["ended"][ks], h["epoch"][ks], h["n_hist"][ks] = 0, True, -1, 0, 0
+        h["epochs"][ks], h["spe"][ks], h["rows"][ks], h["bs"][ks] = epochs, steps, n_rows, batch
+        h["act"][ks] = [ACTIVATIONS.index(p.activation) for p in params]
+        h["depth"][ks] = [p.n_layers if p.hidden_size else 0 for p in params]
+        h["hidden"][ks] = [p.hidden_size for p in params]
+        h["job"][ks] = [index_ for index_, _, _ in items]
+        h["ds"][ks] = [job.data for _, job, _ in items]
         slots = []
         start = time.perf_counter()
-        for k, (index_, job, config), b, s in zip(free, items, batch, steps):
+        for k, (index_, job, config) in zip(free, items):
             generator = torch.Generator().manual_seed(job.seed) if self.streams is None else None
             slot = Slot(index=index_, job=job, config=config, data=self.datasets[job.data], generator=generator,
-                        batch_size=b, steps_per_epoch=s, start=start, history=[])
+                        start=start)
             self.slots[k] = slot
             slots.append(slot)
         if self.streams is not None:
             self.streams.seed(free, [job.seed for _, job, _ in items])
-        self.start_epochs(free)
+        self.start_epochs(ks)
         if refresh:
             self.refresh()
         return slots
 
-    def start_epochs(self, ks: list[int]) -> None:
+    def _initial_rows(self, items: list[tuple[int, Job, ModelConfig]], P: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new slots' flat parameters ``(len(items), P)`` on the host, ``train()``'s initial
+        weights for each seed, and their masks (1: a real entry): each trial's draws in one
+        ``cat``, all placed with one scatter (per-layer writes were ~100 us per trial)."""
+        values, positions = [], []
+        for row, (_, job, config) in enumerate(items):
+            layers = initial_weights(config, job.seed)
+            values += [t for weight, bias in layers for t in (weight.T.reshape(-1), bias)]
+            positions.append(row * P + self._real_entries(len(layers) - 1, layers[0][0].shape[0] if len(layers) > 1 else 0))
+        index = torch.from_numpy(np.concatenate(positions))
+        flat, pmask = torch.zeros(len(items) * P), torch.zeros(len(items) * P)
+        flat[index] = torch.cat(values)
+        pmask[index] = 1
+        return flat.view(len(items), P), pmask.view(len(items), P)
+
+    def _real_entries(self, depth: int, hidden: int) -> np.ndarray:
+        """Where a trial of ``depth`` hidden layers of width ``hidden`` has its parameters in a
+        slot's flat row, in the order of its layers' ``(weight.T, bias)`` flattened."""
+        key = (self.H, self.L, depth, hidden)
+        if key not in self.entries:
+            layout, offset, found = {}, 0, []
+            for name, rows, cols in layer_shapes(self.n_in, self.n_out, self.H, self.L):
+                layout[name] = (offset, cols)
+                offset += rows * cols
+            width = self.n_in
+            for name, out in [(f"w{i}", hidden) for i in range(depth)] + [("wout", self.n_out)]:
+                start, cols = layout[name]
+                found.append(start + (np.arange(width)[:, None] * cols + np.arange(out)).ravel())
+                found.append(layout["bout" if name == "wout" else "b" + name[1:]][0] + np.arange(out))
+                width = out
+            self.entries[key] = np.concatenate(found)
+        return self.entries[key]
+
+    def start_epochs(self, ks: np.ndarray) -> None:
         """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``
         (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
-        T = self.tensors
-        slots = [self.slots[k] for k in ks]
-        self.host["end_t"][ks] = [self.t + s.steps_per_epoch for s in slots]  # type: ignore[union-attr]
-        index = torch.tensor(ks, device=self.device)
+        T, h = self.tensors, self.host
+        h["end_t"][ks] = self.t + h["spe"][ks]
+        index = torch.as_tensor(ks).to(self.device)
         if self.streams is not None:
-            perms = self.streams.permutations(ks, [len(s.data.x_train) for s in slots], self.n)  # type: ignore[union-attr]
+            perms = self.streams.permutations(ks, h["rows"][ks], self.n)
             T["perm"][index] = torch.from_numpy(perms).to(self.device, non_blocking=True)
         else:
-            drawn = [torch.randperm(len(s.data.x_train), generator=s.generator) for s in slots]  # type: ignore[union-attr]
+            drawn = [torch.randperm(int(n), generator=self.slots[k].generator)  # type: ignore[union-attr]
+                     for k, n in zip(ks.tolist(), h["rows"][ks].tolist())]
             if all(len(p) == self.n for p in drawn):
                 block = torch.stack(drawn)
             else:
@@ -337,23 +251,17 @@ class Bank:
         training. Returns the slots awaiting validation."""
         h = self.host
         if self.t == self.next_event:
-            ending = np.flatnonzero(h["end_t"] == self.t).tolist()
+            ending = np.flatnonzero(h["end_t"] == self.t)
             T = self.tensors
-            index = torch.tensor(ending, device=self.device)
+            index = torch.as_tensor(ending).to(self.device)
             T["ended_loss"][index] = T["loss_sum"][index] / T["n"][index, 0]
-            going_on, last = [], []
-            for k in ending:
-                slot = self.slots[k]
-                assert slot is not None
-                h["ended"][k] = slot.epoch
-                if slot.epoch + 1 < slot.job.params.epochs:
-                    slot.epoch += 1
-                    going_on.append(k)
-                else:
-                    last.append(k)
-            if going_on:
-                self.start_epochs(going_on)
-            self.stop(last)
+            epoch = h["epoch"][ending]
+            h["ended"][ending] = epoch
+            going_on = epoch + 1 < h["epochs"][ending]
+            h["epoch"][ending[going_on]] += 1
+            if going_on.any():
+                self.start_epochs(ending[going_on])
+            self.stop(ending[~going_on].tolist())
             self.refresh(slots_changed=False)
         return self.awaiting()
 
@@ -366,6 +274,12 @@ class Bank:
         ahead = self.host["end_t"][self.host["end_t"] > self.t]
         return int(ahead.min()) if ahead.size else -1
 
+    def record(self, ks: np.ndarray, rows: np.ndarray) -> None:
+        """Append history rows ``rows`` (``(len(ks), HISTORY_COLUMNS)``) to slots ``ks``."""
+        h = self.host
+        h["hist"][ks, h["n_hist"][ks]] = rows
+        h["n_hist"][ks] += 1
+
     def refresh(self, slots_changed: bool = True) -> None:
         """Host-side caches after slots changed: next epoch end, widest batch, activations in use,
         which layers some slot skips. ``slots_changed=False`` (only epochs went on): the next
@@ -374,40 +288,45 @@ class Bank:
             self.next_event = self._next_event()
             return
         self._shrink()
-        live = [s for s in self.slots if s is not None]
+        h = self.host
         self.next_event = self._next_event()
-        self.b_max = max((s.batch_size for s in live), default=1)
+        live = np.flatnonzero(h["act"] >= 0)
+        self.b_max = int(h["bs"][live].max()) if len(live) else 1
         # Used slots first, so every step computes only the prefix of slots in use (free slots
         # stay free until a refill, a third of the slots on the cars space at K=64), and sorted
         # by activation, so each activation runs on one contiguous run of slots (a split and a
         # cat; gathering scattered slots cost a full-size zero fill per group in the backward).
-        names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-        if names != self.act_key:
-            used = sorted({n for n in names if n is not None})
+        if h["act"].tobytes() != self.act_key:
+            used = np.unique(h["act"][live])
             several = not self.linear and len(used) > 1
             n = len(live)
-            first = [name for name in names[:n] if name is not None]
-            if len(first) < n or (several and len(activation_runs(first)) > len(used)):
-                self._permute(sorted(range(self.K), key=lambda k: (names[k] is None, (names[k] or "") if several else "")))
-                names = tuple(s.job.params.activation if s is not None else None for s in self.slots)
-                first = [name for name in names[:n] if name is not None]
-            self.runs = activation_runs(first) if several else [(used[0] if used else "relu", n)]
+            first = h["act"][:n]
+            if (first < 0).any() or (several and np.count_nonzero(np.diff(first)) + 1 > len(used)):
+                self._regroup(several)
+                first = self.host["act"][:n]
+            if several:
+                cuts = np.flatnonzero(np.diff(first)) + 1
+                bounds = [0, *cuts.tolist(), n]
+                self.runs = [(ACTIVATIONS[first[a]], b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+            else:
+                self.runs = [(ACTIVATIONS[used[0]] if len(used) else "relu", n)]
+        h = self.host
         self._cache_views()
-        self.act_key = names
-        depths = [s.job.params.n_layers for s in live]
+        self.act_key = h["act"].tobytes()
+        depths = h["depth"][h["act"] >= 0]
         self.layer_on = [
-            None if all(d > layer for d in depths) else layer_mask(self.tensors["layer_on"][layer][: self.n_used])
+            None if (depths > layer).all() else layer_mask(self.tensors["layer_on"][layer][: self.n_used])
             for layer in range(self.L)
         ]
         # A padded unit of a sigmoid layer is 0.5, not 0: its outgoing (padded) weights then get a
         # gradient, which the update must not apply. Every other activation is 0 at 0.
-        self.mask_grad = any(n == "sigmoid" for n in names)
+        self.mask_grad = bool((h["act"] == _SIGMOID).any())
         self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
-        self.any_wd_dec = bool(self.host["wd_dec"].any())
+        self.any_wd_dec = bool(h["wd_dec"].any())
 
     @property
     def n_live(self) -> int:
-        return len(self.slots) - self.slots.count(None)
+        return int(np.count_nonzero(self.host["act"] >= 0))
 
     # -- compute --------------------------------------------------------------------------
 
@@ -454,13 +373,18 @@ class Bank:
         self._half = (tape, d_out, loss * rows.sum(1))
         return out_extra
 
-    def free(self, k: int) -> None:
-        """Free slot k once its trial is frozen: weights, optimizer state and loss zeroed, out of every update."""
+    def free(self, ks: list[int]) -> None:
+        """Free slots ``ks`` once their trials are frozen: weights, optimizer state and loss
+        zeroed, out of every update, no epoch ahead (a trial stopped mid-epoch: that epoch's end
+        must not come round)."""
+        index = torch.tensor(ks, device=self.device)
         for key in ("flat", "m", "v", "pmask", "loss_sum"):
-            self.tensors[key][k] = 0
-        self.stop([k])
-        self.host["end_t"][k] = -1  # a trial stopped mid-epoch: that epoch's end must not come round
-        self.slots[k] = None
+            self.tensors[key][index] = 0
+        self.stop(ks)
+        h = self.host
+        h["end_t"][ks], h["act"][ks], h["job"][ks], h["n_hist"][ks] = -1, -1, -1, 0
+        for k in ks:
+            self.slots[k] = None
 
     def stop(self, ks: list[int]) -> None:
         """Keep slots ``ks`` out of every update from now on (their weights stay as they are,

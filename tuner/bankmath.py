@@ -14,13 +14,13 @@ Like ``train.py`` this module imports torch (and numpy) only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACT_BACKWARD", "ACT_FORWARD", "LayerMask", "Tape", "activation_runs", "backward", "forward", "layer_mask",
+__all__ = ["ACT_BACKWARD", "ACT_FORWARD", "LayerMask", "Tape", "backward", "forward", "layer_mask",
            "loss_and_grad", "step_scalars", "update"]
 
 aten = torch.ops.aten
@@ -68,17 +68,6 @@ class Tape:
     z: list[torch.Tensor] = field(default_factory=list)
     a: list[torch.Tensor] = field(default_factory=list)
     last: torch.Tensor | None = None  # the output layer's input
-
-
-def activation_runs(names: Sequence[str]) -> list[tuple[str, int]]:
-    """Consecutive slots of one activation, as ``(activation, count)`` in slot order."""
-    runs: list[list] = []
-    for name in names:
-        if runs and runs[-1][0] == name:
-            runs[-1][1] += 1
-        else:
-            runs.append([name, 1])
-    return [(name, count) for name, count in runs]
 
 
 def _apply(runs: list[tuple[str, int]], z: torch.Tensor, table: dict, *args: torch.Tensor) -> torch.Tensor:

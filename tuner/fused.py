@@ -24,14 +24,17 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from tuner.bank import Bank, Job
+from tuner.banklayout import layer_views
 from tuner.data import Prepared
 from tuner.model import ModelConfig, TabularNet, make_activation
-from tuner.train import TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
+from tuner.train import Deferred, TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
 
 __all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable", "group_floor", "width_group"]
 
@@ -114,8 +117,11 @@ def _metrics(bank: Bank, val: _Validation, out: torch.Tensor, index: torch.Tenso
     return output_metrics(out, val.y.index_select(0, ds), bank.task, mean, std, mask)[1]
 
 
-def _metric_names(bank: Bank) -> tuple[str, ...]:
-    return ("rmse", "mae", "r2") if bank.task == "regression" else ("accuracy", "log_loss", "f1_macro")
+def _history_names(bank: Bank) -> tuple[str, ...]:
+    """A history row's keys, in ``epoch_record``'s order: the metrics, then the train column."""
+    if bank.task == "regression":
+        return ("rmse", "mae", "r2", "train_rmse")
+    return ("accuracy", "log_loss", "f1_macro", "train_loss")
 
 
 def _events(
@@ -128,81 +134,105 @@ def _events(
 ) -> list[tuple[int, str | None, bool]]:
     """Close the epoch of slots ``ending`` (their epoch ended with the previous step; ``out``:
     every slot's validation outputs from this step's forward, i.e. with the weights that epoch
-    left): report, and stop or go on. Returns ``(slot, stop reason, diverged)`` of the slots
-    whose trial ends here (kept out of this step's update: ``_finish`` them after it).
+    left): record, report, and stop or go on. Returns ``(slot, stop reason, diverged)`` of the
+    slots whose trial ends here (kept out of this step's update: ``_finish`` them after it).
 
-    Every ending slot's hook runs first; then ``should_stop(index)`` is asked for each of
-    them, so a decision that needs several slots' epochs (the folds of a cross-validated
-    trial) stops all of them at this same epoch.
+    The history rows, the divergence check and the last-epoch check are array operations over
+    the ending slots (at large K thousands of epochs end per step: no Python per slot-epoch); the
+    hooks, when given, run per slot: every ending slot's hook first, then ``should_stop(index)``
+    for each of them, so a decision that needs several slots' epochs (the folds of a
+    cross-validated trial) stops all of them at this same epoch.
     """
-    T = bank.tensors
-    index = torch.tensor(ending, device=bank.device)
-    # The ending slots' history rows, train loss and metrics, to the host in one copy (one sync).
-    rows = torch.cat([T["ended_loss"][index][:, None], _metrics(bank, val, out, index)], 1).tolist()
-    names = _metric_names(bank)
-    outcomes: list[tuple[int, int, str | None, bool]] = []
-    for k, (train_loss, *row) in zip(ending, rows):
-        slot = bank.slots[k]
-        assert slot is not None and slot.history is not None
-        p = slot.job.params
-        epoch = int(bank.host["ended"][k])
-        record, reason = epoch_record(
-            epoch, train_loss, dict(zip(names, row)), task=bank.task, y_std=slot.data.y_std_, lr=p.lr
-        )
-        diverged = record is None
-        if record is not None:
-            slot.history.append(record)
-            if on_epoch_end is not None and on_epoch_end(slot.index, epoch, record):
-                reason = f"stopped by the epoch hook after epoch {epoch}"
-        outcomes.append((k, epoch, reason, diverged))
-    ends: list[tuple[int, str | None, bool]] = []
-    for k, epoch, reason, diverged in outcomes:
-        slot = bank.slots[k]
-        assert slot is not None
-        if reason is None and should_stop is not None and should_stop(slot.index):
-            reason = f"stopped by the epoch hook after epoch {epoch}"
-        if reason is not None or epoch + 1 == slot.job.params.epochs:
-            ends.append((k, reason, diverged))
-        bank.host["ended"][k] = -1
+    T, h = bank.tensors, bank.host
+    ks = np.asarray(ending)
+    index = torch.as_tensor(ks).to(bank.device)
+    # The ending slots' train loss and metrics, to the host in one copy (one sync).
+    table = torch.cat([T["ended_loss"][index][:, None], _metrics(bank, val, out, index)], 1).cpu().numpy().astype(np.float64)
+    loss, metrics = table[:, 0], table[:, 1:]
+    epochs, jobs = h["ended"][ks], h["job"][ks]
+    ok = np.asarray(np.isfinite(table).all(1))
+    with np.errstate(invalid="ignore"):  # train() computes the same: math.sqrt(loss) * y_std
+        train_column = np.sqrt(loss) * bank.y_std[h["ds"][ks]] if bank.task == "regression" else loss
+    rows = np.column_stack([metrics, train_column])
+    bank.record(ks[ok], rows[ok])
+    names = _history_names(bank)
+    reasons: dict[int, str | None] = {}
+    for i in np.flatnonzero(~ok).tolist():  # diverged: epoch_record words why
+        p = bank.slots[ks[i]].job.params  # type: ignore[union-attr]
+        reasons[i] = epoch_record(int(epochs[i]), float(loss[i]), dict(zip(names[:3], metrics[i].tolist())),
+                                  task=bank.task, y_std=1.0, lr=p.lr)[1]
+    if on_epoch_end is not None:
+        for i in np.flatnonzero(ok).tolist():
+            if on_epoch_end(int(jobs[i]), int(epochs[i]), dict(zip(names, rows[i].tolist()))):
+                reasons[i] = f"stopped by the epoch hook after epoch {epochs[i]}"
+    if should_stop is not None:
+        for i in range(len(ks)):
+            if i not in reasons and should_stop(int(jobs[i])):
+                reasons[i] = f"stopped by the epoch hook after epoch {epochs[i]}"
+    last = epochs + 1 == h["epochs"][ks]
+    last[list(reasons)] = True
+    diverged = ~ok
+    ends = [(int(ks[i]), reasons.get(i), bool(diverged[i])) for i in np.flatnonzero(last).tolist()]
+    h["ended"][ks] = -1
     bank.stop([k for k, _, _ in ends])
     return ends
 
 
-def _finish(bank: Bank, k: int, reason: str | None, diverged: bool) -> TrainResult:
-    """Freeze slot k: its weights become a TabularNet, the slot is zeroed and freed."""
-    slot = bank.slots[k]
-    assert slot is not None and slot.history is not None
-    net = None
-    if slot.job.keep_model:
-        # Built where the weights are, so the copies below stay on the device (not a sync per
-        # tensor there and back); on the CPU without the device context, which costs ~60 us.
-        with torch.device(bank.device) if bank.device.type != "cpu" else contextlib.nullcontext():
-            net = TabularNet(slot.config)
+def _net_from_row(row: torch.Tensor, layout: tuple[int, int, int, int], config: ModelConfig, data: Prepared) -> TabularNet:
+    """A frozen slot's ``TabularNet``: its weights from ``row`` (the slot's flat parameters in a
+    bank laid out as ``layout``: inputs, outputs, width, depth), its split's scaling."""
+    # Built where the weights are, so the copies stay on the device (not a sync per tensor there
+    # and back); on the CPU without the device context, which costs ~60 us.
+    with torch.device(row.device) if row.device.type != "cpu" else contextlib.nullcontext():
+        net = TabularNet(config)
+    views = layer_views(row[None], *layout)
+    linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
+    names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
     with torch.no_grad():
-        if net is not None:
-            views = bank.w
-            linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-            names = [f"w{i}" for i in range(len(linears) - 1)] + ["wout"]
-            for name, lin in zip(names, linears):
-                bias = "bout" if name == "wout" else "b" + name[1:]
-                rows, cols = lin.weight.shape[1], lin.weight.shape[0]
-                lin.weight.copy_(views[name][k, :rows, :cols].T)
-                lin.bias.copy_(views[bias][k, 0, :cols])
-        n_steps = int(bank.host["step"][k])
-        bank.free(k)
-    if net is not None:
-        d = slot.data
-        net.set_scaling(d.x_mean_, d.x_std_, d.y_mean_, d.y_std_)
-        net.eval()
-    return TrainResult(
-        model=net,
-        history=slot.history,
-        metrics=slot.history[-1] if slot.history else {},
-        stop_reason=reason,
-        diverged=diverged,
-        n_steps=n_steps,
-        seconds=time.perf_counter() - slot.start,
-    )
+        for name, lin in zip(names, linears):
+            bias = "bout" if name == "wout" else "b" + name[1:]
+            rows, cols = lin.weight.shape[1], lin.weight.shape[0]
+            lin.weight.copy_(views[name][0, :rows, :cols].T)
+            lin.bias.copy_(views[bias][0, 0, :cols])
+    net.set_scaling(data.x_mean_, data.x_std_, data.y_mean_, data.y_std_)
+    return net.eval()
+
+
+def _history_rows(names: tuple[str, ...], rows: np.ndarray) -> list[dict[str, float]]:
+    return [dict(zip(names, row)) for row in rows.tolist()]
+
+
+def _finish(bank: Bank, ends: list[tuple[int, str | None, bool]]) -> list[tuple[int, TrainResult]]:
+    """Freeze slots ``ends`` (slot, stop reason, diverged) into ``(job index, TrainResult)``, and
+    free them. A result's model (when its job keeps one) and history are built on first access
+    (``Deferred``) from copies of its slot's rows taken here: the weights of all of them in one
+    copy on the device, the history rows in one on the host."""
+    ks = [k for k, _, _ in ends]
+    slots = [bank.slots[k] for k in ks]
+    h = bank.host
+    keep = [k for k, s in zip(ks, slots) if s.job.keep_model]  # type: ignore[union-attr]
+    weights: Iterator[torch.Tensor] = iter(bank.tensors["flat"].index_select(0, torch.tensor(keep, device=bank.device)) if keep else [])
+    layout = (bank.n_in, bank.n_out, bank.H, bank.L)
+    history, n_hist, n_steps = h["hist"][ks], h["n_hist"][ks].tolist(), h["step"][ks].tolist()
+    names = _history_names(bank)
+    now = time.perf_counter()
+    finished = []
+    for i, (slot, (_, reason, diverged)) in enumerate(zip(slots, ends)):
+        assert slot is not None
+        rows = history[i, : n_hist[i]]
+        model = Deferred(partial(_net_from_row, next(weights), layout, slot.config, slot.data)) if slot.job.keep_model else None
+        result = TrainResult(
+            model=model,  # type: ignore[arg-type]
+            history=Deferred(partial(_history_rows, names, rows)),  # type: ignore[arg-type]
+            metrics=dict(zip(names, rows[-1].tolist())) if len(rows) else {},
+            stop_reason=reason,
+            diverged=diverged,
+            n_steps=int(n_steps[i]),
+            seconds=now - slot.start,
+        )
+        finished.append((slot.index, result))
+    bank.free(ks)
+    return finished
 
 
 _MALLOC_TUNED = False
@@ -343,7 +373,7 @@ def train_many(
             out = bank.begin_step(_validation_rows(bank, val) if ending else None)
             ends = _events(bank, val, out, ending, on_epoch_end, should_stop) if out is not None else []
             bank.end_step()
-            finished = [(bank.slots[k].index, _finish(bank, k, reason, diverged)) for k, reason, diverged in ends]  # type: ignore[union-attr]
+            finished = _finish(bank, ends) if ends else []
             bank.end_epochs()
             if not finished:
                 continue

@@ -101,6 +101,10 @@ class Streams:
         state[:k], buf[:k], ptr[:k] = self.state[order], self.buf[order], self.ptr[order]
         self.state, self.buf, self.ptr = state, buf, ptr
 
+    def move(self, rows: np.ndarray, sources: np.ndarray) -> None:
+        """Row ``rows[i]`` takes the stream of row ``sources[i]`` (as it was before the move)."""
+        self.state[rows], self.buf[rows], self.ptr[rows] = self.state[sources], self.buf[sources], self.ptr[sources]
+
     def seed(self, rows: list[int], seeds: list[int]) -> None:
         """Start rows' streams as ``torch.Generator().manual_seed(seed)``."""
         index = np.asarray(rows)

@@ -20,6 +20,7 @@ from tuner.optim import Stepper
 __all__ = [
     "TrainParams",
     "TrainResult",
+    "Deferred",
     "train",
     "evaluate",
     "val_predictions",
@@ -62,6 +63,15 @@ class TrainParams:
         return cls(**params)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A ``TrainResult`` field built on first access: a fused trial's model and history come
+    from its slot's rows (``fused.py``), and most are never read (a cross-validation fold keeps
+    its metrics only, a benchmark nothing), while building them costs more than a step."""
+
+    build: Callable[[], Any]
+
+
 @dataclass
 class TrainResult:
     """What one training run produced. ``metrics`` are the last epoch's (the returned weights)."""
@@ -78,6 +88,25 @@ class TrainResult:
     @property
     def epochs_run(self) -> int:
         return len(self.history)
+
+
+def _built_on_access(name: str) -> property:
+    """A field that may be given as a ``Deferred``: built the first time it is read."""
+
+    def get(self: TrainResult) -> Any:
+        value = self.__dict__[name]
+        if isinstance(value, Deferred):
+            value = self.__dict__[name] = value.build()
+        return value
+
+    def put(self: TrainResult, value: Any) -> None:
+        self.__dict__[name] = value
+
+    return property(get, put)
+
+
+TrainResult.model = _built_on_access("model")  # type: ignore[assignment]
+TrainResult.history = _built_on_access("history")  # type: ignore[assignment]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
