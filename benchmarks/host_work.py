@@ -1,7 +1,7 @@
 """Host work of fused trials at large K: the ceiling it puts on a GPU, measured on the CPU.
 
     python -m benchmarks.host_work                      # K = 1024 4096, 20 epochs (~1 min)
-    python -m benchmarks.host_work --k 4096 16384 --epochs 100
+    python -m benchmarks.host_work --arms uniform --k 4096 16384 --epochs 100   # gpu_check's epochs
 
 On a GPU a bank step is a fixed sequence of kernels whose cost hardly grows with K, while the
 host work around it (starting a trial, closing its epochs, freezing it) is Python per trial or per
@@ -33,7 +33,7 @@ from tuner.fused import Job, train_many
 from tuner.train import TrainParams
 
 
-def host_rows(k_values: list[int], epochs: int) -> list[dict[str, Any]]:
+def host_rows(k_values: list[int], epochs: int, arms: tuple[str, ...] = ("uniform", "mixed")) -> list[dict[str, Any]]:
     device = torch.device("cpu")
     data = cars()
     probe = uniform_jobs(2, 20)
@@ -43,7 +43,7 @@ def host_rows(k_values: list[int], epochs: int) -> list[dict[str, Any]]:
     naive = naive_steps / (time.process_time() - start)
     rows = []
     Bank.vector_shuffles = True  # as on a GPU
-    for kind in ("uniform", "mixed"):
+    for kind in arms:
         for k in k_values:
             if kind == "uniform":
                 jobs = [Job(TrainParams(lr=j.params.lr, epochs=epochs, batch_size=8, hidden_size=4), j.seed)
@@ -69,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--k", type=int, nargs="+", default=[1024, 4096])
     ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--arms", nargs="+", choices=["uniform", "mixed"], default=["uniform", "mixed"])
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, CPU, process CPU time, {args.epochs} epochs per trial")
-    rows = host_rows(args.k, args.epochs)
+    rows = host_rows(args.k, args.epochs, tuple(args.arms))
     print(f"naive DataLoader loop (baseline): {rows[0]['naive']:.0f} steps/s")
     print(f"{'arm':<9}{'K':>7}{'trials':>8}{'total s':>9}{'host s':>8}{'host %':>8}{'us/trial':>10}"
           f"{'us/trial-epoch':>16}{'ceiling vs naive':>18}")

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tuner.bank import Bank, Job
-from tuner.banklayout import layer_views
+from tuner.banklayout import ACTIVATIONS, layer_views
 from tuner.data import Prepared
 from tuner.model import ModelConfig, TabularNet, make_activation
 from tuner.train import Deferred, TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
@@ -350,7 +350,8 @@ def train_many(
             if not 0 <= job.data < len(datasets):
                 raise ValueError(f"job {n_jobs} trains on split {job.data}, but {len(datasets)} split(s) were given")
             config = model_config(p, datasets[job.data])
-            make_activation(p.activation)  # an unknown activation fails here, as in train()
+            if p.activation not in ACTIVATIONS:
+                make_activation(p.activation)  # an unknown activation fails here, as in train()
             group = width_group(p.hidden_size, floor) if group_widths else int(p.hidden_size > 0)
             key = (p.hidden_size == 0, p.optimizer == "sgd", group)
             pending.setdefault(key, []).append((n_jobs, job, config))
