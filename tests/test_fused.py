@@ -349,6 +349,28 @@ def test_initial_weights_are_the_modules_own_for_the_seed(hidden, layers, classe
         assert torch.equal(weight, lin.weight.detach()) and torch.equal(bias, lin.bias.detach())
 
 
+def test_initial_draws_of_many_networks_at_once_are_each_modules_own() -> None:
+    """Vectorised over networks of different shapes and seeds (past 2**32 too, and networks
+    needing several MT19937 blocks): every draw equals TabularNet's for its seed."""
+    from tuner.model import ModelConfig, TabularNet, initial_draws, layer_widths
+
+    rng = np.random.default_rng(7)
+    configs, seeds = [], []
+    for i in range(24):
+        hidden = int(rng.choice([0, 1, 3, 16, 40, 64]))
+        configs.append(ModelConfig([f"x{j}" for j in range(int(rng.integers(1, 12)))], "y", hidden_size=hidden,
+                                   n_layers=int(rng.integers(1, 4)), task="classification" if i % 5 == 0 else "regression",
+                                   classes=["a", "b", "c"] if i % 5 == 0 else None))
+        seeds.append(int(rng.integers(0, 2**40)))
+    drawn = initial_draws([layer_widths(c) for c in configs], seeds)
+    expected = []
+    for config, seed in zip(configs, seeds):
+        torch.manual_seed(seed)
+        for lin in (m for m in TabularNet(config).core.modules() if isinstance(m, torch.nn.Linear)):
+            expected += [lin.weight.detach().reshape(-1), lin.bias.detach()]
+    assert np.array_equal(drawn, torch.cat(expected).numpy())
+
+
 def test_fused_out_of_device_memory_fails_the_trials_in_flight_and_runs_the_rest_sequentially(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,7 +25,7 @@ import torch
 from tuner.banklayout import ACTIVATIONS, BankLayout, layer_shapes
 from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
-from tuner.model import ModelConfig, initial_weights
+from tuner.model import ModelConfig, initial_draws, layer_widths
 from tuner.shuffle import MAX_ROWS, Streams
 from tuner.train import TrainParams
 
@@ -192,22 +192,21 @@ class Bank(BankLayout):
 
     def _initial_rows(self, items: list[tuple[int, Job, ModelConfig]], P: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The new slots' flat parameters ``(len(items), P)`` on the host, ``train()``'s initial
-        weights for each seed, and their masks (1: a real entry): each trial's draws in one
-        ``cat``, all placed with one scatter (per-layer writes were ~100 us per trial)."""
-        values, positions = [], []
-        for row, (_, job, config) in enumerate(items):
-            layers = initial_weights(config, job.seed)
-            values += [t for weight, bias in layers for t in (weight.T.reshape(-1), bias)]
-            positions.append(row * P + self._real_entries(len(layers) - 1, layers[0][0].shape[0] if len(layers) > 1 else 0))
-        index = torch.from_numpy(np.concatenate(positions))
+        weights for each seed (``model.initial_draws``, vectorised over the trials), and their
+        masks (1: a real entry), all placed with one scatter."""
+        widths = [layer_widths(config) for _, _, config in items]
+        values = torch.from_numpy(initial_draws(widths, [job.seed for _, job, _ in items]))
+        index = torch.from_numpy(np.concatenate([row * P + self._real_entries(len(w) - 2, w[1] if len(w) > 2 else 0)
+                                                 for row, w in enumerate(widths)]))
         flat, pmask = torch.zeros(len(items) * P), torch.zeros(len(items) * P)
-        flat[index] = torch.cat(values)
+        flat[index] = values
         pmask[index] = 1
         return flat.view(len(items), P), pmask.view(len(items), P)
 
     def _real_entries(self, depth: int, hidden: int) -> np.ndarray:
         """Where a trial of ``depth`` hidden layers of width ``hidden`` has its parameters in a
-        slot's flat row, in the order of its layers' ``(weight.T, bias)`` flattened."""
+        slot's flat row, in ``initial_draws``' order (per layer the weight ``(out, in)``
+        row-major, stored transposed here, then the bias)."""
         key = (self.H, self.L, depth, hidden)
         if key not in self.entries:
             layout, offset, found = {}, 0, []
@@ -217,7 +216,7 @@ class Bank(BankLayout):
             width = self.n_in
             for name, out in [(f"w{i}", hidden) for i in range(depth)] + [("wout", self.n_out)]:
                 start, cols = layout[name]
-                found.append(start + (np.arange(width)[:, None] * cols + np.arange(out)).ravel())
+                found.append(start + (np.arange(out)[:, None] + np.arange(width)[None, :] * cols).ravel())
                 found.append(layout["bout" if name == "wout" else "b" + name[1:]][0] + np.arange(out))
                 width = out
             self.entries[key] = np.concatenate(found)

@@ -11,14 +11,16 @@ MLflow model code loads it without optuna or mlflow.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "TabularNet", "EnsembleNet", "Checkpoint", "initial_weights", "make_activation", "encode_frame", "predict_frame"]
+__all__ = ["ModelConfig", "TabularNet", "EnsembleNet", "Checkpoint", "initial_draws", "initial_weights", "layer_widths",
+           "make_activation", "encode_frame", "predict_frame"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -71,27 +73,66 @@ class ModelConfig:
         return cls(**d)
 
 
+def layer_widths(config: ModelConfig) -> tuple[int, ...]:
+    """The widths of ``TabularNet(config)``'s layers: inputs, each hidden layer, outputs."""
+    hidden = [config.hidden_size] * (config.n_layers if config.hidden_size else 0)
+    return (len(config.feature_names), *hidden, config.n_outputs)
+
+
+def initial_draws(widths: Sequence[tuple[int, ...]], seeds: Sequence[int]) -> Any:
+    """Every network's ``nn.Linear`` initial weights and biases for its seed, as one float32
+    numpy array: network t (layer widths ``widths[t]``, see ``layer_widths``) as
+    ``TabularNet`` draws it right after ``torch.manual_seed(seeds[t])``, in draw order (per
+    layer the weight ``(out, in)`` row-major, then the bias), the networks one after another.
+
+    Vectorised over networks, without building them: torch's CPU generator is MT19937
+    (``shuffle.mt_outputs`` runs it for all seeds at once), and ``uniform_(lo, hi)`` on float32
+    maps each output u to ``float32((u & 0xFFFFFF) / 2**24 * (hi - lo) + lo)`` in double with
+    float32 bounds, the bounds being ``kaiming_uniform_(a=sqrt(5))``'s and the bias's
+    ``1/sqrt(fan_in)`` (a test holds every draw equal to ``nn.Linear``'s). Fused training starts
+    thousands of trials at once; one ``TabularNet`` costs ~0.3 ms, the draws here a few us.
+    """
+    import numpy as np
+
+    from tuner.shuffle import mt_outputs
+
+    plans = [_draw_plan(tuple(w)) for w in widths]
+    counts = np.array([len(lo) for lo, _ in plans])
+    words = mt_outputs(np.asarray(seeds), counts)
+    words = words[np.arange(words.shape[1]) < counts[:, None]]  # row-major: each network's in order
+    lo = np.concatenate([lo for lo, _ in plans])
+    span = np.concatenate([span for _, span in plans])
+    return ((words & np.uint32(0xFFFFFF)) * (1.0 / (1 << 24)) * span + lo).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _draw_plan(widths: tuple[int, ...]) -> tuple[Any, Any]:
+    """Per draw of a network of these layer widths: ``lo`` and ``hi - lo`` of its ``uniform_``
+    (float32 bounds, as double)."""
+    import numpy as np
+
+    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # nn.init.calculate_gain("leaky_relu", sqrt(5))
+    lo, span = [], []
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        for n, bound in ((fan_in * fan_out, math.sqrt(3.0) * (gain / math.sqrt(fan_in))), (fan_out, 1 / math.sqrt(fan_in))):
+            b = np.float32(bound)
+            lo.append(np.full(n, float(-b)))
+            span.append(np.full(n, float(b - (-b))))
+    return np.concatenate(lo), np.concatenate(span)
+
+
 def initial_weights(config: ModelConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(weight, bias)`` of each ``nn.Linear`` of ``TabularNet(config)`` built right after
-    ``torch.manual_seed(seed)``, in layer order, drawn from a private generator without building
-    the module (nor touching the global RNG): fused training starts many trials at once and
-    needs only these. The same draws as ``nn.Linear.reset_parameters`` (``kaiming_uniform_``
-    with ``a=sqrt(5)`` is one ``uniform_`` with the bound computed here as torch computes it,
-    without its ~20 us of Python per layer); a test holds them equal."""
-    g = torch.Generator().manual_seed(seed)
-    n_in, n_out = len(config.feature_names), config.n_outputs
-    widths = [n_in] + [config.hidden_size] * (config.n_layers if config.hidden_size else 0) + [n_out]
-    gain = math.sqrt(2.0 / (1 + math.sqrt(5) ** 2))  # nn.init.calculate_gain("leaky_relu", sqrt(5))
-    layers = []
-    with torch.no_grad():
-        for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-            weight = torch.empty(fan_out, fan_in)
-            if fan_in:
-                weight.uniform_(-math.sqrt(3.0) * (gain / math.sqrt(fan_in)), math.sqrt(3.0) * (gain / math.sqrt(fan_in)),
-                                generator=g)
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            bias = torch.empty(fan_out).uniform_(-bound, bound, generator=g)
-            layers.append((weight, bias))
+    ``torch.manual_seed(seed)``, in layer order, without building the module (nor touching the
+    global RNG): ``initial_draws`` for one network."""
+    widths = layer_widths(config)
+    values = torch.from_numpy(initial_draws([widths], [seed]))
+    layers, at = [], 0
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        weight = values[at : at + fan_in * fan_out].view(fan_out, fan_in)
+        bias = values[at + fan_in * fan_out : at + fan_in * fan_out + fan_out]
+        layers.append((weight, bias))
+        at += fan_in * fan_out + fan_out
     return layers
 
 

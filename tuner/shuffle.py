@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["MAX_ROWS", "Streams", "mt_seed"]
+__all__ = ["MAX_ROWS", "Streams", "mt_outputs", "mt_seed"]
 
 _N, _M = 624, 397
 _MATRIX_A, _UPPER, _LOWER = np.uint32(0x9908B0DF), np.uint32(0x80000000), np.uint32(0x7FFFFFFF)
@@ -30,6 +30,20 @@ def mt_seed(seeds: np.ndarray) -> np.ndarray:
     if len(seeds) < 32 and _torch_layout_ok():  # a few seeds: torch seeds them faster (in C)
         return np.stack([_torch_state(int(x)) for x in seeds])
     return _init_genrand(seeds)
+
+
+def mt_outputs(seeds: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The first ``counts[r]`` 32-bit outputs of ``torch.Generator().manual_seed(seeds[r])``
+    for each row r, as ``(len(seeds), max(counts))`` uint32 (a row's later columns are
+    undefined), vectorised over seeds; a row is twisted only for the blocks of 624 it needs."""
+    state = mt_seed(np.asarray(seeds))
+    blocks = -(-np.asarray(counts, dtype=np.int64) // _N)
+    out = np.zeros((len(state), int(blocks.max(initial=0)) * _N), np.uint32)
+    for b in range(int(blocks.max(initial=0))):
+        rows = np.flatnonzero(blocks > b)
+        state[rows] = _twist(state[rows])
+        out[rows, b * _N : (b + 1) * _N] = _temper(state[rows])
+    return out[:, : int(np.max(counts, initial=0))]
 
 
 def _torch_state(seed: int) -> np.ndarray:
