@@ -143,6 +143,7 @@ class Bank(BankLayout):
         batch = np.minimum([p.batch_size for p in params], n_rows)
         steps = -(-n_rows // batch)
         epochs = np.array([p.epochs for p in params])
+        wd_l2 = np.array([p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0 for p in params])  # L2 in the gradient
         dev = self.device
         index = torch.tensor(free, device=dev)
 
@@ -154,8 +155,7 @@ class Bank(BankLayout):
             T["pmask"][index] = pmask.to(dev)
             T["m"][index] = 0
             T["v"][index] = 0
-            T["wd_l2"][index] = column([[p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0] for p in params],
-                                       torch.float32)
+            T["wd_l2"][index] = column(wd_l2[:, None], torch.float32)
             T["bs"][index] = column(batch[:, None], torch.long)
             T["n"][index] = column(n_rows[:, None], torch.long)
             T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
@@ -168,6 +168,7 @@ class Bank(BankLayout):
         h["total"][ks] = epochs * steps
         h["cosine"][ks] = [p.schedule == "cosine" for p in params]
         h["wd_dec"][ks] = [p.weight_decay if p.optimizer == "adamw" else 0.0 for p in params]
+        h["wd_l2"][ks] = wd_l2
         h["step"][ks], h["live"][ks], h["ended"][ks], h["epoch"][ks], h["n_hist"][ks] = 0, True, -1, 0, 0
         h["epochs"][ks], h["spe"][ks], h["rows"][ks], h["bs"][ks] = epochs, steps, n_rows, batch
         h["act"][ks] = [ACTIVATIONS.index(p.activation) for p in params]
@@ -320,7 +321,7 @@ class Bank(BankLayout):
         # A padded unit of a sigmoid layer is 0.5, not 0: its outgoing (padded) weights then get a
         # gradient, which the update must not apply. Every other activation is 0 at 0.
         self.mask_grad = bool((h["act"] == _SIGMOID).any())
-        self.any_wd_l2 = bool(self.tensors["wd_l2"].any())
+        self.any_wd_l2 = bool(h["wd_l2"].any())  # the host's copy: no device sync per refresh
         self.any_wd_dec = bool(h["wd_dec"].any())
 
     @property

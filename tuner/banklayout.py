@@ -33,7 +33,7 @@ HISTORY_COLUMNS = 4
 # Host arrays per slot: (dtype, value of a free slot).
 _HOST: dict[str, tuple[Any, Any]] = {
     "lr": (np.float64, 0.0), "total": (np.float64, 1.0), "cosine": (np.bool_, False), "step": (np.float64, 0.0),
-    "wd_dec": (np.float64, 0.0), "live": (np.bool_, False),
+    "wd_dec": (np.float64, 0.0), "wd_l2": (np.float64, 0.0), "live": (np.bool_, False),
     # the step count at which the slot's epoch ends; the epoch that ended and awaits validation in
     # the next forward (-1: none); the epoch it trains, and how many it has
     "end_t": (np.int64, -1), "ended": (np.int64, -1), "epoch": (np.int64, 0), "epochs": (np.int64, 1),
