@@ -13,6 +13,10 @@ Part "fused" (issue 8): model-steps/s of K small MLPs on the cars data, the naiv
 the rows of ``benchmarks/fused.py --part steps`` (uniform shapes, and cars-space shapes with 4K
 jobs through K slots). Goal: >= 1000x vs the naive loop on an H100 at large K.
 
+Part "host": the host work of those fused rows on this machine's CPU (``benchmarks.host_work``,
+uniform arm at K = 4096 and 16384): the ceiling it puts on the fused rows, to read beside them
+(a row near its ceiling is bound by the host, not the GPU).
+
 Part "study": the cars MLP study (``studies/cars_mlp.toml``, 5-fold CV) launched sequentially and
 fused on the device, fresh SQLite stores, as ``benchmarks/fused.py --part study``.
 """
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (no GPU needed)")
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--part", choices=["m3", "fused", "study", "all"], default="all")
+    ap.add_argument("--part", choices=["m3", "fused", "host", "study", "all"], default="all")
     ap.add_argument("--fused-k", type=int, nargs="+", default=None,
                     help="K values of the fused rows (default 64 1024 4096 16384 on CUDA, 16 64 256 with --cpu)")
     ap.add_argument("--fused-epochs", type=int, default=100, help="epochs per trial in the fused rows")
@@ -88,9 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("fused", "all"):
         fused_rows(device, name, args.fused_k or ([16, 64, 256] if args.cpu else [64, 1024, 4096, 16384]),
                    args.fused_epochs)
+    if args.part in ("host", "all"):
+        host_rows_here([256] if args.cpu else [4096, 16384], args.fused_epochs)
     if args.part in ("study", "all"):
         study_rows("cpu" if args.cpu else "cuda", name, args.study_trials)
-    if args.part in ("fused", "study"):
+    if args.part in ("fused", "host", "study"):
         return 0
     print(f"device: {name}; {args.rows:,} rows x 10 features; {args.steps} steps per configuration")
     print(f"{'hidden':>7}{'batch':>7}{'tuner steps/s':>15}{'naive steps/s':>15}{'ratio':>8}")
@@ -114,6 +120,18 @@ def fused_rows(device: Any, name: str, k_values: list[int], epochs: int) -> None
     for row in steps_per_second(cars(), device, k_values, epochs=epochs, n_sequential=2):
         vs = f"  {row['vs_train']:7.1f}x vs train()" if "vs_train" in row else ""
         print(f"  {row['arm']:<38} K={row['K']:<6} {row['steps_s']:>12.0f} steps/s  {row['ratio']:8.1f}x{vs}", flush=True)
+
+
+def host_rows_here(k_values: list[int], epochs: int) -> None:
+    """Print the host work of the uniform fused rows on this machine's CPU and its ceiling."""
+    from benchmarks.host_work import host_rows
+
+    rows = host_rows(k_values, epochs, ("uniform",))
+    print(f"host work of the uniform fused rows, this machine's CPU, {epochs} epochs (naive loop on the CPU: "
+          f"{rows[0]['naive']:.0f} steps/s):")
+    for r in rows:
+        print(f"  K={r['K']:<6} {r['us_per_trial']:8.0f} us per trial  {r['host_share']:5.0%} of the CPU run  "
+              f"ceiling {r['ceiling']:7.0f}x the naive loop ({r['ceiling'] * r['naive']:.0f} model-steps/s)", flush=True)
 
 
 def study_rows(device: str, name: str, n_trials: int) -> None:

@@ -42,26 +42,29 @@ def host_rows(k_values: list[int], epochs: int, arms: tuple[str, ...] = ("unifor
     naive_steps = sum(naive_loop(data, j.params, j.seed, device) for j in probe)
     naive = naive_steps / (time.process_time() - start)
     rows = []
-    Bank.vector_shuffles = True  # as on a GPU
-    for kind in arms:
-        for k in k_values:
-            if kind == "uniform":
-                jobs = [Job(TrainParams(lr=j.params.lr, epochs=epochs, batch_size=8, hidden_size=4), j.seed)
-                        for j in uniform_jobs(k, epochs)]
-            else:
-                jobs = mixed_jobs(4 * k, epochs)
-            train_many(uniform_jobs(4, 1), data, device=device, width=4)  # warm-up
-            with bank_step_probe(device, lambda: "") as cells:
-                start = time.process_time()
-                results = train_many(jobs, data, device=device, width=k)
-                total = time.process_time() - start
-            steps = sum(c[1] for c in cells.values())
-            host = total - sum(c[2] for c in cells.values())
-            trial_epochs = sum(len(r.history) for r in results)
-            rows.append({"kind": kind, "K": k, "trials": len(jobs), "total_s": total, "host_s": host,
-                         "host_share": host / total, "us_per_trial": host / len(jobs) * 1e6,
-                         "us_per_trial_epoch": host / trial_epochs * 1e6, "model_steps": steps,
-                         "ceiling": steps / host / naive, "naive": naive})
+    before, Bank.vector_shuffles = Bank.vector_shuffles, True  # as on a GPU
+    try:
+        for kind in arms:
+            for k in k_values:
+                if kind == "uniform":
+                    jobs = [Job(TrainParams(lr=j.params.lr, epochs=epochs, batch_size=8, hidden_size=4), j.seed)
+                            for j in uniform_jobs(k, epochs)]
+                else:
+                    jobs = mixed_jobs(4 * k, epochs)
+                train_many(uniform_jobs(4, 1), data, device=device, width=4)  # warm-up
+                with bank_step_probe(device, lambda: "") as cells:
+                    start = time.process_time()
+                    results = train_many(jobs, data, device=device, width=k)
+                    total = time.process_time() - start
+                steps = sum(c[1] for c in cells.values())
+                host = total - sum(c[2] for c in cells.values())
+                trial_epochs = sum(len(r.history) for r in results)
+                rows.append({"kind": kind, "K": k, "trials": len(jobs), "total_s": total, "host_s": host,
+                             "host_share": host / total, "us_per_trial": host / len(jobs) * 1e6,
+                             "us_per_trial_epoch": host / trial_epochs * 1e6, "model_steps": steps,
+                             "ceiling": steps / host / naive, "naive": naive})
+    finally:
+        Bank.vector_shuffles = before
     return rows
 
 

@@ -83,3 +83,18 @@ def test_quality_benchmark_smoke_run_prints_the_table(tmp_path) -> None:
     for key in ("linear", "hist_gradient_boosting", "single", "ensemble", "single_selection", "ensemble_selection"):
         assert _finite(row[key]) and row[key] > 0, key
     assert row["n_test"] == 7 and row["single_ensemble"] is False
+
+
+def test_host_work_benchmark_measures_the_host_work_and_restores_the_shuffles() -> None:
+    """benchmarks/host_work.py (also gpu_check's part "host"): every trial and epoch counted,
+    the host work a positive part of the run, and Bank's shuffle setting as it was."""
+    from benchmarks.host_work import host_rows
+    from tuner.bank import Bank
+
+    before = Bank.vector_shuffles
+    rows = host_rows([8], 3)
+    assert [(r["kind"], r["K"], r["trials"]) for r in rows] == [("uniform", 8, 8), ("mixed", 8, 32)]
+    for r in rows:
+        assert 0 < r["host_s"] < r["total_s"] and r["ceiling"] > 0 and r["model_steps"] > 0
+    assert rows[0]["model_steps"] == 8 * 3 * 4  # 26 rows in batches of 8: 4 steps an epoch
+    assert Bank.vector_shuffles is before
