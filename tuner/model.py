@@ -90,7 +90,7 @@ def initial_draws(widths: Sequence[tuple[int, ...]], seeds: Sequence[int]) -> An
     maps each output u to ``float32((u & 0xFFFFFF) / 2**24 * (hi - lo) + lo)`` in double with
     float32 bounds, the bounds being ``kaiming_uniform_(a=sqrt(5))``'s and the bias's
     ``1/sqrt(fan_in)`` (a test holds every draw equal to ``nn.Linear``'s). Fused training starts
-    thousands of trials at once; one ``TabularNet`` costs ~0.3 ms, the draws here a few us.
+    thousands of trials at once, and one ``TabularNet`` alone costs ~0.3 ms.
     """
     import numpy as np
 

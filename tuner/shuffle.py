@@ -9,7 +9,8 @@ call). ``Streams`` keeps every slot's MT19937 state in numpy arrays and runs the
 shuffle vectorised over slots, so one epoch start of m slots is a few dozen array operations
 instead of m torch calls, with the same permutations (``tests/test_fused.py`` holds them equal
 to ``torch.randperm``). Splits too long for the per-slot output buffer (``MAX_ROWS``) keep a
-torch generator per slot.
+torch generator per slot. ``mt_outputs`` gives many seeds' first outputs at once, from which
+``model.initial_draws`` takes every new trial's initial weights.
 """
 
 from __future__ import annotations
