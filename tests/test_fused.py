@@ -334,16 +334,21 @@ def test_cross_validated_study_runs_fused_with_the_sequential_trials(tmp_path: P
 
 
 @pytest.mark.parametrize(("hidden", "layers", "classes"), [(0, 1, None), (5, 1, None), (7, 3, None), (4, 2, ["a", "b", "c"])])
-def test_initial_weights_are_the_modules_own_for_the_seed(hidden, layers, classes) -> None:
+def test_initial_draws_are_the_modules_own_for_the_seed(hidden, layers, classes) -> None:
     """Fused trials start from these draws: they must be nn.Linear's for the same seed."""
-    from tuner.model import ModelConfig, TabularNet, initial_weights
+    from tuner.model import ModelConfig, TabularNet, initial_draws, layer_widths
 
     config = ModelConfig(["a", "b", "c"], "y", task="classification" if classes else "regression",
                          hidden_size=hidden, n_layers=layers, classes=classes)
     torch.manual_seed(123)
     net = TabularNet(config)
     linears = [m for m in net.core.modules() if isinstance(m, torch.nn.Linear)]
-    drawn = initial_weights(config, 123)
+    widths = layer_widths(config)
+    values, drawn, at = torch.from_numpy(initial_draws([widths], [123])), [], 0
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):  # per layer: the weight (out, in), then the bias
+        weights_end = at + fan_in * fan_out
+        drawn.append((values[at:weights_end].view(fan_out, fan_in), values[weights_end : weights_end + fan_out]))
+        at = weights_end + fan_out
     assert len(drawn) == len(linears) == (layers + 1 if hidden else 1)
     for (weight, bias), lin in zip(drawn, linears):
         assert torch.equal(weight, lin.weight.detach()) and torch.equal(bias, lin.bias.detach())

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuner.banklayout import ACTIVATIONS, BankLayout, layer_shapes
+from tuner.banklayout import ACTIVATIONS, BankLayout, real_entries
 from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_draws, layer_widths
@@ -112,7 +112,6 @@ class Bank(BankLayout):
         vector = self.vector_shuffles if self.vector_shuffles is not None else device.type != "cpu"
         self.streams = Streams(self.n) if vector and self.n <= MAX_ROWS else None
         self.b_max = 1
-        self.entries: dict[tuple[int, int, int, int], np.ndarray] = {}  # see _real_entries
         self._resize(1, 0 if linear else width, 0 if linear else 1)
 
     # -- slots ----------------------------------------------------------------------------
@@ -144,6 +143,8 @@ class Bank(BankLayout):
         steps = -(-n_rows // batch)
         epochs = np.array([p.epochs for p in params])
         wd_l2 = np.array([p.weight_decay if p.optimizer in ("adam", "sgd") else 0.0 for p in params])  # L2 in the gradient
+        split = np.array([job.data for _, job, _ in items])
+        depth = np.array([p.n_layers if p.hidden_size else 0 for p in params])
         dev = self.device
         index = torch.tensor(free, device=dev)
 
@@ -158,12 +159,12 @@ class Bank(BankLayout):
             T["wd_l2"][index] = column(wd_l2[:, None], torch.float32)
             T["bs"][index] = column(batch[:, None], torch.long)
             T["n"][index] = column(n_rows[:, None], torch.long)
-            T["ds"][index] = column([job.data for _, job, _ in items], torch.long)
+            T["ds"][index] = column(split, torch.long)
             T["off"][index] = self.offsets[T["ds"][index]][:, None]
             T["live"][index] = True
             if not self.linear:
-                depth = column([p.n_layers for p in params], torch.long)
-                T["layer_on"][:, index] = (torch.arange(self.L, device=dev)[:, None] < depth[None, :])[..., None, None]
+                on = torch.arange(self.L, device=dev)[:, None] < column(depth, torch.long)[None, :]
+                T["layer_on"][:, index] = on[..., None, None]
         h["lr"][ks] = [p.lr for p in params]
         h["total"][ks] = epochs * steps
         h["cosine"][ks] = [p.schedule == "cosine" for p in params]
@@ -172,10 +173,10 @@ class Bank(BankLayout):
         h["step"][ks], h["live"][ks], h["ended"][ks], h["epoch"][ks], h["n_hist"][ks] = 0, True, -1, 0, 0
         h["epochs"][ks], h["spe"][ks], h["rows"][ks], h["bs"][ks] = epochs, steps, n_rows, batch
         h["act"][ks] = [ACTIVATIONS.index(p.activation) for p in params]
-        h["depth"][ks] = [p.n_layers if p.hidden_size else 0 for p in params]
+        h["depth"][ks] = depth
         h["hidden"][ks] = [p.hidden_size for p in params]
         h["job"][ks] = [index_ for index_, _, _ in items]
-        h["ds"][ks] = [job.data for _, job, _ in items]
+        h["ds"][ks] = split
         slots = []
         start = time.perf_counter()
         for k, (index_, job, config) in zip(free, items):
@@ -197,31 +198,13 @@ class Bank(BankLayout):
         masks (1: a real entry), all placed with one scatter."""
         widths = [layer_widths(config) for _, _, config in items]
         values = torch.from_numpy(initial_draws(widths, [job.seed for _, job, _ in items]))
-        index = torch.from_numpy(np.concatenate([row * P + self._real_entries(len(w) - 2, w[1] if len(w) > 2 else 0)
+        layout = (self.n_in, self.n_out, self.H, self.L)
+        index = torch.from_numpy(np.concatenate([row * P + real_entries(*layout, len(w) - 2, w[1] if len(w) > 2 else 0)
                                                  for row, w in enumerate(widths)]))
         flat, pmask = torch.zeros(len(items) * P), torch.zeros(len(items) * P)
         flat[index] = values
         pmask[index] = 1
         return flat.view(len(items), P), pmask.view(len(items), P)
-
-    def _real_entries(self, depth: int, hidden: int) -> np.ndarray:
-        """Where a trial of ``depth`` hidden layers of width ``hidden`` has its parameters in a
-        slot's flat row, in ``initial_draws``' order (per layer the weight ``(out, in)``
-        row-major, stored transposed here, then the bias)."""
-        key = (self.H, self.L, depth, hidden)
-        if key not in self.entries:
-            layout, offset, found = {}, 0, []
-            for name, rows, cols in layer_shapes(self.n_in, self.n_out, self.H, self.L):
-                layout[name] = (offset, cols)
-                offset += rows * cols
-            width = self.n_in
-            for name, out in [(f"w{i}", hidden) for i in range(depth)] + [("wout", self.n_out)]:
-                start, cols = layout[name]
-                found.append(start + (np.arange(out)[:, None] + np.arange(width)[None, :] * cols).ravel())
-                found.append(layout["bout" if name == "wout" else "b" + name[1:]][0] + np.arange(out))
-                width = out
-            self.entries[key] = np.concatenate(found)
-        return self.entries[key]
 
     def start_epochs(self, ks: np.ndarray) -> None:
         """Start the next epoch of slots ``ks``: each its own shuffled order, as ``train()``

@@ -15,6 +15,7 @@ Torch and numpy only.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 
 from tuner.bankmath import ACT_FORWARD
 
-__all__ = ["ACTIVATIONS", "BankLayout", "HISTORY_COLUMNS", "layer_shapes", "layer_views"]
+__all__ = ["ACTIVATIONS", "BankLayout", "HISTORY_COLUMNS", "layer_blocks", "layer_shapes", "layer_views", "real_entries"]
 
 # An activation's code in the host array "act" (-1: a free slot); sorted, so ordering slots by
 # code groups them as ordering by name would.
@@ -53,13 +54,34 @@ def layer_shapes(n_in: int, n_out: int, H: int, L: int) -> list[tuple[str, int, 
     return shapes + [("wout", width, n_out), ("bout", 1, n_out)]
 
 
+def layer_blocks(n_in: int, n_out: int, H: int, L: int) -> dict[str, tuple[int, int, int]]:
+    """Each block of ``layer_shapes`` as ``name -> (offset, rows, cols)`` in a slot's flat row."""
+    blocks, offset = {}, 0
+    for name, rows, cols in layer_shapes(n_in, n_out, H, L):
+        blocks[name] = (offset, rows, cols)
+        offset += rows * cols
+    return blocks
+
+
 def layer_views(flat: torch.Tensor, n_in: int, n_out: int, H: int, L: int) -> dict[str, torch.Tensor]:
     """Per-layer views ``(K, rows, cols)`` of flat parameters ``(K, P)`` laid out at width H, depth L."""
-    views, offset = {}, 0
-    for name, rows, cols in layer_shapes(n_in, n_out, H, L):
-        views[name] = flat[:, offset : offset + rows * cols].view(flat.shape[0], rows, cols)
-        offset += rows * cols
-    return views
+    return {name: flat[:, offset : offset + rows * cols].view(flat.shape[0], rows, cols)
+            for name, (offset, rows, cols) in layer_blocks(n_in, n_out, H, L).items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def real_entries(n_in: int, n_out: int, H: int, L: int, depth: int, hidden: int) -> np.ndarray:
+    """Where a trial of ``depth`` hidden layers of width ``hidden`` has its parameters in a flat
+    row laid out at width H, depth L, in ``model.initial_draws``' order (per layer the weight
+    ``(out, in)`` row-major, stored transposed here, then the bias)."""
+    blocks = layer_blocks(n_in, n_out, H, L)
+    found, width = [], n_in
+    for name, out in [(f"w{i}", hidden) for i in range(depth)] + [("wout", n_out)]:
+        start, _, cols = blocks[name]
+        found.append(start + (np.arange(out)[:, None] + np.arange(width)[None, :] * cols).ravel())
+        found.append(blocks["bout" if name == "wout" else "b" + name[1:]][0] + np.arange(out))
+        width = out
+    return np.concatenate(found)
 
 
 class BankLayout:

@@ -34,7 +34,7 @@ from tuner.bank import Bank, Job
 from tuner.banklayout import ACTIVATIONS, layer_views
 from tuner.data import Prepared
 from tuner.model import ModelConfig, TabularNet, make_activation
-from tuner.train import Deferred, TrainParams, TrainResult, epoch_record, model_config, output_metrics, resolve_device
+from tuner.train import Deferred, TrainParams, TrainResult, epoch_record, history_keys, model_config, output_metrics, resolve_device
 
 __all__ = ["Job", "train_many", "ManyEpochHook", "TrialEndHook", "fusable", "group_floor", "width_group"]
 
@@ -117,13 +117,6 @@ def _metrics(bank: Bank, val: _Validation, out: torch.Tensor, index: torch.Tenso
     return output_metrics(out, val.y.index_select(0, ds), bank.task, mean, std, mask)[1]
 
 
-def _history_names(bank: Bank) -> tuple[str, ...]:
-    """A history row's keys, in ``epoch_record``'s order: the metrics, then the train column."""
-    if bank.task == "regression":
-        return ("rmse", "mae", "r2", "train_rmse")
-    return ("accuracy", "log_loss", "f1_macro", "train_loss")
-
-
 def _events(
     bank: Bank,
     val: _Validation,
@@ -155,11 +148,11 @@ def _events(
         train_column = np.sqrt(loss) * bank.y_std[h["ds"][ks]] if bank.task == "regression" else loss
     rows = np.column_stack([metrics, train_column])
     bank.record(ks[ok], rows[ok])
-    names = _history_names(bank)
+    names = history_keys(bank.task)
     reasons: dict[int, str | None] = {}
     for i in np.flatnonzero(~ok).tolist():  # diverged: epoch_record words why
         p = bank.slots[ks[i]].job.params  # type: ignore[union-attr]
-        reasons[i] = epoch_record(int(epochs[i]), float(loss[i]), dict(zip(names[:3], metrics[i].tolist())),
+        reasons[i] = epoch_record(int(epochs[i]), float(loss[i]), dict(zip(names[:-1], metrics[i].tolist())),
                                   task=bank.task, y_std=1.0, lr=p.lr)[1]
     if on_epoch_end is not None:
         for i in np.flatnonzero(ok).tolist():
@@ -214,7 +207,7 @@ def _finish(bank: Bank, ends: list[tuple[int, str | None, bool]]) -> list[tuple[
     weights: Iterator[torch.Tensor] = iter(bank.tensors["flat"].index_select(0, torch.tensor(keep, device=bank.device)) if keep else [])
     layout = (bank.n_in, bank.n_out, bank.H, bank.L)
     history, n_hist, n_steps = h["hist"][ks], h["n_hist"][ks].tolist(), h["step"][ks].tolist()
-    names = _history_names(bank)
+    names = history_keys(bank.task)
     now = time.perf_counter()
     finished = []
     for i, (slot, (_, reason, diverged)) in enumerate(zip(slots, ends)):

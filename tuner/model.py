@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-__all__ = ["ModelConfig", "TabularNet", "EnsembleNet", "Checkpoint", "initial_draws", "initial_weights", "layer_widths",
+__all__ = ["ModelConfig", "TabularNet", "EnsembleNet", "Checkpoint", "initial_draws", "layer_widths",
            "make_activation", "encode_frame", "predict_frame"]
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -119,21 +119,6 @@ def _draw_plan(widths: tuple[int, ...]) -> tuple[Any, Any]:
             lo.append(np.full(n, float(-b)))
             span.append(np.full(n, float(b - (-b))))
     return np.concatenate(lo), np.concatenate(span)
-
-
-def initial_weights(config: ModelConfig, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(weight, bias)`` of each ``nn.Linear`` of ``TabularNet(config)`` built right after
-    ``torch.manual_seed(seed)``, in layer order, without building the module (nor touching the
-    global RNG): ``initial_draws`` for one network."""
-    widths = layer_widths(config)
-    values = torch.from_numpy(initial_draws([widths], [seed]))
-    layers, at = [], 0
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        weight = values[at : at + fan_in * fan_out].view(fan_out, fan_in)
-        bias = values[at + fan_in * fan_out : at + fan_in * fan_out + fan_out]
-        layers.append((weight, bias))
-        at += fan_in * fan_out + fan_out
-    return layers
 
 
 class TabularNet(nn.Module):

@@ -30,6 +30,8 @@ __all__ = [
     "class_weights",
     "output_metrics",
     "epoch_record",
+    "history_keys",
+    "metric_names",
     "cosine_factor",
 ]
 
@@ -212,7 +214,7 @@ def output_metrics(
             centred = (y_raw - (y_raw * w).sum(-1, keepdim=True) / n_rows.unsqueeze(-1)) * w  # type: ignore[union-attr]
             sst = (centred * centred).sum(-1)
         values = torch.stack([(sse / n_rows).sqrt(), err.abs().sum(-1) / n_rows, 1 - sse / sst.clamp_min(1e-12)], -1)
-        return ("rmse", "mae", "r2"), values
+        return metric_names(task), values
     n_classes = out.shape[-1]
     pred = out.argmax(-1)
     y = y_raw.expand(pred.shape)
@@ -226,7 +228,18 @@ def output_metrics(
     log_loss = F.cross_entropy(out.reshape(-1, n_classes), y.reshape(-1), reduction="none").view(y.shape) * w
     correct = (pred == y).float() * w
     values = torch.stack([correct.sum(-1) / n_rows, log_loss.sum(-1) / n_rows, f1_macro], -1)
-    return ("accuracy", "log_loss", "f1_macro"), values
+    return metric_names(task), values
+
+
+def metric_names(task: str) -> tuple[str, ...]:
+    """The validation metrics of ``output_metrics`` and of every history row, in order."""
+    return ("rmse", "mae", "r2") if task == "regression" else ("accuracy", "log_loss", "f1_macro")
+
+
+def history_keys(task: str) -> tuple[str, ...]:
+    """A history row's keys: the validation metrics, then the training column (train RMSE in
+    the target's units, or the mean train loss), as ``epoch_record`` writes them."""
+    return (*metric_names(task), "train_rmse" if task == "regression" else "train_loss")
 
 
 def epoch_record(
@@ -237,10 +250,7 @@ def epoch_record(
         return None, f"non-finite training loss at epoch {epoch} (lr={lr:g}); the learning rate is too high"
     if not all(math.isfinite(v) for v in metrics.values()):
         return None, f"non-finite validation metric at epoch {epoch} (lr={lr:g}); the model diverged"
-    if task == "regression":
-        metrics["train_rmse"] = math.sqrt(train_loss) * y_std
-    else:
-        metrics["train_loss"] = train_loss
+    metrics[history_keys(task)[-1]] = math.sqrt(train_loss) * y_std if task == "regression" else train_loss
     return metrics, None
 
 
