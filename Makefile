@@ -28,7 +28,7 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check tuner tests benchmarks
-	$(VENV)/bin/mypy tuner
+	$(VENV)/bin/mypy tuner benchmarks
 
 clean:
 	rm -rf $(VENV) studies/*.db studies/*.db-* studies/*.db.lock mlflow.db mlartifacts .pytest_cache

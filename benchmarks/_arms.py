@@ -34,6 +34,8 @@ def train_probe() -> Iterator[list[dict[str, float]]]:
     records: list[dict[str, float]] = []
 
     def timed(*args: Any, on_epoch_end: Any = None, **kwargs: Any) -> Any:
+        hook_s = hook_cpu = 0.0
+
         def hook(epoch: int, metrics: dict[str, float]) -> bool:
             nonlocal hook_s, hook_cpu
             t, c = time.perf_counter(), time.process_time()
@@ -43,7 +45,6 @@ def train_probe() -> Iterator[list[dict[str, float]]]:
                 hook_s += time.perf_counter() - t
                 hook_cpu += time.process_time() - c
 
-        hook_s = hook_cpu = 0.0
         t0, c0 = time.perf_counter(), time.process_time()
         epochs = 0
         try:

@@ -72,7 +72,7 @@ def main() -> None:
     if args.notes_only:
         print(f"notes: {_notes(50) * 1000:.1f} ms per trial (50 trials, SQLite WAL, one pass)")
         return
-    rows = {"baseline --no-report": [], "default (report + notes)": []}
+    rows: dict[str, list[tuple[float, float]]] = {"baseline --no-report": [], "default (report + notes)": []}
     for _ in range(args.repeat):
         for name, extra in (("baseline --no-report", ["--no-report"]), ("default (report + notes)", [])):
             with tempfile.TemporaryDirectory() as tmp:

@@ -337,8 +337,9 @@ def m4(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str
         for pruner in curves:
             spec = load_spec(CARS_MLP, **ONE_SPLIT, seed=seed, name=f"m4-{pruner}-{seed}", pruner={"name": pruner}
                              if pruner == "none" else spec0.pruner.model_dump())
-            if _epochs_override(mode):
-                spec = spec.model_copy(update={"space": {**spec.space, **_epochs_override(mode)}})
+            override = _epochs_override(mode)
+            if override:
+                spec = spec.model_copy(update={"space": {**spec.space, **override}})
             folder = work / f"m4-{pruner}-{seed}"
             folder.mkdir(parents=True, exist_ok=True)
             curves[pruner].append(_study_curve(spec, data, mode["m4_trials"], folder))
@@ -408,7 +409,7 @@ def m2(mode: dict[str, Any], work: Path, log: Callable[[str], None]) -> dict[str
 
             study = optuna.create_study(sampler=sampler)
             study.optimize(objective, n_trials=50)
-            return [t.value for t in study.trials]
+            return [math.inf if t.value is None else t.value for t in study.trials]
 
         random_best = [min(study_values(optuna.samplers.RandomSampler(seed=s), s)) for s in range(mode["m2_seeds"])]
         target = statistics.median(random_best)

@@ -264,9 +264,11 @@ def run_study(execution: str, n_trials: int, folder: Path, seed: int = 0, device
         summary = launch(spec, progress=False, promote=False)
     cpu = time.process_time() - cpu
     trials = open_study(spec, create=False).trials
-    loop = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds()
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete is not None]
+    loop = (max(ends) - min(starts)).total_seconds()
     states = [t.state.name for t in trials]
-    values = sorted(t.value for t in trials if t.state.name == "COMPLETE")
+    values = sorted(t.value for t in trials if t.state.name == "COMPLETE" and t.value is not None)
     return {
         "execution": execution,
         "seed": seed,

@@ -31,6 +31,7 @@ import time
 import uuid
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
@@ -90,15 +91,18 @@ def run_one(backend: str, n_workers: int, n_trials: int, epochs: int, execution:
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     # Steady state: from the moment every worker has finished its first trial (the first trial of a
     # process pays one-off costs: lazy imports in torch's optimizers, MLflow's first requests).
+    # (start, complete) of every trial that has both
+    times = [(t, t.datetime_start, t.datetime_complete) for t in trials]
+    ended = [(t, s, c) for t, s, c in times if s is not None and c is not None]
     firsts: dict[str, datetime] = {}
-    for t in sorted((t for t in trials if t.datetime_complete), key=lambda t: t.datetime_complete):
-        firsts.setdefault(_provenance(t).get("worker", "?"), t.datetime_complete)
+    for t, _, c in sorted(ended, key=lambda e: e[2]):
+        firsts.setdefault(_provenance(t).get("worker", "?"), c)
     start = max(firsts.values())
-    steady = [t for t in trials if t.datetime_start and t.datetime_complete and t.datetime_start >= start]
+    steady = [(s, c) for _, s, c in ended if s >= start]
     if len(steady) < 2:  # every trial started in the first refill (few trials per worker): count them all
-        steady = [t for t in trials if t.datetime_start and t.datetime_complete]
-        start = min(t.datetime_start for t in steady)
-    span = (max(t.datetime_complete for t in steady) - start).total_seconds()
+        steady = [(s, c) for _, s, c in ended]
+        start = min(s for s, _ in steady)
+    span = (max(c for _, c in steady) - start).total_seconds()
     return {
         "backend": backend,
         "execution": execution,
@@ -124,7 +128,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--execution", nargs="+", choices=["sequential", "fused"], default=["sequential", "fused"])
     args = parser.parse_args()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for backend in args.backends:
         for execution in args.execution:
             for n in args.workers:
