@@ -17,12 +17,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from tuner.banklayout import ACTIVATIONS, BankLayout, real_entries
+from tuner.banklayout import ACTIVATIONS, BankLayout, real_entries, upload
 from tuner.bankmath import LayerMask, Tape, backward, forward, layer_mask, loss_and_grad, step_scalars, update
 from tuner.data import Prepared
 from tuner.model import ModelConfig, initial_draws, layer_widths
@@ -146,24 +145,20 @@ class Bank(BankLayout):
         split = np.array([job.data for _, job, _ in items])
         depth = np.array([p.n_layers if p.hidden_size else 0 for p in params])
         dev = self.device
-        index = torch.tensor(free, device=dev)
-
-        def column(values: Any, dtype: torch.dtype) -> torch.Tensor:
-            return torch.as_tensor(np.asarray(values)).to(dev, dtype, non_blocking=True)
-
+        index = upload(free, dev, torch.long)
         with torch.no_grad():
-            T["flat"][index] = flat.to(dev)
-            T["pmask"][index] = pmask.to(dev)
+            T["flat"][index] = upload(flat, dev)
+            T["pmask"][index] = upload(pmask, dev)
             T["m"][index] = 0
             T["v"][index] = 0
-            T["wd_l2"][index] = column(wd_l2[:, None], torch.float32)
-            T["bs"][index] = column(batch[:, None], torch.long)
-            T["n"][index] = column(n_rows[:, None], torch.long)
-            T["ds"][index] = column(split, torch.long)
+            T["wd_l2"][index] = upload(wd_l2[:, None], dev, torch.float32)
+            T["bs"][index] = upload(batch[:, None], dev, torch.long)
+            T["n"][index] = upload(n_rows[:, None], dev, torch.long)
+            T["ds"][index] = upload(split, dev, torch.long)
             T["off"][index] = self.offsets[T["ds"][index]][:, None]
             T["live"][index] = True
             if not self.linear:
-                on = torch.arange(self.L, device=dev)[:, None] < column(depth, torch.long)[None, :]
+                on = torch.arange(self.L, device=dev)[:, None] < upload(depth, dev, torch.long)[None, :]
                 T["layer_on"][:, index] = on[..., None, None]
         h["lr"][ks] = [p.lr for p in params]
         h["total"][ks] = epochs * steps
@@ -211,10 +206,9 @@ class Bank(BankLayout):
         (``data.batches()`` is ``randperm(n).split(batch_size)``), row 0 of it, no loss yet."""
         T, h = self.tensors, self.host
         h["end_t"][ks] = self.t + h["spe"][ks]
-        index = torch.as_tensor(ks).to(self.device)
+        index = upload(ks, self.device, torch.long)
         if self.streams is not None:
-            perms = self.streams.permutations(ks, h["rows"][ks], self.n)
-            T["perm"][index] = torch.from_numpy(perms).to(self.device, non_blocking=True)
+            T["perm"][index] = upload(self.streams.permutations(ks, h["rows"][ks], self.n), self.device)
         else:
             drawn = [torch.randperm(int(n), generator=self.slots[k].generator)  # type: ignore[union-attr]
                      for k, n in zip(ks.tolist(), h["rows"][ks].tolist())]
@@ -224,7 +218,7 @@ class Bank(BankLayout):
                 block = torch.zeros(len(drawn), self.n, dtype=torch.long)
                 for row, perm in enumerate(drawn):
                     block[row, : len(perm)] = perm
-            T["perm"][index] = block.to(self.device)
+            T["perm"][index] = upload(block, self.device)
         T["s"][index] = 0
         T["loss_sum"][index] = 0
 
@@ -236,7 +230,7 @@ class Bank(BankLayout):
         if self.t == self.next_event:
             ending = np.flatnonzero(h["end_t"] == self.t)
             T = self.tensors
-            index = torch.as_tensor(ending).to(self.device)
+            index = upload(ending, self.device, torch.long)
             T["ended_loss"][index] = T["loss_sum"][index] / T["n"][index, 0]
             epoch = h["epoch"][ending]
             h["ended"][ending] = epoch
@@ -360,7 +354,7 @@ class Bank(BankLayout):
         """Free slots ``ks`` once their trials are frozen: weights, optimizer state and loss
         zeroed, out of every update, no epoch ahead (a trial stopped mid-epoch: that epoch's end
         must not come round)."""
-        index = torch.tensor(ks, device=self.device)
+        index = upload(ks, self.device, torch.long)
         for key in ("flat", "m", "v", "pmask", "loss_sum"):
             self.tensors[key][index] = 0
         self.stop(ks)
@@ -373,7 +367,7 @@ class Bank(BankLayout):
         """Keep slots ``ks`` out of every update from now on (their weights stay as they are,
         this step's included when called between ``begin_step`` and ``end_step``)."""
         if ks:
-            self.tensors["live"][torch.tensor(ks, device=self.device)] = False
+            self.tensors["live"][upload(ks, self.device, torch.long)] = False
             self.host["live"][ks] = False
 
     def end_step(self) -> None:
@@ -397,7 +391,7 @@ class Bank(BankLayout):
         lr = np.where(h["live"], h["lr"] * factor, 0.0)  # a frozen or free slot does not move
         h["step"] += h["live"]
         n = self.n_used
-        scalars = torch.from_numpy(step_scalars(lr[:n], h["step"][:n], h["wd_dec"][:n])).to(self.device, non_blocking=True)
+        scalars = upload(step_scalars(lr[:n], h["step"][:n], h["wd_dec"][:n]), self.device)
         if self.mask_grad:
             self.grad.mul_(T["pmask"])
         if self.any_wd_l2:

@@ -23,13 +23,28 @@ import torch
 
 from tuner.bankmath import ACT_FORWARD
 
-__all__ = ["ACTIVATIONS", "BankLayout", "HISTORY_COLUMNS", "layer_blocks", "layer_shapes", "layer_views", "real_entries"]
+__all__ = ["ACTIVATIONS", "BankLayout", "HISTORY_COLUMNS", "layer_blocks", "layer_shapes", "layer_views", "real_entries",
+           "upload"]
 
 # An activation's code in the host array "act" (-1: a free slot); sorted, so ordering slots by
 # code groups them as ordering by name would.
 ACTIVATIONS: tuple[str, ...] = tuple(sorted(ACT_FORWARD))
 # A history row: the three validation metrics, then the train column (see train.epoch_record).
 HISTORY_COLUMNS = 4
+
+
+
+def upload(values: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values (slot indices, a column, a block) as a tensor on ``device``, without making
+    the host wait for the device. A copy from pageable memory (``tensor.to("cuda")``,
+    ``torch.tensor(..., device="cuda")``) returns only once the kernels queued before it have run,
+    i.e. after the whole step at every epoch event; staged in pinned memory it is queued like a
+    kernel, and torch's caching host allocator keeps the pinned copy alive until it has run."""
+    t = torch.as_tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
 
 # Host arrays per slot: (dtype, value of a free slot).
 _HOST: dict[str, tuple[Any, Any]] = {
@@ -140,7 +155,7 @@ class BankLayout:
         if self.streams is not None:
             self.streams.resize(K, order)
         if self.K:
-            index = torch.tensor(order, dtype=torch.long, device=dev)
+            index = upload(order, dev, torch.long)
             depth = min(L, self.L)
             for key in ("flat", "m", "v", "pmask"):
                 old_views = self.views(self.tensors[key])
@@ -204,7 +219,7 @@ class BankLayout:
         order[np.flatnonzero((target < 0) & (cur >= 0))] = np.flatnonzero((cur < 0) & (target >= 0))
         moved = np.flatnonzero(order != np.arange(self.K))
         src = order[moved]
-        to, fro = torch.as_tensor(moved).to(self.device), torch.as_tensor(src).to(self.device)
+        to, fro = upload(moved, self.device, torch.long), upload(src, self.device, torch.long)
         for key, value in self.tensors.items():
             if key == "layer_on":
                 value[:, to] = value[:, fro]

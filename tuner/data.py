@@ -466,7 +466,8 @@ def loader_batches(
     dataset: BatchDataset, index_batches: list[torch.Tensor], device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of one epoch through a torch DataLoader, moved to ``device``."""
-    pin = device.type == "cuda"
+    # Only host tensors can be pinned (a Prepared already on the GPU would raise in the loader).
+    pin = device.type == "cuda" and dataset.x.device.type == "cpu"
     loader = DataLoader(dataset, batch_size=None, sampler=_IndexBatches(index_batches), pin_memory=pin)
     for xb, yb in loader:
         yield xb.to(device, non_blocking=pin), yb.to(device, non_blocking=pin)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from tuner.bank import Bank, Job
-from tuner.banklayout import ACTIVATIONS, layer_views
+from tuner.banklayout import ACTIVATIONS, layer_views, upload
 from tuner.data import Prepared
 from tuner.model import ModelConfig, TabularNet, make_activation
 from tuner.train import Deferred, TrainParams, TrainResult, epoch_record, history_keys, model_config, output_metrics, resolve_device
@@ -138,7 +138,7 @@ def _events(
     """
     T, h = bank.tensors, bank.host
     ks = np.asarray(ending)
-    index = torch.as_tensor(ks).to(bank.device)
+    index = upload(ks, bank.device, torch.long)
     # The ending slots' train loss and metrics, to the host in one copy (one sync).
     table = torch.cat([T["ended_loss"][index][:, None], _metrics(bank, val, out, index)], 1).cpu().numpy().astype(np.float64)
     loss, metrics = table[:, 0], table[:, 1:]
@@ -204,7 +204,7 @@ def _finish(bank: Bank, ends: list[tuple[int, str | None, bool]]) -> list[tuple[
     slots = [bank.slots[k] for k in ks]
     h = bank.host
     keep = [k for k, s in zip(ks, slots) if s.job.keep_model]  # type: ignore[union-attr]
-    weights: Iterator[torch.Tensor] = iter(bank.tensors["flat"].index_select(0, torch.tensor(keep, device=bank.device)) if keep else [])
+    weights: Iterator[torch.Tensor] = iter(bank.tensors["flat"].index_select(0, upload(keep, bank.device, torch.long)) if keep else [])
     layout = (bank.n_in, bank.n_out, bank.H, bank.L)
     history, n_hist, n_steps = h["hist"][ks], h["n_hist"][ks].tolist(), h["step"][ks].tolist()
     names = history_keys(bank.task)
