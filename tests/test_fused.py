@@ -601,3 +601,22 @@ def test_a_fused_result_builds_its_model_and_history_when_first_read(cars) -> No
     assert isinstance(kept.model, TabularNet) and kept.model is kept.model and not kept.model.training
     assert kept.history is kept.history and kept.metrics == kept.history[-1]
     _assert_same(ref, kept)
+
+
+def test_on_cuda_fused_trials_equal_train_and_both_loaders_agree(cars) -> None:
+    """The CUDA paths (run where a GPU is lent): ``train_many`` on the device equals ``train()``
+    on the device, per trial, and the DataLoader path takes a ``Prepared`` that already lives on
+    the GPU (pinning device tensors raised there)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the GPU paths of train and train_many need one")
+    dev = torch.device("cuda")
+    on_gpu = cars.to(dev)
+    p = TrainParams(lr=0.02, epochs=3, batch_size=4, hidden_size=16, activation="gelu")
+    fast = train(p, on_gpu, device=dev, seed=1, loader="memory")
+    slow = train(p, on_gpu, device=dev, seed=1, loader="dataloader")
+    assert [h["rmse"] for h in slow.history] == pytest.approx([h["rmse"] for h in fast.history], rel=1e-4)
+    jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
+    expected = [train(j.params, on_gpu, device=dev, seed=j.seed) for j in jobs]
+    got = train_many(jobs, on_gpu, device=dev, width=3)  # vectorised shuffles: the default on a GPU
+    for ref, res in zip(expected, got):
+        _assert_same(ref, res)
