@@ -61,6 +61,19 @@ def test_bad_input_is_one_line_on_stderr_with_exit_code_2(tmp_path: Path, setup:
     assert not list(tmp_path.glob("*.db"))  # nothing written
 
 
+@pytest.mark.parametrize("args", [["--debug", "launch", "nope.toml"], ["launch", "nope.toml", "--debug"]],
+                         ids=["before-the-command", "after-it"])
+def test_debug_shows_the_error_itself_wherever_it_is_given(args: list[str], tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuner.cli import main
+    from tuner.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="study file 'nope.toml' does not exist"):
+        main(args)
+    assert main(["launch", "nope.toml"]) == 2  # without it: the one line and exit code 2
+
+
 @pytest.mark.slow
 def test_launch_predict_and_reload_end_to_end(workdir: Path) -> None:
     """Acceptance: 6 trials, parent + 6 child runs, champion; pickle-free reload in a new process

@@ -47,7 +47,11 @@ BAD_SPACES = {
         'activation = { type = "categorical", choices = ["relu", "swish"] }',
         r"unknown activation 'swish'; choose one of \['elu', 'gelu', 'leaky_relu', 'relu', 'sigmoid', 'silu', 'tanh'\]",
     ),
-    "log with zero": ('lr = { type = "float", low = 0.0, high = 0.1, log = true }', r"log = true needs low > 0"),
+    # said once: low's own minimum (lr > 0) is not repeated after it
+    "log with zero": ('lr = { type = "float", low = 0.0, high = 0.1, log = true }',
+                      r"space.lr: log = true needs low > 0 \(got low = 0.0\)$"),
+    "no choices": ('batch_size = { type = "categorical", choices = [] }',
+                   r"space.batch_size.choices: is empty; list at least one value, or use \{ type = 'fixed'"),
     "zero width": ('hidden_size = { type = "int", low = 4, high = 4 }', r"zero-width range"),
     "float batch": ('batch_size = { type = "float", low = 1.0, high = 4.0 }', r"space.batch_size: must be type = 'int'"),
 }

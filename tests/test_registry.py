@@ -1,14 +1,18 @@
-"""The champion's registration: MLflow's requirement check without its module map."""
+"""The champion's registration: MLflow's requirement check without its module map; a model
+reference that names nothing."""
 
 from __future__ import annotations
 
 import logging
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tuner.registry import pinned_requirements_check
+from tests.conftest import mlflow_store
+from tuner.errors import ModelError
+from tuner.registry import load_model, pinned_requirements_check
 
 
 class _Records(logging.Handler):
@@ -64,3 +68,17 @@ def test_the_pinned_requirements_check_leaves_a_built_map_alone(monkeypatch: pyt
     with pinned_requirements_check():
         assert requirements_utils._MODULES_TO_PACKAGES is built
     assert requirements_utils._MODULES_TO_PACKAGES is built
+
+
+@pytest.mark.parametrize(("ref", "says"), [("cars-mpg@nosuch", "alias nosuch"), ("nope@champion", "name=nope")])
+def test_a_model_that_is_not_registered_is_one_line_naming_it_and_the_fix(tmp_path: Path, ref: str, says: str) -> None:
+    from mlflow import MlflowClient
+
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    MlflowClient(uri).create_registered_model("cars-mpg")  # a registered model without that alias
+    with pytest.raises(ModelError) as e:
+        load_model(ref, uri)
+    message = str(e.value)
+    assert message.startswith(f"model {ref!r} not found in ") and says in message
+    assert message.endswith("not found; check the name and alias (tuner best STUDY shows them) and --tracking-uri")
+    assert "\n" not in message

@@ -128,6 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1; MLflow's own default is 4)")
+    for command in sub.choices.values():  # `tuner launch X --debug` as well as `tuner --debug launch X`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 

@@ -304,9 +304,10 @@ def _param_problems(name: str, p: Any) -> list[str]:
             problems.append(f"low ({p.low}) > high ({p.high}); swap them")
         elif p.low == p.high:
             problems.append(f"low == high ({p.low}) is a zero-width range; use {{ type = 'fixed', value = {p.low} }}")
+        values = [p.low, p.high]
         if p.log and p.low <= 0:
             problems.append(f"log = true needs low > 0 (got low = {p.low})")
-        values = [p.low, p.high]
+            values = [p.high]  # low's own minimum would say the same again
     elif isinstance(p, CategoricalParam):
         values = list(p.choices)
         if len(set(map(repr, values))) != len(values):
@@ -450,6 +451,8 @@ def _format_errors(e: ValidationError) -> str:
             continue
         elif err["type"] == "literal_error":
             msg = f"{err.get('input')!r} is not allowed; {msg.lower()}"
+        elif err["type"] == "too_short" and where[-1:] == ["choices"]:
+            msg = "is empty; list at least one value, or use { type = 'fixed', value = ... }"
         parts.append(f"{loc}: {msg}" if loc and loc != "space" else msg)
     return "; ".join(parts)
 

@@ -42,6 +42,8 @@ def first_line(e: BaseException, hide: str = "") -> str:
     from urllib.parse import urlsplit
 
     text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if text.endswith(".") and not text.endswith(".."):
+        text = text[:-1]  # callers go on with "; <the fix>"
     try:
         password = urlsplit(hide).password
     except ValueError:
