@@ -94,21 +94,20 @@ def main(argv: list[str] | None = None) -> int:
                    args.fused_epochs)
     if args.part in ("host", "all"):
         host_rows_here([256] if args.cpu else [4096, 16384], args.fused_epochs)
+    if args.part in ("m3", "all"):  # before the study, the longest part: a run cut off by a time limit keeps it
+        print(f"device: {name}; {args.rows:,} rows x 10 features; {args.steps} steps per configuration")
+        print(f"{'hidden':>7}{'batch':>7}{'tuner steps/s':>15}{'naive steps/s':>15}{'ratio':>8}")
+        for hidden, batch in ((64, 256), (64, 1024), (256, 4096)):
+            per_epoch = math.ceil(len(data.x_train) / batch)
+            epochs = max(1, math.ceil(args.steps / per_epoch))
+            params = {"lr": 1e-3, "epochs": epochs, "batch_size": batch, "hidden_size": hidden, "activation": "relu"}
+            train({**params, "epochs": 1}, on_device, device=device, seed=0)  # warm-up (CUDA context, kernels)
+            r = train(params, on_device, device=device, seed=0)
+            tuner_rate = r.n_steps / r.seconds
+            naive = _naive_rate(params, data, device, min(args.steps, 200))
+            print(f"{hidden:>7}{batch:>7}{tuner_rate:>15.0f}{naive:>15.0f}{tuner_rate / naive:>7.1f}x", flush=True)
     if args.part in ("study", "all"):
         study_rows("cpu" if args.cpu else "cuda", name, args.study_trials)
-    if args.part in ("fused", "host", "study"):
-        return 0
-    print(f"device: {name}; {args.rows:,} rows x 10 features; {args.steps} steps per configuration")
-    print(f"{'hidden':>7}{'batch':>7}{'tuner steps/s':>15}{'naive steps/s':>15}{'ratio':>8}")
-    for hidden, batch in ((64, 256), (64, 1024), (256, 4096)):
-        per_epoch = math.ceil(len(data.x_train) / batch)
-        epochs = max(1, math.ceil(args.steps / per_epoch))
-        params = {"lr": 1e-3, "epochs": epochs, "batch_size": batch, "hidden_size": hidden, "activation": "relu"}
-        train({**params, "epochs": 1}, on_device, device=device, seed=0)  # warm-up (CUDA context, kernels)
-        r = train(params, on_device, device=device, seed=0)
-        tuner_rate = r.n_steps / r.seconds
-        naive = _naive_rate(params, data, device, min(args.steps, 200))
-        print(f"{hidden:>7}{batch:>7}{tuner_rate:>15.0f}{naive:>15.0f}{tuner_rate / naive:>7.1f}x", flush=True)
     return 0
 
 

@@ -98,3 +98,20 @@ def test_host_work_benchmark_measures_the_host_work_and_restores_the_shuffles() 
         assert 0 < r["host_s"] < r["total_s"] and r["ceiling"] > 0 and r["model_steps"] > 0
     assert rows[0]["model_steps"] == 8 * 3 * 4  # 26 rows in batches of 8: 4 steps an epoch
     assert Bank.vector_shuffles is before
+
+
+def test_the_gpu_check_runs_every_part_as_a_dry_run_on_the_cpu() -> None:
+    """benchmarks/gpu_check.py waits for a GPU session with minutes of device time: every part
+    runs here first (``--cpu``, tiny sizes), so a broken part is found before it costs them."""
+    args = ["--cpu", "--rows", "2000", "--steps", "5", "--fused-epochs", "1", "--study-trials", "2", "--fused-k", "16"]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", *args], cwd=ROOT, env=tuner_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout
+    for heading in ("fused trials on cpu", "host work of the uniform fused rows", "device: cpu (1 thread); 2,000 rows",
+                    "cars MLP study on cpu"):
+        assert heading in out, out
+    assert out.count("train_many") == 2  # uniform and mixed at K=16
+    assert out.index("device: cpu") < out.index("cars MLP study")  # m3 before the longest part
+    studies = [line.split()[0] for line in out.splitlines() if "best rmse" in line]
+    assert studies == ["sequential", "fused"]
