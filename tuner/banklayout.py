@@ -33,7 +33,6 @@ ACTIVATIONS: tuple[str, ...] = tuple(sorted(ACT_FORWARD))
 HISTORY_COLUMNS = 4
 
 
-
 def upload(values: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Host values (slot indices, a column, a block) as a tensor on ``device``, without making
     the host wait for the device. A copy from pageable memory (``tensor.to("cuda")``,
