@@ -123,18 +123,9 @@ def fused_rows(device: Any, name: str, k_values: list[int], epochs: int) -> None
 
 def host_rows_here(k_values: list[int], epochs: int) -> None:
     """Print the host work of the uniform fused rows on this machine's CPU and its ceiling."""
-    import torch
-
     from benchmarks.host_work import host_rows
 
-    # One thread, as benchmarks.host_work measures: process CPU time counts every intra-op
-    # thread, so on a 16-core GPU host the naive loop and the bank steps would read too slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rows = host_rows(k_values, epochs, ("uniform",))
-    finally:
-        torch.set_num_threads(threads)
+    rows = host_rows(k_values, epochs, ("uniform",))  # on one thread, whatever the process runs on
     print(f"host work of the uniform fused rows, this machine's CPU, {epochs} epochs (naive loop on the CPU: "
           f"{rows[0]['naive']:.0f} steps/s):")
     for r in rows:

@@ -34,7 +34,18 @@ from tuner.train import TrainParams
 
 
 def host_rows(k_values: list[int], epochs: int, arms: tuple[str, ...] = ("uniform", "mixed")) -> list[dict[str, Any]]:
+    """One row per arm and K, measured on one thread (process CPU time counts every intra-op
+    thread: on a many-core GPU host the naive loop and the bank steps would read too slow)."""
     device = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _rows(k_values, epochs, arms, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rows(k_values: list[int], epochs: int, arms: tuple[str, ...], device: torch.device) -> list[dict[str, Any]]:
     data = cars()
     probe = uniform_jobs(2, 20)
     naive_loop(data, probe[0].params, 0, device)  # warm-up
@@ -74,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--arms", nargs="+", choices=["uniform", "mixed"], default=["uniform", "mixed"])
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     print(f"torch {torch.__version__}, CPU, process CPU time, {args.epochs} epochs per trial")
     rows = host_rows(args.k, args.epochs, tuple(args.arms))
     print(f"naive DataLoader loop (baseline): {rows[0]['naive']:.0f} steps/s")

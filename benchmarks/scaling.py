@@ -91,9 +91,7 @@ def run_one(backend: str, n_workers: int, n_trials: int, epochs: int, execution:
     done = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     # Steady state: from the moment every worker has finished its first trial (the first trial of a
     # process pays one-off costs: lazy imports in torch's optimizers, MLflow's first requests).
-    # (start, complete) of every trial that has both
-    times = [(t, t.datetime_start, t.datetime_complete) for t in trials]
-    ended = [(t, s, c) for t, s, c in times if s is not None and c is not None]
+    ended = [(t, t.datetime_start, t.datetime_complete) for t in trials if t.datetime_start and t.datetime_complete]
     firsts: dict[str, datetime] = {}
     for t, _, c in sorted(ended, key=lambda e: e[2]):
         firsts.setdefault(_provenance(t).get("worker", "?"), c)

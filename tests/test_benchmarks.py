@@ -88,16 +88,19 @@ def test_quality_benchmark_smoke_run_prints_the_table(tmp_path) -> None:
 def test_host_work_benchmark_measures_the_host_work_and_restores_the_shuffles() -> None:
     """benchmarks/host_work.py (also gpu_check's part "host"): every trial and epoch counted,
     the host work a positive part of the run, and Bank's shuffle setting as it was."""
+    import torch
+
     from benchmarks.host_work import host_rows
     from tuner.bank import Bank
 
-    before = Bank.vector_shuffles
+    before, threads = Bank.vector_shuffles, torch.get_num_threads()
     rows = host_rows([8], 3)
     assert [(r["kind"], r["K"], r["trials"]) for r in rows] == [("uniform", 8, 8), ("mixed", 8, 32)]
     for r in rows:
         assert 0 < r["host_s"] < r["total_s"] and r["ceiling"] > 0 and r["model_steps"] > 0
     assert rows[0]["model_steps"] == 8 * 3 * 4  # 26 rows in batches of 8: 4 steps an epoch
     assert Bank.vector_shuffles is before
+    assert torch.get_num_threads() == threads  # measured on one thread, the process's setting restored
 
 
 def test_the_gpu_check_runs_every_part_as_a_dry_run_on_the_cpu() -> None:

@@ -611,9 +611,9 @@ def test_on_cuda_fused_trials_equal_train_and_both_loaders_agree(cars) -> None:
         pytest.skip("no CUDA device: the GPU paths of train and train_many need one")
     dev = torch.device("cuda")
     on_gpu = cars.to(dev)
-    p = TrainParams(lr=0.02, epochs=3, batch_size=4, hidden_size=16, activation="gelu")
-    fast = train(p, on_gpu, device=dev, seed=1, loader="memory")
-    slow = train(p, on_gpu, device=dev, seed=1, loader="dataloader")
+    params = TrainParams(lr=0.02, epochs=3, batch_size=4, hidden_size=16, activation="gelu")
+    fast = train(params, on_gpu, device=dev, seed=1, loader="memory")
+    slow = train(params, on_gpu, device=dev, seed=1, loader="dataloader")
     assert [h["rmse"] for h in slow.history] == pytest.approx([h["rmse"] for h in fast.history], rel=1e-4)
     jobs = [Job(p, seed=10 + i) for i, p in enumerate(MIXED)]
     expected = [train(j.params, on_gpu, device=dev, seed=j.seed) for j in jobs]

@@ -1,6 +1,6 @@
 """`make lint` in the suite: ruff over the code, tests and benchmarks, mypy over the package and
 the benchmarks. CI runs the README's test command only, so without this a type error in a
-benchmark (six of them sat in benchmarks/fused.py for a session) never failed a run."""
+benchmark (23 of them sat in five files of benchmarks/) never failed a run."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
 BIN = Path(sys.executable).parent
 
 
